@@ -1,0 +1,424 @@
+//! Depthwise KxK convolution (one filter per channel, channel multiplier 1) with fused bias and
+//! activation, and its backward pass.
+//!
+//! Each input plane is copied into a zero-padded buffer split into stride×stride phases, so that
+//! every kernel tap reads a contiguous run of the buffer for consecutive outputs of a row: the
+//! inner loop is then K*K vector FMAs per 8 outputs for any stride and dilation.
+
+use super::{
+    activate, activation_grad_mask, cpu_slice, has_avx2_fma, output_size, Activation, Geometry,
+    SendPtr,
+};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Extra buffer elements so a full 8-lane load at the end of the last row stays in bounds.
+const SLACK: usize = 16;
+/// Smallest number of outputs one rayon task should compute, so tiny planes are batched.
+const MIN_TASK_OUTPUTS: usize = 4096;
+
+thread_local! {
+    /// Padded input plane (and, in backward, padded input gradient) reused across calls.
+    static BUFFERS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Depthwise convolution of x (N, C, H, W) with weight (C, 1, K, K) and bias (C).
+pub(super) struct DepthwiseConv(pub(super) Geometry);
+
+/// Where each input value of a plane lands in the padded, phase-split buffer.
+struct PlaneLayout {
+    height: usize,
+    width: usize,
+    stride: usize,
+    padding: usize,
+    out_height: usize,
+    out_width: usize,
+    phase_height: usize,
+    phase_width: usize,
+    /// Buffer offset of tap (ky, kx), row-major over the kernel.
+    taps: Vec<usize>,
+}
+
+impl PlaneLayout {
+    fn new(height: usize, width: usize, kernel: usize, g: &Geometry) -> Result<Self> {
+        let out_height = output_size(height, kernel, g)?;
+        let out_width = output_size(width, kernel, g)?;
+        let s = g.stride;
+        let phase_height = (height + 2 * g.padding).div_ceil(s);
+        let phase_width = (width + 2 * g.padding).div_ceil(s);
+        let phase_len = phase_height * phase_width;
+        let mut taps = Vec::with_capacity(kernel * kernel);
+        for ky in 0..kernel {
+            for kx in 0..kernel {
+                let (dy, dx) = (ky * g.dilation, kx * g.dilation);
+                let phase = (dy % s) * s + dx % s;
+                taps.push(phase * phase_len + (dy / s) * phase_width + dx / s);
+            }
+        }
+        Ok(Self {
+            height,
+            width,
+            stride: s,
+            padding: g.padding,
+            out_height,
+            out_width,
+            phase_height,
+            phase_width,
+            taps,
+        })
+    }
+
+    fn buffer_len(&self) -> usize {
+        self.stride * self.stride * self.phase_height * self.phase_width + SLACK
+    }
+
+    /// Start of padded row `py` of phase column `px % stride`, i.e. the index of (py, px) minus px / stride.
+    fn row_start(&self, py: usize, phase_x: usize) -> usize {
+        let s = self.stride;
+        ((py % s) * s + phase_x) * self.phase_height * self.phase_width
+            + (py / s) * self.phase_width
+    }
+
+    /// Calls `f(plane_index, buffer_index)` for each run of one input row that is contiguous in
+    /// the buffer: `f(row_in_plane_start, buffer_start, count)` with plane step `stride`.
+    fn for_each_run(&self, mut f: impl FnMut(usize, usize, usize)) {
+        let (s, p) = (self.stride, self.padding);
+        for iy in 0..self.height {
+            for phase_x in 0..s {
+                // First column ix with (ix + p) % s == phase_x.
+                let ix0 = (phase_x + s - p % s) % s;
+                if ix0 >= self.width {
+                    continue;
+                }
+                let count = (self.width - ix0).div_ceil(s);
+                let start = self.row_start(iy + p, phase_x) + (ix0 + p) / s;
+                f(iy * self.width + ix0, start, count);
+            }
+        }
+    }
+
+    /// Zero-pads and phase-splits `plane` (H*W) into `buf`.
+    fn scatter(&self, plane: &[f32], buf: &mut [f32]) {
+        buf.fill(0.0);
+        let s = self.stride;
+        self.for_each_run(|src, dst, count| {
+            if s == 1 {
+                buf[dst..dst + count].copy_from_slice(&plane[src..src + count]);
+            } else {
+                for (d, v) in buf[dst..dst + count]
+                    .iter_mut()
+                    .zip(plane[src..].iter().step_by(s))
+                {
+                    *d = *v;
+                }
+            }
+        });
+    }
+
+    /// Inverse of [`scatter`](Self::scatter): reads the unpadded plane back out of `buf`.
+    fn gather(&self, buf: &[f32], plane: &mut [f32]) {
+        let s = self.stride;
+        self.for_each_run(|dst, src, count| {
+            if s == 1 {
+                plane[dst..dst + count].copy_from_slice(&buf[src..src + count]);
+            } else {
+                for (v, d) in buf[src..src + count]
+                    .iter()
+                    .zip(plane[dst..].iter_mut().step_by(s))
+                {
+                    *d = *v;
+                }
+            }
+        });
+    }
+}
+
+/// Output plane from a scattered input plane: `out[oy*OW+ox] = act(bias + Σ_t w[t]·buf[tap_t + oy*PW + ox])`.
+fn forward_plane(
+    l: &PlaneLayout,
+    buf: &[f32],
+    weights: &[f32],
+    bias: f32,
+    act: Activation,
+    out: &mut [f32],
+) {
+    debug_assert!(buf.len() >= l.buffer_len() && out.len() == l.out_height * l.out_width);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2+FMA; the buffer holds SLACK elements past the last row.
+        unsafe {
+            match weights.len() {
+                1 => return avx2::forward_plane::<1>(l, buf, weights, bias, act, out),
+                9 => return avx2::forward_plane::<9>(l, buf, weights, bias, act, out),
+                25 => return avx2::forward_plane::<25>(l, buf, weights, bias, act, out),
+                _ => {}
+            }
+        }
+    }
+    for oy in 0..l.out_height {
+        let row = &buf[oy * l.phase_width..];
+        for (ox, o) in out[oy * l.out_width..(oy + 1) * l.out_width]
+            .iter_mut()
+            .enumerate()
+        {
+            let mut acc = bias;
+            for (&tap, &w) in l.taps.iter().zip(weights) {
+                acc += w * row[tap + ox];
+            }
+            *o = activate(acc, act);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Activation, PlaneLayout};
+    use std::arch::x86_64::*;
+
+    /// AVX2 body of [`super::forward_plane`] for `T` taps, 8 outputs per step.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn forward_plane<const T: usize>(
+        l: &PlaneLayout,
+        buf: &[f32],
+        weights: &[f32],
+        bias: f32,
+        act: Activation,
+        out: &mut [f32],
+    ) {
+        let mut w = [_mm256_setzero_ps(); T];
+        let mut taps = [0usize; T];
+        for t in 0..T {
+            w[t] = _mm256_set1_ps(weights[t]);
+            taps[t] = l.taps[t];
+        }
+        let b = _mm256_set1_ps(bias);
+        let zero = _mm256_setzero_ps();
+        let six = _mm256_set1_ps(6.0);
+        let ow = l.out_width;
+        let tail = _mm256_cmpgt_epi32(
+            _mm256_set1_epi32((ow % 8) as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        );
+        for oy in 0..l.out_height {
+            let src = buf.as_ptr().add(oy * l.phase_width);
+            let dst = out.as_mut_ptr().add(oy * ow);
+            let mut ox = 0;
+            while ox < ow {
+                let mut acc = b;
+                for t in 0..T {
+                    acc = _mm256_fmadd_ps(w[t], _mm256_loadu_ps(src.add(taps[t] + ox)), acc);
+                }
+                acc = match act {
+                    Activation::None => acc,
+                    Activation::Relu => _mm256_max_ps(acc, zero),
+                    Activation::Relu6 => _mm256_min_ps(_mm256_max_ps(acc, zero), six),
+                };
+                if ox + 8 <= ow {
+                    _mm256_storeu_ps(dst.add(ox), acc);
+                } else {
+                    _mm256_maskstore_ps(dst.add(ox), tail, acc);
+                }
+                ox += 8;
+            }
+        }
+    }
+}
+
+/// Gradients of one channel over the whole batch: accumulates dL/dw (taps) and dL/db, and writes
+/// dL/dx for every image. `grad` is dL/d(pre-activation) of one plane.
+struct ChannelBackward<'a> {
+    layout: &'a PlaneLayout,
+    weights: &'a [f32],
+}
+
+impl ChannelBackward<'_> {
+    /// Adds this plane's contribution to `grad_w` and scatters dL/dx into `grad_buf` (zeroed).
+    #[inline(always)]
+    fn plane(&self, input_buf: &[f32], grad: &[f32], grad_w: &mut [f64], grad_buf: &mut [f32]) {
+        let l = self.layout;
+        let ow = l.out_width;
+        for oy in 0..l.out_height {
+            let g = &grad[oy * ow..(oy + 1) * ow];
+            let row = oy * l.phase_width;
+            for ((&tap, &w), gw) in l.taps.iter().zip(self.weights).zip(grad_w.iter_mut()) {
+                *gw += dot(g, &input_buf[row + tap..row + tap + ow]) as f64;
+                for (d, &gv) in grad_buf[row + tap..row + tap + ow].iter_mut().zip(g) {
+                    *d += w * gv;
+                }
+            }
+        }
+    }
+
+    fn plane_dispatch(
+        &self,
+        input_buf: &[f32],
+        grad: &[f32],
+        grad_w: &mut [f64],
+        grad_buf: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2+FMA.
+            return unsafe { self.plane_avx2(input_buf, grad, grad_w, grad_buf) };
+        }
+        self.plane(input_buf, grad, grad_w, grad_buf)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn plane_avx2(
+        &self,
+        input_buf: &[f32],
+        grad: &[f32],
+        grad_w: &mut [f64],
+        grad_buf: &mut [f32],
+    ) {
+        self.plane(input_buf, grad, grad_w, grad_buf)
+    }
+}
+
+/// Dot product with 8 independent partial sums, so it vectorises without reassociation.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8 * 8;
+    for (ca, cb) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += ca[i] * cb[i];
+        }
+    }
+    let tail: f32 = a[chunks..]
+        .iter()
+        .zip(&b[chunks..])
+        .map(|(x, y)| x * y)
+        .sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+impl DepthwiseConv {
+    fn check_shapes(&self, x: &Shape, w: &Shape, b: &Shape) -> Result<(usize, PlaneLayout)> {
+        let (_, c, h, wd) = x.dims4()?;
+        let (wc, one, k, k2) = w.dims4()?;
+        if wc != c || one != 1 || k != k2 || b.elem_count() != c {
+            candle_core::bail!(
+                "depthwise conv2d: input {x:?} needs weight ({c}, 1, K, K) and bias ({c}), got {w:?} and {b:?}"
+            );
+        }
+        Ok((k, PlaneLayout::new(h, wd, k, &self.0)?))
+    }
+}
+
+impl CustomOp3 for DepthwiseConv {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (
+            cpu_slice(s1, l1, self.name())?,
+            cpu_slice(s2, l2, self.name())?,
+            cpu_slice(s3, l3, self.name())?,
+        );
+        let (k, layout) = self.check_shapes(l1.shape(), l2.shape(), l3.shape())?;
+        let (n, c, h, wd) = l1.shape().dims4()?;
+        let (taps, plane_in) = (k * k, h * wd);
+        let plane_out = layout.out_height * layout.out_width;
+        let act = self.0.act;
+        let mut out = vec![0f32; n * c * plane_out];
+        out.par_chunks_mut(plane_out)
+            .with_min_len(MIN_TASK_OUTPUTS.div_ceil(plane_out))
+            .enumerate()
+            .for_each(|(p, out_plane)| {
+                let ci = p % c;
+                BUFFERS.with_borrow_mut(|(buf, _)| {
+                    buf.resize(layout.buffer_len(), 0.0);
+                    layout.scatter(&x[p * plane_in..(p + 1) * plane_in], buf);
+                    let weights = &w[ci * taps..(ci + 1) * taps];
+                    forward_plane(&layout, buf, weights, b[ci], act, out_plane);
+                })
+            });
+        let shape = Shape::from((n, c, layout.out_height, layout.out_width));
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (k, layout) = self.check_shapes(x.shape(), w.shape(), b.shape())?;
+        let (n, c, h, wd) = x.dims4()?;
+        let (taps, plane_in) = (k * k, h * wd);
+        let plane_out = layout.out_height * layout.out_width;
+        let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        let (xv, wv, rv, gv) = (flat(x)?, flat(w)?, flat(res)?, flat(grad_res)?);
+        let act = self.0.act;
+
+        let mut grad_x = vec![0f32; n * c * plane_in];
+        let grad_x_ptr = SendPtr(grad_x.as_mut_ptr());
+        let per_channel: Vec<(Vec<f64>, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ci| {
+                let backward = ChannelBackward {
+                    layout: &layout,
+                    weights: &wv[ci * taps..(ci + 1) * taps],
+                };
+                let mut grad_w = vec![0f64; taps];
+                let mut grad_b = 0f64;
+                let mut grad_pre = vec![0f32; plane_out];
+                BUFFERS.with_borrow_mut(|(input_buf, grad_buf)| {
+                    input_buf.resize(layout.buffer_len(), 0.0);
+                    grad_buf.resize(layout.buffer_len(), 0.0);
+                    for img in 0..n {
+                        let p = img * c + ci;
+                        let out_range = p * plane_out..(p + 1) * plane_out;
+                        for ((d, &g), &y) in grad_pre
+                            .iter_mut()
+                            .zip(&gv[out_range.clone()])
+                            .zip(&rv[out_range])
+                        {
+                            *d = g * activation_grad_mask(y, act);
+                        }
+                        grad_b += grad_pre.iter().map(|&g| g as f64).sum::<f64>();
+                        layout.scatter(&xv[p * plane_in..(p + 1) * plane_in], input_buf);
+                        grad_buf.fill(0.0);
+                        backward.plane_dispatch(input_buf, &grad_pre, &mut grad_w, grad_buf);
+                        // SAFETY: plane p of grad_x is written by this task only.
+                        let grad_plane = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                grad_x_ptr.get().add(p * plane_in),
+                                plane_in,
+                            )
+                        };
+                        layout.gather(grad_buf, grad_plane);
+                    }
+                });
+                (grad_w, grad_b)
+            })
+            .collect();
+
+        let grad_w: Vec<f32> = per_channel
+            .iter()
+            .flat_map(|(gw, _)| gw.iter().map(|&v| v as f32))
+            .collect();
+        let grad_b: Vec<f32> = per_channel.iter().map(|(_, gb)| *gb as f32).collect();
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(grad_x, x.shape(), dev)?),
+            Some(Tensor::from_vec(grad_w, w.shape(), dev)?),
+            Some(Tensor::from_vec(grad_b, b.shape(), dev)?),
+        ))
+    }
+}

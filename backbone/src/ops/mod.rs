@@ -1,0 +1,172 @@
+//! Fast CPU convolution kernels wired into candle as custom ops.
+//!
+//! candle runs a grouped convolution as one convolution per group, so a depthwise layer becomes
+//! hundreds of tiny convolutions; MobileOne is made of exactly those layers. [`conv2d`] routes
+//! f32 CPU convolutions to native kernels (depthwise KxK, 1x1 and dense KxK as a GEMM), each with
+//! bias and activation fused into the output pass and a backward pass for autograd, and falls back
+//! to candle's convolution for everything else (other dtypes and devices, grouped non-depthwise
+//! convolutions). Tensors stay NCHW at the op boundary.
+
+mod depthwise;
+mod gemm_conv;
+
+use candle_core::{DType, Result, Tensor};
+
+pub use crate::layers::{Activation, ConvConfig};
+
+/// 2D convolution of `x` (N, C_in, H, W) with `weight` (C_out, C_in/groups, K, K), then `bias`
+/// (C_out) and `act`, in one pass where a native kernel applies.
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    cfg: &ConvConfig,
+    act: Activation,
+) -> Result<Tensor> {
+    let (c_out, c_in_per_group, kh, kw) = weight.dims4()?;
+    let c_in = x.dim(1)?;
+    let native = x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && bias.is_none_or(|b| b.dtype() == DType::F32)
+        && kh == kw
+        && x.rank() == 4;
+    if native {
+        let depthwise = cfg.groups == c_in && c_out == c_in && c_in_per_group == 1;
+        if depthwise || cfg.groups == 1 {
+            let x = x.contiguous()?;
+            let weight = weight.contiguous()?;
+            let bias = match bias {
+                Some(b) => b.contiguous()?,
+                None => Tensor::zeros(c_out, DType::F32, x.device())?,
+            };
+            let geometry = Geometry {
+                stride: cfg.stride,
+                padding: cfg.padding,
+                dilation: cfg.dilation,
+                act,
+            };
+            return if depthwise {
+                x.apply_op3(&weight, &bias, depthwise::DepthwiseConv(geometry))
+            } else {
+                x.apply_op3(&weight, &bias, gemm_conv::GemmConv(geometry))
+            };
+        }
+    }
+    reference_conv2d(x, weight, bias, cfg, act)
+}
+
+/// candle's own convolution followed by bias and activation: the fallback for inputs without a
+/// native kernel, and the reference the native kernels are tested against.
+pub fn reference_conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    cfg: &ConvConfig,
+    act: Activation,
+) -> Result<Tensor> {
+    let y = x.conv2d(weight, cfg.padding, cfg.stride, cfg.dilation, cfg.groups)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+        None => y,
+    };
+    match act {
+        Activation::None => Ok(y),
+        Activation::Relu => y.relu(),
+        Activation::Relu6 => y.clamp(0f32, 6f32),
+    }
+}
+
+/// Sets the number of threads of the global rayon pool every kernel runs on. Call it once, before
+/// any other rayon work; without it rayon follows `RAYON_NUM_THREADS` (default: one per core).
+pub fn set_threads(n: usize) -> std::result::Result<(), rayon::ThreadPoolBuildError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+}
+
+/// Stride, padding, dilation and activation of one native convolution.
+#[derive(Clone, Copy)]
+struct Geometry {
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+    act: Activation,
+}
+
+/// Output size of a convolution along one axis, or an error when the kernel does not fit.
+fn output_size(input: usize, kernel: usize, g: &Geometry) -> Result<usize> {
+    let span = g.dilation * (kernel - 1) + 1;
+    let padded = input + 2 * g.padding;
+    if g.stride == 0 || g.dilation == 0 || padded < span {
+        candle_core::bail!(
+            "conv2d: kernel {kernel} (dilation {}) does not fit input {input} with padding {} and stride {}",
+            g.dilation,
+            g.padding,
+            g.stride
+        );
+    }
+    Ok((padded - span) / g.stride + 1)
+}
+
+/// Applies the activation to one value (used by the scalar paths).
+#[inline(always)]
+fn activate(v: f32, act: Activation) -> f32 {
+    match act {
+        Activation::None => v,
+        Activation::Relu => v.max(0.0),
+        Activation::Relu6 => v.clamp(0.0, 6.0),
+    }
+}
+
+/// Derivative of the activation, read from its output `y` (0 where it clipped).
+#[inline(always)]
+fn activation_grad_mask(y: f32, act: Activation) -> f32 {
+    match act {
+        Activation::None => 1.0,
+        Activation::Relu => (y > 0.0) as u8 as f32,
+        Activation::Relu6 => (y > 0.0 && y < 6.0) as u8 as f32,
+    }
+}
+
+/// Contiguous f32 slice of a CPU storage, or an error naming the op.
+fn cpu_slice<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
+    let data = match storage {
+        candle_core::CpuStorage::F32(data) => data,
+        _ => candle_core::bail!("{op}: expected f32 storage"),
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: expected a contiguous tensor"),
+    }
+}
+
+/// Whether the AVX2+FMA kernels can run on this CPU (detected once, then cached by std).
+#[inline]
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Raw pointer that rayon tasks may share when each writes a disjoint part of the buffer.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// Taking `self` makes closures capture the whole (Send) wrapper, not the raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}

@@ -1,0 +1,265 @@
+//! The native convolution kernels against candle's reference convolution: outputs and gradients.
+
+use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
+use mobileone::layers::{Activation, ConvConfig};
+use mobileone::ops::{conv2d, reference_conv2d};
+
+/// Largest tolerated max|native - reference| / max|reference|.
+const TOLERANCE: f32 = 1e-5;
+
+/// Deterministic values in [-1, 1) (candle's CPU randn cannot be seeded).
+fn tensor(shape: &[usize], seed: u64) -> Tensor {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let len = shape.iter().product::<usize>();
+    let data: Vec<f32> = (0..len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+fn relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
+    assert_eq!(actual.dims(), expected.dims());
+    let diff = (actual - expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    let scale = expected.abs().unwrap().max_all().unwrap();
+    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(f32::MIN_POSITIVE)
+}
+
+struct Case {
+    input: [usize; 4],
+    out_channels: usize,
+    kernel: usize,
+    config: ConvConfig,
+    bias: bool,
+    act: Activation,
+}
+
+impl Case {
+    fn weight_shape(&self) -> [usize; 4] {
+        let per_group = self.input[1] / self.config.groups;
+        [self.out_channels, per_group, self.kernel, self.kernel]
+    }
+
+    /// Runs `conv` on fresh variables and returns output and gradients of sum(output * probe).
+    fn run(
+        &self,
+        conv: fn(&Tensor, &Tensor, Option<&Tensor>, &ConvConfig, Activation) -> Result<Tensor>,
+    ) -> (Tensor, Vec<Tensor>) {
+        let x = Var::from_tensor(&tensor(&self.input, 1)).unwrap();
+        let w = Var::from_tensor(&tensor(&self.weight_shape(), 2)).unwrap();
+        // Relu6 needs outputs above 6 to exercise its upper clip.
+        let scale = if matches!(self.act, Activation::Relu6) {
+            8.0
+        } else {
+            1.0
+        };
+        let w = Var::from_tensor(&(w.as_tensor() * scale).unwrap()).unwrap();
+        let b = Var::from_tensor(&tensor(&[self.out_channels], 3)).unwrap();
+        let bias = self.bias.then(|| b.as_tensor().clone());
+        let y = conv(
+            x.as_tensor(),
+            w.as_tensor(),
+            bias.as_ref(),
+            &self.config,
+            self.act,
+        )
+        .unwrap();
+        let probe = tensor(y.dims(), 4);
+        let grads: GradStore = (&y * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut out = vec![
+            grads.get(x.as_tensor()).unwrap().clone(),
+            grads.get(w.as_tensor()).unwrap().clone(),
+        ];
+        if self.bias {
+            out.push(grads.get(b.as_tensor()).unwrap().clone());
+        }
+        (y, out)
+    }
+
+    /// Asserts the native path matches the reference; returns the largest relative error seen.
+    fn check(&self) -> f32 {
+        let (y, grads) = self.run(conv2d);
+        let (y_ref, grads_ref) = self.run(reference_conv2d);
+        let name = format!(
+            "input {:?} out {} k{} stride {} pad {} dil {} groups {} bias {} {:?}",
+            self.input,
+            self.out_channels,
+            self.kernel,
+            self.config.stride,
+            self.config.padding,
+            self.config.dilation,
+            self.config.groups,
+            self.bias,
+            self.act
+        );
+        let mut worst = relative_error(&y, &y_ref);
+        assert!(worst <= TOLERANCE, "{name}: output relative error {worst}");
+        for (which, (g, g_ref)) in ["input", "weight", "bias"]
+            .iter()
+            .zip(grads.iter().zip(&grads_ref))
+        {
+            let err = relative_error(g, g_ref);
+            assert!(
+                err <= TOLERANCE,
+                "{name}: {which} gradient relative error {err}"
+            );
+            worst = worst.max(err);
+        }
+        worst
+    }
+}
+
+fn config(stride: usize, padding: usize, dilation: usize, groups: usize) -> ConvConfig {
+    ConvConfig {
+        stride,
+        padding,
+        dilation,
+        groups,
+    }
+}
+
+const ACTS: [Activation; 3] = [Activation::None, Activation::Relu, Activation::Relu6];
+
+#[test]
+fn depthwise_matches_reference() {
+    let mut worst = 0f32;
+    // Widths below, at and above one 8-lane vector; odd sizes for the stride-2 phases. H and W
+    // share their parity: candle's reference conv2d backward uses one output padding for both.
+    for input in [[2, 5, 9, 11], [1, 3, 6, 8], [1, 4, 17, 21]] {
+        let c = input[1];
+        for (kernel, stride, padding, dilation) in [
+            (3, 1, 1, 1),
+            (3, 2, 1, 1),
+            (3, 1, 0, 1),
+            (3, 2, 0, 1),
+            (3, 1, 2, 2),
+            (3, 2, 2, 2),
+            (1, 1, 0, 1),
+            (5, 2, 2, 1),
+        ] {
+            for act in ACTS {
+                for bias in [true, false] {
+                    let case = Case {
+                        input,
+                        out_channels: c,
+                        kernel,
+                        config: config(stride, padding, dilation, c),
+                        bias,
+                        act,
+                    };
+                    worst = worst.max(case.check());
+                }
+            }
+        }
+    }
+    eprintln!("depthwise: worst relative error {worst:e}");
+}
+
+#[test]
+fn pointwise_matches_reference() {
+    let mut worst = 0f32;
+    // Large enough for the GEMM to split into several tiles across rows and columns.
+    for (input, out_channels) in [
+        ([2, 7, 5, 6], 9),
+        ([1, 16, 12, 12], 70),
+        ([3, 33, 3, 3], 65),
+    ] {
+        for act in ACTS {
+            for bias in [true, false] {
+                let case = Case {
+                    input,
+                    out_channels,
+                    kernel: 1,
+                    config: config(1, 0, 1, 1),
+                    bias,
+                    act,
+                };
+                worst = worst.max(case.check());
+            }
+        }
+    }
+    let strided = Case {
+        input: [2, 6, 9, 7],
+        out_channels: 5,
+        kernel: 1,
+        config: config(2, 0, 1, 1),
+        bias: true,
+        act: Activation::Relu,
+    };
+    worst = worst.max(strided.check());
+    eprintln!("pointwise: worst relative error {worst:e}");
+}
+
+#[test]
+fn dense_matches_reference() {
+    let mut worst = 0f32;
+    for (kernel, stride, padding, dilation) in [
+        (3, 2, 1, 1),
+        (3, 1, 1, 1),
+        (3, 1, 2, 2),
+        (3, 1, 0, 1),
+        (5, 2, 2, 1),
+    ] {
+        for act in ACTS {
+            let case = Case {
+                input: [2, 3, 13, 11],
+                out_channels: 6,
+                kernel,
+                config: config(stride, padding, dilation, 1),
+                bias: true,
+                act,
+            };
+            worst = worst.max(case.check());
+        }
+    }
+    eprintln!("dense: worst relative error {worst:e}");
+}
+
+#[test]
+fn grouped_and_other_dtypes_fall_back_to_candle() {
+    Case {
+        input: [1, 8, 6, 6],
+        out_channels: 4,
+        kernel: 3,
+        config: config(1, 1, 1, 2),
+        bias: true,
+        act: Activation::Relu,
+    }
+    .check();
+    let x = tensor(&[1, 4, 5, 5], 5).to_dtype(DType::F64).unwrap();
+    let w = tensor(&[4, 1, 3, 3], 6).to_dtype(DType::F64).unwrap();
+    let cfg = config(1, 1, 1, 4);
+    let y = conv2d(&x, &w, None, &cfg, Activation::None).unwrap();
+    let y_ref = reference_conv2d(&x, &w, None, &cfg, Activation::None).unwrap();
+    assert_eq!(
+        y.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+        y_ref.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    );
+}
+
+#[test]
+fn strided_views_are_accepted() {
+    // A transposed (non-contiguous) input goes through the native kernel after a copy.
+    let x = tensor(&[1, 4, 7, 6], 7).transpose(2, 3).unwrap();
+    let w = tensor(&[4, 1, 3, 3], 8);
+    let cfg = config(1, 1, 1, 4);
+    let y = conv2d(&x, &w, None, &cfg, Activation::Relu).unwrap();
+    let y_ref = reference_conv2d(&x, &w, None, &cfg, Activation::Relu).unwrap();
+    assert!(relative_error(&y, &y_ref) <= TOLERANCE);
+}

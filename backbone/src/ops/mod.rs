@@ -85,6 +85,11 @@ pub fn set_threads(n: usize) -> std::result::Result<(), rayon::ThreadPoolBuildEr
         .build_global()
 }
 
+/// Number of threads the kernels run on (rayon's global pool).
+pub fn current_threads() -> usize {
+    rayon::current_num_threads()
+}
+
 /// Stride, padding, dilation and activation of one native convolution.
 #[derive(Clone, Copy)]
 struct Geometry {

@@ -1,0 +1,187 @@
+//! Building blocks shared by the backbone and the heads: convolution with fused bias and activation,
+//! BatchNorm with PyTorch's key names and semantics, and BN folding.
+use candle_core::{DType, Module, ModuleT, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// Geometry of a 2-D convolution (square kernels, symmetric padding, as in the reference models).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvConfig {
+    pub stride: usize,
+    pub padding: usize,
+    pub dilation: usize,
+    pub groups: usize,
+}
+
+impl Default for ConvConfig {
+    fn default() -> Self {
+        Self {
+            stride: 1,
+            padding: 0,
+            dilation: 1,
+            groups: 1,
+        }
+    }
+}
+
+/// Activation applied right after a convolution's bias, so kernels can fuse it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    None,
+    Relu,
+    Relu6,
+}
+
+impl Activation {
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::None => Ok(x.clone()),
+            Activation::Relu => x.relu(),
+            Activation::Relu6 => x.clamp(0f32, 6f32),
+        }
+    }
+}
+
+/// A convolution whose forward pass goes through [`crate::ops::conv2d`], where the native kernels live.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub config: ConvConfig,
+}
+
+impl Conv2d {
+    /// Reads `weight` of shape (out, in / groups, kernel, kernel) and, when `bias`, `bias` of shape (out).
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        config: ConvConfig,
+        bias: bool,
+    ) -> Result<Self> {
+        let fan_in = (in_channels / config.groups * kernel * kernel) as f64;
+        let bound = 1.0 / fan_in.sqrt();
+        let weight = vb.get_with_hints(
+            (out_channels, in_channels / config.groups, kernel, kernel),
+            "weight",
+            candle_nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        let bias = if bias {
+            Some(vb.get_with_hints(
+                out_channels,
+                "bias",
+                candle_nn::Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            config,
+        })
+    }
+
+    pub fn in_channels(&self) -> usize {
+        self.weight.dims()[1] * self.config.groups
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn kernel_size(&self) -> usize {
+        self.weight.dims()[2]
+    }
+
+    /// Convolution, bias and activation in one call.
+    pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        crate::ops::conv2d(x, &self.weight, self.bias.as_ref(), &self.config, act)
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, Activation::None)
+    }
+}
+
+/// BatchNorm over NCHW with PyTorch's keys (`weight`, `bias`, `running_mean`, `running_var`); training mode
+/// normalises with batch statistics and updates the running ones with PyTorch's momentum convention.
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    inner: candle_nn::BatchNorm,
+}
+
+impl BatchNorm2d {
+    pub fn new(vb: VarBuilder, channels: usize, eps: f64, momentum: f64) -> Result<Self> {
+        let config = candle_nn::BatchNormConfig {
+            eps,
+            remove_mean: true,
+            affine: true,
+            momentum,
+        };
+        Ok(Self {
+            inner: candle_nn::batch_norm(channels, config, vb)?,
+        })
+    }
+
+    /// Per-channel (scale, shift) of the eval-mode affine map: y = x·scale + shift.
+    pub fn scale_shift(&self) -> Result<(Tensor, Tensor)> {
+        let std = (self.inner.running_var().to_dtype(DType::F32)? + self.inner.eps())?.sqrt()?;
+        let (gamma, beta) = self
+            .inner
+            .weight_and_bias()
+            .expect("BatchNorm2d is always affine");
+        let scale = gamma.div(&std)?;
+        let shift = beta.sub(&self.inner.running_mean().mul(&scale)?)?;
+        Ok((scale, shift))
+    }
+
+    pub fn channels(&self) -> usize {
+        self.inner.running_mean().dims()[0]
+    }
+
+    /// Parameters and running statistics under PyTorch's key names.
+    pub fn named_tensors(&self) -> Vec<(&'static str, Tensor)> {
+        let (gamma, beta) = self
+            .inner
+            .weight_and_bias()
+            .expect("BatchNorm2d is always affine");
+        vec![
+            ("weight", gamma.clone()),
+            ("bias", beta.clone()),
+            ("running_mean", self.inner.running_mean().clone()),
+            ("running_var", self.inner.running_var().clone()),
+        ]
+    }
+}
+
+impl ModuleT for BatchNorm2d {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.inner.forward_t(x, train)
+    }
+}
+
+/// Folds an eval-mode BatchNorm into the convolution before it (exact up to float rounding).
+pub fn fold_bn(conv: &Conv2d, bn: &BatchNorm2d) -> Result<Conv2d> {
+    let (scale, shift) = bn.scale_shift()?;
+    let weight = conv
+        .weight
+        .broadcast_mul(&scale.reshape((scale.dim(0)?, 1, 1, 1))?)?;
+    let bias = match &conv.bias {
+        Some(b) => (b.mul(&scale)? + shift)?,
+        None => shift,
+    };
+    Ok(Conv2d {
+        weight,
+        bias: Some(bias),
+        config: conv.config,
+    })
+}

@@ -1,0 +1,9 @@
+//! MobileOne backbone (S0–S4) on candle: the train-time multi-branch form, its exact reparameterisation
+//! into one conv per layer, timm / Apple / own checkpoints, multi-scale features and dilation.
+pub mod checkpoint;
+pub mod layers;
+pub mod mobileone;
+pub mod ops;
+
+pub use checkpoint::{Checkpoint, CheckpointError, Naming};
+pub use mobileone::{MobileOne, MobileOneBlock, MobileOneConfig, Variant};

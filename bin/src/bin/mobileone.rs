@@ -1,0 +1,213 @@
+//! `mobileone`: run, fuse, classify with and benchmark the MobileOne backbone.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use clap::{Parser, Subcommand};
+use image::imageops::FilterType;
+use mobileone::checkpoint::{self, load_mobileone, Checkpoint};
+use mobileone::{MobileOne, MobileOneConfig, Variant};
+use mobileone_cli::{bench, imageio, npy};
+
+#[derive(Parser)]
+#[command(
+    name = "mobileone",
+    version,
+    about = "MobileOne backbone: features, reparameterisation, ImageNet classification, CPU benchmark",
+    long_about = "MobileOne (Apple, 2022) S0-S4 on CPU. Weights may be timm safetensors, Apple .pth/.pth.tar \
+                  checkpoints (unfused or fused) or this project's safetensors; the naming is detected from the \
+                  key names."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Writes the features at strides 2, 4, 8, 16, 32 (and logits, if the weights have a classifier).
+    Features(FeaturesArgs),
+    /// Reparameterises a train-time checkpoint into one conv per layer, with timm's fused key names.
+    Fuse(FuseArgs),
+    /// Top-k ImageNet classes of an image, with timm's eval preprocessing.
+    Classify(ClassifyArgs),
+    /// Median forward latency of a random-weight model.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Model variant: s0, s1, s2, s3 or s4.
+    #[arg(long, default_value = "s0")]
+    variant: Variant,
+    /// Weights: .safetensors, .pth or .pth.tar, timm or Apple naming, unfused or fused.
+    #[arg(long)]
+    weights: PathBuf,
+    /// Worker threads (default: RAYON_NUM_THREADS, else one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct FeaturesArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Input images as a float32 NCHW .npy array, already normalised.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output safetensors with `features.0` … `features.4` and `logits`.
+    #[arg(long)]
+    out: PathBuf,
+    /// Reparameterise before running (no effect on already fused weights).
+    #[arg(long)]
+    fuse: bool,
+    /// 32, or 16 / 8 by dilating the last stages (torchvision's replace_stride_with_dilation).
+    #[arg(long, default_value_t = 32, value_parser = parse_output_stride)]
+    output_stride: usize,
+}
+
+#[derive(clap::Args)]
+struct FuseArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Output safetensors (timm's `reparam_conv` names, variant in the metadata).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct ClassifyArgs {
+    /// Image file (JPEG or PNG).
+    image: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// How many classes to print.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+}
+
+fn parse_output_stride(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(v @ (8 | 16 | 32)) => Ok(v),
+        _ => Err(format!("`{s}` is not an output stride: use 32, 16 or 8")),
+    }
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Features(args) => features(&args),
+        Command::Fuse(args) => fuse(&args),
+        Command::Classify(args) => classify(&args),
+        Command::Bench(args) => bench::run(&args),
+    }
+}
+
+/// Reads the weights and builds the model they describe (classifier included when present).
+fn load_model(args: &ModelArgs, output_stride: usize) -> Result<(Checkpoint, MobileOne)> {
+    if let Some(n) = args.threads {
+        mobileone::ops::set_threads(n).context("cannot start the worker threads")?;
+    }
+    let ckpt = checkpoint::load(&args.weights)?;
+    if ckpt.tensors.keys().any(|k| k.starts_with("backbone.body.")) {
+        bail!(
+            "{} is a detector or segmenter checkpoint (keys under `backbone.body.`); use `detect` or `segment`",
+            args.weights.display()
+        );
+    }
+    let config = MobileOneConfig::from_variant(args.variant).with_num_classes(ckpt.num_classes(""));
+    let model = load_mobileone(&ckpt, &config, output_stride, &Device::Cpu)
+        .with_context(|| format!("cannot load {} as MobileOne-{}", args.weights.display(), args.variant))?;
+    Ok((ckpt, model))
+}
+
+fn features(args: &FeaturesArgs) -> Result<()> {
+    let x = npy::read_f32(&args.input)?;
+    if x.rank() != 4 || x.dim(1)? != 3 {
+        bail!("{}: expected a float32 N×3×H×W array, got shape {:?}", args.input.display(), x.dims());
+    }
+    let (_, mut model) = load_model(&args.model, args.output_stride)?;
+    if args.fuse {
+        model.reparameterize()?;
+    }
+    let feats = model.forward_features(&x, false)?;
+    let mut out: Vec<(String, Tensor)> = feats.iter().enumerate().map(|(i, f)| (format!("features.{i}"), f.clone())).collect();
+    if let Some(logits) = model.forward_head(&feats[4])? {
+        out.push(("logits".into(), logits));
+    }
+    let metadata = HashMap::from([
+        ("variant".to_string(), args.model.variant.to_string()),
+        ("output_stride".to_string(), args.output_stride.to_string()),
+    ]);
+    checkpoint::save(&args.out, &out, &metadata)?;
+    for (name, t) in &out {
+        println!("{name:<12} {:?}", t.dims());
+    }
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn fuse(args: &FuseArgs) -> Result<()> {
+    let (ckpt, mut model) = load_model(&args.model, 32)?;
+    if model.is_fused() {
+        eprintln!("note: {} is already fused; writing it with timm's names", args.model.weights.display());
+    }
+    model.reparameterize()?;
+    let mut metadata = ckpt.metadata.clone();
+    metadata.insert("variant".into(), args.model.variant.to_string());
+    metadata.insert("fused".into(), "true".into());
+    let tensors = model.named_tensors();
+    checkpoint::save(&args.out, &tensors, &metadata)?;
+    let params: usize = tensors.iter().map(|(_, t)| t.elem_count()).sum();
+    println!(
+        "fused MobileOne-{} ({:.2} M parameters) from {} → {}",
+        args.model.variant,
+        params as f64 / 1e6,
+        args.model.weights.display(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+const IMAGENET_CLASSES: &str = include_str!("../../assets/imagenet_classes.txt");
+
+/// timm's eval transform for MobileOne: resize the shorter side to 224 / 0.875 = 256 (bilinear), centre
+/// crop 224, ImageNet normalisation.
+fn timm_eval_input(path: &Path) -> Result<Tensor> {
+    const SIZE: u32 = 224;
+    const RESIZE: u32 = 256;
+    let image = imageio::load_rgb(path)?;
+    let (w, h) = image.dimensions();
+    let (nw, nh) = if w <= h { (RESIZE, (RESIZE as u64 * h as u64 / w as u64) as u32) } else { ((RESIZE as u64 * w as u64 / h as u64) as u32, RESIZE) };
+    let resized = image::imageops::resize(&image, nw, nh, FilterType::Triangle);
+    let (left, top) = ((nw - SIZE + 1) / 2, (nh - SIZE + 1) / 2);
+    let cropped = image::imageops::crop_imm(&resized, left, top, SIZE, SIZE).to_image();
+    imageio::to_tensor(&cropped, imageio::IMAGENET_MEAN, imageio::IMAGENET_STD)
+}
+
+fn classify(args: &ClassifyArgs) -> Result<()> {
+    let x = timm_eval_input(&args.image)?;
+    let (_, mut model) = load_model(&args.model, 32)?;
+    model.reparameterize()?;
+    let feats = model.forward_features(&x, false)?;
+    let Some(logits) = model.forward_head(&feats[4])? else {
+        bail!("{} has no classifier (`head.fc`); it is a backbone-only checkpoint", args.model.weights.display());
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&logits)?.squeeze(0)?.to_vec1::<f32>()?;
+    let names: Vec<&str> = IMAGENET_CLASSES.lines().collect();
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+    println!("{}", args.image.display());
+    for (rank, &i) in order.iter().take(args.top).enumerate() {
+        let name = if probs.len() == names.len() { names[i] } else { "" };
+        println!("{:>2}. {:>6.2}%  {:>4}  {}", rank + 1, probs[i] * 100.0, i, name);
+    }
+    Ok(())
+}

@@ -1,0 +1,33 @@
+//! Image loading and conversion to normalised NCHW tensors, shared by the command-line tools.
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use image::RgbImage;
+
+/// ImageNet mean and standard deviation (RGB), the default normalisation of MobileOne checkpoints.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Decodes an image file (by content, not extension) into 8-bit RGB.
+pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    let reader = image::ImageReader::open(path)
+        .with_context(|| format!("cannot open image {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("cannot read image {}", path.display()))?;
+    let decoded = reader.decode().with_context(|| format!("{} is not a readable image", path.display()))?;
+    Ok(decoded.to_rgb8())
+}
+
+/// (1, 3, H, W) float tensor of `(pixel / 255 - mean) / std`.
+pub fn to_tensor(image: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Result<Tensor> {
+    let (w, h) = image.dimensions();
+    let (w, h) = (w as usize, h as usize);
+    let mut data = vec![0f32; 3 * h * w];
+    for (i, pixel) in image.pixels().enumerate() {
+        for c in 0..3 {
+            data[c * h * w + i] = (pixel[c] as f32 / 255.0 - mean[c]) / std[c];
+        }
+    }
+    Ok(Tensor::from_vec(data, (1, 3, h, w), &Device::Cpu)?)
+}

@@ -1,0 +1,5 @@
+//! Shared helpers of the command-line tools; the work itself lives in the library crates.
+pub mod bench;
+pub mod imageio;
+pub mod npy;
+

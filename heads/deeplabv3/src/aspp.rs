@@ -10,8 +10,6 @@ use crate::resize::resize_bilinear;
 /// PyTorch's `nn.BatchNorm2d` defaults, which torchvision's segmentation heads keep.
 const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
-/// Width of every ASPP branch and of the projection (torchvision's `out_channels=256`).
-pub const ASPP_CHANNELS: usize = 256;
 
 /// Conv (no bias) → BatchNorm → ReLU; after [`ConvBnRelu::fuse`] a single conv with bias and fused ReLU.
 #[derive(Debug, Clone)]
@@ -38,11 +36,23 @@ impl ConvBnRelu {
             dilation,
             ..ConvConfig::default()
         };
-        let conv = Conv2d::new(vb.pp(conv_key), in_channels, out_channels, kernel, config, fused)?;
+        let conv = Conv2d::new(
+            vb.pp(conv_key),
+            in_channels,
+            out_channels,
+            kernel,
+            config,
+            fused,
+        )?;
         let bn = if fused {
             None
         } else {
-            Some(BatchNorm2d::new(vb.pp(bn_key), out_channels, BN_EPS, BN_MOMENTUM)?)
+            Some(BatchNorm2d::new(
+                vb.pp(bn_key),
+                out_channels,
+                BN_EPS,
+                BN_MOMENTUM,
+            )?)
         };
         Ok(Self { conv, bn })
     }
@@ -63,7 +73,11 @@ impl ConvBnRelu {
     pub fn named_tensors(&self, conv_key: &str, bn_key: &str, out: &mut Vec<(String, Tensor)>) {
         push_conv(out, conv_key, &self.conv);
         if let Some(bn) = &self.bn {
-            out.extend(bn.named_tensors().into_iter().map(|(k, t)| (format!("{bn_key}.{k}"), t)));
+            out.extend(
+                bn.named_tensors()
+                    .into_iter()
+                    .map(|(k, t)| (format!("{bn_key}.{k}"), t)),
+            );
         }
     }
 }
@@ -102,12 +116,37 @@ pub struct Aspp {
 }
 
 impl Aspp {
-    pub fn new(vb: VarBuilder, in_channels: usize, rates: &[usize], fused: bool) -> Result<Self> {
+    /// `channels` is the width of every branch and of the projection (256 in torchvision).
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        channels: usize,
+        rates: &[usize],
+        fused: bool,
+    ) -> Result<Self> {
         let convs = vb.pp("convs");
-        let mut branches = vec![ConvBnRelu::new(&convs, "0.0", "0.1", in_channels, ASPP_CHANNELS, 1, 1, fused)?];
+        let mut branches = vec![ConvBnRelu::new(
+            &convs,
+            "0.0",
+            "0.1",
+            in_channels,
+            channels,
+            1,
+            1,
+            fused,
+        )?];
         for (i, &rate) in rates.iter().enumerate() {
             let (conv, bn) = (format!("{}.0", i + 1), format!("{}.1", i + 1));
-            branches.push(ConvBnRelu::new(&convs, &conv, &bn, in_channels, ASPP_CHANNELS, 3, rate, fused)?);
+            branches.push(ConvBnRelu::new(
+                &convs,
+                &conv,
+                &bn,
+                in_channels,
+                channels,
+                3,
+                rate,
+                fused,
+            )?);
         }
         let pool = format!("{}", rates.len() + 1);
         let pooling = ConvBnRelu::new(
@@ -115,18 +154,33 @@ impl Aspp {
             "1",
             "2",
             in_channels,
-            ASPP_CHANNELS,
+            channels,
             1,
             1,
             fused,
         )?;
-        let concatenated = (rates.len() + 2) * ASPP_CHANNELS;
-        let project = ConvBnRelu::new(&vb.pp("project"), "0", "1", concatenated, ASPP_CHANNELS, 1, 1, fused)?;
-        Ok(Self { branches, pooling, project })
+        let concatenated = (rates.len() + 2) * channels;
+        let project = ConvBnRelu::new(
+            &vb.pp("project"),
+            "0",
+            "1",
+            concatenated,
+            channels,
+            1,
+            1,
+            fused,
+        )?;
+        Ok(Self {
+            branches,
+            pooling,
+            project,
+        })
     }
 
     fn layers_mut(&mut self) -> impl Iterator<Item = &mut ConvBnRelu> {
-        self.branches.iter_mut().chain([&mut self.pooling, &mut self.project])
+        self.branches
+            .iter_mut()
+            .chain([&mut self.pooling, &mut self.project])
     }
 
     pub fn fuse(&mut self) -> Result<()> {
@@ -135,11 +189,20 @@ impl Aspp {
 
     pub fn named_tensors(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
         for (i, branch) in self.branches.iter().enumerate() {
-            branch.named_tensors(&format!("{prefix}.convs.{i}.0"), &format!("{prefix}.convs.{i}.1"), out);
+            branch.named_tensors(
+                &format!("{prefix}.convs.{i}.0"),
+                &format!("{prefix}.convs.{i}.1"),
+                out,
+            );
         }
         let pool = format!("{prefix}.convs.{}", self.branches.len());
-        self.pooling.named_tensors(&format!("{pool}.1"), &format!("{pool}.2"), out);
-        self.project.named_tensors(&format!("{prefix}.project.0"), &format!("{prefix}.project.1"), out);
+        self.pooling
+            .named_tensors(&format!("{pool}.1"), &format!("{pool}.2"), out);
+        self.project.named_tensors(
+            &format!("{prefix}.project.0"),
+            &format!("{prefix}.project.1"),
+            out,
+        );
     }
 }
 
@@ -160,7 +223,8 @@ impl ModuleT for Aspp {
     }
 }
 
-/// torchvision's `DeepLabHead`: ASPP (`0`), 3x3 conv (`1`) + BN (`2`) + ReLU, 1x1 classifier with bias (`4`).
+/// torchvision's `DeepLabHead`: ASPP (`0`), 3x3 conv (`1`) + BN (`2`) + ReLU, 1x1 classifier with bias (`4`);
+/// every layer is `channels` wide (torchvision fixes 256).
 #[derive(Debug, Clone)]
 pub struct DeepLabHead {
     aspp: Aspp,
@@ -172,14 +236,22 @@ impl DeepLabHead {
     pub fn new(
         vb: VarBuilder,
         in_channels: usize,
+        channels: usize,
         num_classes: usize,
         rates: &[usize],
         fused: bool,
     ) -> Result<Self> {
         Ok(Self {
-            aspp: Aspp::new(vb.pp("0"), in_channels, rates, fused)?,
-            refine: ConvBnRelu::new(&vb, "1", "2", ASPP_CHANNELS, ASPP_CHANNELS, 3, 1, fused)?,
-            classifier: Conv2d::new(vb.pp("4"), ASPP_CHANNELS, num_classes, 1, ConvConfig::default(), true)?,
+            aspp: Aspp::new(vb.pp("0"), in_channels, channels, rates, fused)?,
+            refine: ConvBnRelu::new(&vb, "1", "2", channels, channels, 3, 1, fused)?,
+            classifier: Conv2d::new(
+                vb.pp("4"),
+                channels,
+                num_classes,
+                1,
+                ConvConfig::default(),
+                true,
+            )?,
         })
     }
 
@@ -194,7 +266,8 @@ impl DeepLabHead {
 
     pub fn named_tensors(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
         self.aspp.named_tensors(&format!("{prefix}.0"), out);
-        self.refine.named_tensors(&format!("{prefix}.1"), &format!("{prefix}.2"), out);
+        self.refine
+            .named_tensors(&format!("{prefix}.1"), &format!("{prefix}.2"), out);
         push_conv(out, &format!("{prefix}.4"), &self.classifier);
     }
 }
@@ -216,11 +289,23 @@ pub struct FcnHead {
 }
 
 impl FcnHead {
-    pub fn new(vb: VarBuilder, in_channels: usize, num_classes: usize, fused: bool) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        num_classes: usize,
+        fused: bool,
+    ) -> Result<Self> {
         let inter = in_channels / 4;
         Ok(Self {
             hidden: ConvBnRelu::new(&vb, "0", "1", in_channels, inter, 3, 1, fused)?,
-            classifier: Conv2d::new(vb.pp("4"), inter, num_classes, 1, ConvConfig::default(), true)?,
+            classifier: Conv2d::new(
+                vb.pp("4"),
+                inter,
+                num_classes,
+                1,
+                ConvConfig::default(),
+                true,
+            )?,
         })
     }
 
@@ -229,7 +314,8 @@ impl FcnHead {
     }
 
     pub fn named_tensors(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
-        self.hidden.named_tensors(&format!("{prefix}.0"), &format!("{prefix}.1"), out);
+        self.hidden
+            .named_tensors(&format!("{prefix}.0"), &format!("{prefix}.1"), out);
         push_conv(out, &format!("{prefix}.4"), &self.classifier);
     }
 }

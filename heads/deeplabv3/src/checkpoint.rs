@@ -9,8 +9,8 @@ use mobileone::checkpoint::{self, build_strict, guess_variant, variant_hint, Che
 use mobileone::{MobileOneConfig, Variant};
 
 use crate::config::{
-    DeepLabConfig, MetadataFields, SegmenterSpec, DEFAULT_ATROUS_RATES, DEFAULT_OUTPUT_STRIDE,
-    IMAGENET_MEAN, IMAGENET_STD, TASK,
+    DeepLabConfig, MetadataFields, SegmenterSpec, DEFAULT_ATROUS_RATES, DEFAULT_HEAD_CHANNELS,
+    DEFAULT_OUTPUT_STRIDE, IMAGENET_MEAN, IMAGENET_STD, TASK,
 };
 use crate::model::DeepLabV3;
 use crate::DeepLabError;
@@ -60,19 +60,28 @@ pub fn build(
 
 /// Writes the model's tensors with `spec`'s metadata (atomically).
 pub fn save(path: &Path, model: &DeepLabV3, spec: &SegmenterSpec) -> Result<(), DeepLabError> {
-    Ok(checkpoint::save(path, &model.named_tensors(), &spec.to_metadata())?)
+    Ok(checkpoint::save(
+        path,
+        &model.named_tensors(),
+        &spec.to_metadata(),
+    )?)
 }
 
 /// Architecture and inference settings: overrides, then metadata, then what the tensors show, then
 /// torchvision's defaults.
-pub fn resolve_spec(checkpoint: &Checkpoint, overrides: &Overrides) -> Result<SegmenterSpec, DeepLabError> {
+pub fn resolve_spec(
+    checkpoint: &Checkpoint,
+    overrides: &Overrides,
+) -> Result<SegmenterSpec, DeepLabError> {
     let invalid = |message: String| DeepLabError::Invalid {
         path: checkpoint.path.clone(),
         message,
     };
     let meta = MetadataFields::parse(&checkpoint.metadata).map_err(invalid)?;
     if let Some(task) = meta.task.as_deref().filter(|t| *t != TASK) {
-        return Err(invalid(format!("this is a `{task}` checkpoint, not a segmenter")));
+        return Err(invalid(format!(
+            "this is a `{task}` checkpoint, not a segmenter"
+        )));
     }
     let tensors = &checkpoint.tensors;
     let Some(classifier) = tensors.get(CLASSIFIER_WEIGHT) else {
@@ -113,6 +122,10 @@ pub fn resolve_spec(checkpoint: &Checkpoint, overrides: &Overrides) -> Result<Se
             .clone()
             .or(meta.atrous_rates)
             .unwrap_or_else(|| DEFAULT_ATROUS_RATES.to_vec()),
+        // The refinement conv's width is the head's width, whatever the metadata says.
+        head_channels: tensors
+            .get("classifier.1.weight")
+            .map_or(DEFAULT_HEAD_CHANNELS, |t| t.dims()[0]),
         num_classes,
         aux_stride,
     };
@@ -153,4 +166,3 @@ fn not_a_segmenter(tensors: &HashMap<String, Tensor>) -> String {
     };
     format!("not a DeepLabV3 checkpoint: no `{CLASSIFIER_WEIGHT}`; {what}")
 }
-

@@ -7,6 +7,8 @@ use mobileone::{MobileOneConfig, Variant};
 
 /// torchvision's `DeepLabHead` default atrous rates.
 pub const DEFAULT_ATROUS_RATES: [usize; 3] = [12, 24, 36];
+/// Width of torchvision's ASPP branches, projection and 3x3 refinement conv.
+pub const DEFAULT_HEAD_CHANNELS: usize = 256;
 /// Output stride of DeepLabV3 unless told otherwise (the common training setting).
 pub const DEFAULT_OUTPUT_STRIDE: usize = 16;
 /// ImageNet normalisation, what MobileOne trunks are trained with.
@@ -22,6 +24,8 @@ pub struct DeepLabConfig {
     pub output_stride: usize,
     /// Dilations of the three 3x3 ASPP branches.
     pub atrous_rates: Vec<usize>,
+    /// Width of the ASPP branches and the layers after them (256 in torchvision).
+    pub head_channels: usize,
     pub num_classes: usize,
     /// Nominal stride (8 or 16) of the trunk features the auxiliary FCN head reads; `None`: no aux head.
     pub aux_stride: Option<usize>,
@@ -34,6 +38,7 @@ impl DeepLabConfig {
             backbone: MobileOneConfig::from_variant(variant).with_num_classes(None),
             output_stride,
             atrous_rates: DEFAULT_ATROUS_RATES.to_vec(),
+            head_channels: DEFAULT_HEAD_CHANNELS,
             num_classes,
             aux_stride: None,
         }
@@ -46,7 +51,10 @@ impl DeepLabConfig {
 
     pub fn validate(&self) -> Result<(), String> {
         if ![32, 16, 8].contains(&self.output_stride) {
-            return Err(format!("output stride must be 32, 16 or 8, got {}", self.output_stride));
+            return Err(format!(
+                "output stride must be 32, 16 or 8, got {}",
+                self.output_stride
+            ));
         }
         if self.atrous_rates.len() != 3 || self.atrous_rates.contains(&0) {
             return Err(format!(
@@ -54,12 +62,14 @@ impl DeepLabConfig {
                 self.atrous_rates
             ));
         }
-        if self.num_classes == 0 {
-            return Err("the number of classes must be positive".into());
+        if self.num_classes == 0 || self.head_channels == 0 {
+            return Err("the number of classes and the head width must be positive".into());
         }
         if let Some(s) = self.aux_stride {
             if s != 8 && s != 16 {
-                return Err(format!("the auxiliary head reads stride-8 or stride-16 features, not {s}"));
+                return Err(format!(
+                    "the auxiliary head reads stride-8 or stride-16 features, not {s}"
+                ));
             }
         }
         Ok(())
@@ -87,6 +97,7 @@ pub mod keys {
     pub const OUTPUT_STRIDE: &str = "output_stride";
     pub const ATROUS_RATES: &str = "atrous_rates";
     pub const NUM_CLASSES: &str = "num_classes";
+    pub const HEAD_CHANNELS: &str = "head_channels";
     pub const AUX_STRIDE: &str = "aux_stride";
     pub const CLASS_NAMES: &str = "class_names";
     pub const PALETTE: &str = "palette";
@@ -117,14 +128,30 @@ impl SegmenterSpec {
         if let Some(v) = self.variant {
             m.insert(keys::VARIANT.into(), v.to_string());
         }
-        m.insert(keys::OUTPUT_STRIDE.into(), self.config.output_stride.to_string());
-        m.insert(keys::ATROUS_RATES.into(), json(serde_json::json!(self.config.atrous_rates)));
-        m.insert(keys::NUM_CLASSES.into(), self.config.num_classes.to_string());
+        m.insert(
+            keys::OUTPUT_STRIDE.into(),
+            self.config.output_stride.to_string(),
+        );
+        m.insert(
+            keys::ATROUS_RATES.into(),
+            json(serde_json::json!(self.config.atrous_rates)),
+        );
+        m.insert(
+            keys::NUM_CLASSES.into(),
+            self.config.num_classes.to_string(),
+        );
+        m.insert(
+            keys::HEAD_CHANNELS.into(),
+            self.config.head_channels.to_string(),
+        );
         if let Some(s) = self.config.aux_stride {
             m.insert(keys::AUX_STRIDE.into(), s.to_string());
         }
         if !self.class_names.is_empty() {
-            m.insert(keys::CLASS_NAMES.into(), json(serde_json::json!(self.class_names)));
+            m.insert(
+                keys::CLASS_NAMES.into(),
+                json(serde_json::json!(self.class_names)),
+            );
         }
         if !self.palette.is_empty() {
             m.insert(keys::PALETTE.into(), json(serde_json::json!(self.palette)));
@@ -159,6 +186,7 @@ pub struct MetadataFields {
     pub output_stride: Option<usize>,
     pub atrous_rates: Option<Vec<usize>>,
     pub num_classes: Option<usize>,
+    pub head_channels: Option<usize>,
     pub aux_stride: Option<usize>,
     pub class_names: Option<Vec<String>>,
     pub palette: Option<Vec<[u8; 3]>>,
@@ -189,6 +217,7 @@ impl MetadataFields {
             output_stride: get(metadata, keys::OUTPUT_STRIDE, number)?,
             atrous_rates: get(metadata, keys::ATROUS_RATES, json)?,
             num_classes: get(metadata, keys::NUM_CLASSES, number)?,
+            head_channels: get(metadata, keys::HEAD_CHANNELS, number)?,
             aux_stride: get(metadata, keys::AUX_STRIDE, number)?,
             class_names: get(metadata, keys::CLASS_NAMES, json)?,
             palette: get(metadata, keys::PALETTE, json)?,
@@ -242,6 +271,7 @@ mod tests {
         assert_eq!(fields.output_stride, Some(8));
         assert_eq!(fields.atrous_rates, Some(vec![12, 24, 36]));
         assert_eq!(fields.num_classes, Some(3));
+        assert_eq!(fields.head_channels, Some(256));
         assert_eq!(fields.aux_stride, Some(16));
         assert_eq!(fields.class_names.as_ref(), Some(&spec.class_names));
         assert_eq!(fields.palette.as_ref(), Some(&spec.palette));

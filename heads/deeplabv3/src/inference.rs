@@ -19,12 +19,18 @@ pub fn shorter_side_size(height: usize, width: usize, shorter: usize) -> (usize,
 /// Eval-mode logits (N, classes, H, W) at the resolution of `image` (a normalised NCHW batch). With
 /// `shorter_side`, the image is first resized so its shorter side has that length and the logits are
 /// resized back.
-pub fn predict_logits(model: &DeepLabV3, image: &Tensor, shorter_side: Option<usize>) -> Result<Tensor> {
+pub fn predict_logits(
+    model: &DeepLabV3,
+    image: &Tensor,
+    shorter_side: Option<usize>,
+) -> Result<Tensor> {
     let (_, _, height, width) = image.dims4()?;
     match shorter_side {
         Some(n) if n != height.min(width) => {
             let (h, w) = shorter_side_size(height, width, n);
-            let logits = model.forward_t(&resize_bilinear(image, h, w)?, false)?.logits;
+            let logits = model
+                .forward_t(&resize_bilinear(image, h, w)?, false)?
+                .logits;
             resize_bilinear(&logits, height, width)
         }
         _ => Ok(model.forward_t(image, false)?.logits),

@@ -34,7 +34,10 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: u32) -> Re
         .gather(&safe_targets.unsqueeze(1)?.contiguous()?, 1)?
         .squeeze(1)?;
     let labelled = ignored.eq(0u8)?.to_dtype(logits.dtype())?;
-    let count = labelled.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    let count = labelled
+        .sum_all()?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
     if count == 0.0 {
         return picked.sum_all()?.affine(0.0, 0.0);
     }
@@ -71,7 +74,8 @@ mod tests {
     #[test]
     fn matches_hand_computed_cross_entropy_and_ignores_255() -> Result<()> {
         // Two pixels, two classes: logits (0, ln 3) → p = (1/4, 3/4). Pixel 0 label 1, pixel 1 ignored.
-        let logits = Tensor::new(&[0f32, 0.0, 3f32.ln(), 5.0], &Device::Cpu)?.reshape((1, 2, 1, 2))?;
+        let logits =
+            Tensor::new(&[0f32, 0.0, 3f32.ln(), 5.0], &Device::Cpu)?.reshape((1, 2, 1, 2))?;
         let targets = Tensor::new(&[[[1u32, 255]]], &Device::Cpu)?;
         let loss = cross_entropy(&logits, &targets, IGNORE_INDEX)?.to_scalar::<f32>()?;
         assert!((loss - (4f32 / 3.0).ln()).abs() < 1e-6, "{loss}");
@@ -91,7 +95,10 @@ mod tests {
     fn all_ignored_gives_zero() -> Result<()> {
         let logits = Tensor::ones((1, 3, 2, 2), DType::F32, &Device::Cpu)?;
         let targets = Tensor::full(255u32, (1, 2, 2), &Device::Cpu)?;
-        assert_eq!(cross_entropy(&logits, &targets, IGNORE_INDEX)?.to_scalar::<f32>()?, 0.0);
+        assert_eq!(
+            cross_entropy(&logits, &targets, IGNORE_INDEX)?.to_scalar::<f32>()?,
+            0.0
+        );
         Ok(())
     }
 

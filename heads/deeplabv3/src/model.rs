@@ -50,13 +50,21 @@ impl DeepLabV3 {
         let classifier = DeepLabHead::new(
             vb.pp("classifier"),
             channels[4],
+            config.head_channels,
             config.num_classes,
             &config.atrous_rates,
             fused,
         )?;
         let aux_classifier = config
             .aux_feature_index()
-            .map(|i| FcnHead::new(vb.pp("aux_classifier"), channels[i], config.num_classes, fused))
+            .map(|i| {
+                FcnHead::new(
+                    vb.pp("aux_classifier"),
+                    channels[i],
+                    config.num_classes,
+                    fused,
+                )
+            })
             .transpose()?;
         Ok(Self {
             config: config.clone(),
@@ -73,7 +81,11 @@ impl DeepLabV3 {
         let logits = self.classifier.forward_t(&features[4], train)?;
         let logits = resize_bilinear(&logits, height, width)?;
         let aux_logits = match (&self.aux_classifier, self.config.aux_feature_index()) {
-            (Some(head), Some(i)) => Some(resize_bilinear(&head.forward_t(&features[i], train)?, height, width)?),
+            (Some(head), Some(i)) => Some(resize_bilinear(
+                &head.forward_t(&features[i], train)?,
+                height,
+                width,
+            )?),
             _ => None,
         };
         Ok(SegmentationOutput { logits, aux_logits })

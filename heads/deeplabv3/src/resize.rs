@@ -32,7 +32,11 @@ impl AxisTaps {
                 let real = (scale * (dst as f32 + 0.5) - 0.5).max(0.0);
                 let index0 = (real.floor() as usize).min(input - 1);
                 let lambda1 = (real - index0 as f32).clamp(0.0, 1.0);
-                let index1 = if index0 < input - 1 { index0 + 1 } else { index0 };
+                let index1 = if index0 < input - 1 {
+                    index0 + 1
+                } else {
+                    index0
+                };
                 (index0, index1, lambda1)
             };
             taps.first.push(index0 as u32);
@@ -47,7 +51,11 @@ impl AxisTaps {
     fn apply(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
         let device = x.device();
         let n = self.first.len();
-        let weight_shape: &[usize] = if dim == 2 { &[1, 1, n, 1] } else { &[1, 1, 1, n] };
+        let weight_shape: &[usize] = if dim == 2 {
+            &[1, 1, n, 1]
+        } else {
+            &[1, 1, 1, n]
+        };
         let weights = |w: &[f32]| -> Result<Tensor> {
             Tensor::from_slice(w, weight_shape, device)?.to_dtype(x.dtype())
         };
@@ -72,7 +80,10 @@ pub fn resize_bilinear(x: &Tensor, height: usize, width: usize) -> Result<Tensor
             "bilinear resize from {in_height}x{in_width} to {height}x{width}: sizes must be positive"
         );
     }
-    if !matches!(x.dtype(), DType::F32 | DType::F64 | DType::F16 | DType::BF16) {
+    if !matches!(
+        x.dtype(),
+        DType::F32 | DType::F64 | DType::F16 | DType::BF16
+    ) {
         candle_core::bail!("bilinear resize needs a float tensor, got {:?}", x.dtype());
     }
     if (in_height, in_width) == (height, width) {
@@ -111,7 +122,11 @@ mod tests {
         let x = candle_core::Var::new(&[[[[1f32, 2.0], [3.0, 4.0]]]], &Device::Cpu)?;
         let y = resize_bilinear(x.as_tensor(), 3, 3)?.sum_all()?;
         let grads = y.backward()?;
-        let g = grads.get(x.as_tensor()).expect("gradient").flatten_all()?.to_vec1::<f32>()?;
+        let g = grads
+            .get(x.as_tensor())
+            .expect("gradient")
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         // Every output's weights sum to one, so the gradient sums to the number of outputs.
         assert!((g.iter().sum::<f32>() - 9.0).abs() < 1e-5);
         Ok(())

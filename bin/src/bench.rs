@@ -78,7 +78,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         mobileone::ops::set_threads(n).context("setting the thread count")?;
     }
     anyhow::ensure!(args.iters > 0, "--iters must be at least 1");
-    anyhow::ensure!(args.batch > 0 && args.size >= 32, "--batch must be ≥ 1 and --size ≥ 32");
+    anyhow::ensure!(
+        args.batch > 0 && args.size >= 32,
+        "--batch must be ≥ 1 and --size ≥ 32"
+    );
     let device = Device::Cpu;
     let config = MobileOneConfig::from_variant(args.variant);
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone());

@@ -98,22 +98,33 @@ impl PlaneLayout {
         }
     }
 
-    /// Zero-pads and phase-splits `plane` (H*W) into `buf`.
+    /// Zero-pads and phase-splits `plane` (H*W) into `buf`, writing each buffer element once.
     fn scatter(&self, plane: &[f32], buf: &mut [f32]) {
-        buf.fill(0.0);
-        let s = self.stride;
-        self.for_each_run(|src, dst, count| {
-            if s == 1 {
-                buf[dst..dst + count].copy_from_slice(&plane[src..src + count]);
-            } else {
-                for (d, v) in buf[dst..dst + count]
-                    .iter_mut()
-                    .zip(plane[src..].iter().step_by(s))
-                {
-                    *d = *v;
+        let (s, p, pw) = (self.stride, self.padding, self.phase_width);
+        let phase_len = self.phase_height * pw;
+        for phase_y in 0..s {
+            for i in 0..self.phase_height {
+                let source = (i * s + phase_y)
+                    .checked_sub(p)
+                    .filter(|&iy| iy < self.height)
+                    .map(|iy| &plane[iy * self.width..(iy + 1) * self.width]);
+                for phase_x in 0..s {
+                    let start = (phase_y * s + phase_x) * phase_len + i * pw;
+                    let dst = &mut buf[start..start + pw];
+                    let Some(src) = source else {
+                        dst.fill(0.0);
+                        continue;
+                    };
+                    // Input columns of this phase: ix0, ix0 + s, … landing at j0, j0 + 1, …
+                    let ix0 = (phase_x + s - p % s) % s;
+                    let count = self.width.saturating_sub(ix0).div_ceil(s);
+                    let j0 = ((ix0 + p) / s).min(pw);
+                    dst[..j0].fill(0.0);
+                    copy_strided(&src[ix0.min(src.len())..], s, &mut dst[j0..j0 + count]);
+                    dst[j0 + count..].fill(0.0);
                 }
             }
-        });
+        }
     }
 
     /// Inverse of [`scatter`](Self::scatter): reads the unpadded plane back out of `buf`.
@@ -131,6 +142,23 @@ impl PlaneLayout {
                 }
             }
         });
+    }
+}
+
+/// `dst[j] = src[j * step]`.
+fn copy_strided(src: &[f32], step: usize, dst: &mut [f32]) {
+    match step {
+        1 => dst.copy_from_slice(&src[..dst.len()]),
+        #[cfg(target_arch = "x86_64")]
+        2 if has_avx2_fma() => {
+            // SAFETY: the CPU supports AVX2.
+            unsafe { avx2::copy_even(src, dst) }
+        }
+        _ => {
+            for (d, v) in dst.iter_mut().zip(src.iter().step_by(step)) {
+                *d = *v;
+            }
+        }
     }
 }
 
@@ -175,6 +203,26 @@ fn forward_plane(
 mod avx2 {
     use super::{Activation, PlaneLayout};
     use std::arch::x86_64::*;
+
+    /// `dst[j] = src[2 * j]`, 8 outputs per step from two loads.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn copy_even(src: &[f32], dst: &mut [f32]) {
+        let mut j = 0;
+        while 2 * j + 16 <= src.len() && j + 8 <= dst.len() {
+            let a = _mm256_loadu_ps(src.as_ptr().add(2 * j));
+            let b = _mm256_loadu_ps(src.as_ptr().add(2 * j + 8));
+            // [a0 a2 b0 b2 | a4 a6 b4 b6] → [a0 a2 a4 a6 b0 b2 b4 b6]
+            let even = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+            let even = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(
+                even,
+            )));
+            _mm256_storeu_ps(dst.as_mut_ptr().add(j), even);
+            j += 8;
+        }
+        for (d, v) in dst[j..].iter_mut().zip(src[2 * j..].iter().step_by(2)) {
+            *d = *v;
+        }
+    }
 
     /// AVX2 body of [`super::forward_plane`] for `T` taps, 8 outputs per step.
     #[target_feature(enable = "avx2,fma")]
@@ -333,7 +381,7 @@ impl CustomOp3 for DepthwiseConv {
         let (taps, plane_in) = (k * k, h * wd);
         let plane_out = layout.out_height * layout.out_width;
         let act = self.0.act;
-        let mut out = vec![0f32; n * c * plane_out];
+        let mut out = super::output_buffer(n * c * plane_out);
         out.par_chunks_mut(plane_out)
             .with_min_len(MIN_TASK_OUTPUTS.div_ceil(plane_out))
             .enumerate()

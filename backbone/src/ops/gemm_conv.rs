@@ -153,7 +153,7 @@ impl CustomOp3 for GemmConv {
         } else {
             Cow::Owned(im2col(x, (n, c_in, h, wd), k, (oh, ow), g))
         };
-        let mut out = vec![0f32; n * shape.m * shape.n];
+        let mut out = super::output_buffer(n * shape.m * shape.n);
         let out_ptr = SendPtr(out.as_mut_ptr());
         let act = g.act;
         plan_tiles(n, shape).par_iter().for_each(|tile| {

@@ -163,6 +163,16 @@ fn has_avx2_fma() -> bool {
     }
 }
 
+/// An output vector that the kernel then writes completely, without zeroing it first (the same
+/// allocation as candle's `alloc_uninit`: f32 has no invalid bit patterns and no drop).
+#[allow(clippy::uninit_vec)]
+fn output_buffer(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: see above; every caller overwrites all `len` elements before reading any.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// Raw pointer that rayon tasks may share when each writes a disjoint part of the buffer.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);

@@ -1,0 +1,231 @@
+//! The generic single-stage detector (torchvision's `SSD`): MobileOne taps at strides 16 and 32, extra
+//! blocks, SSDLite heads, default boxes; inference to detections in original-image pixels, training to
+//! losses.
+
+use std::path::Path;
+
+use candle_core::{Device, ModuleT, Result, Tensor};
+use candle_nn::VarBuilder;
+use mobileone::checkpoint::{self, Checkpoint};
+use mobileone::MobileOne;
+
+use crate::anchors::{Box4, DefaultBoxGenerator};
+use crate::config::{resolve, Labels, Overrides, SsdLiteConfig};
+use crate::loss::{Losses, SsdLoss, Target};
+use crate::postprocess::{postprocess, Detection, PostProcessConfig};
+use crate::ssdlite::{ExtraBlock, SsdLiteHead};
+use crate::transform::{ImageView, Transform};
+use crate::Error;
+
+/// Raw head outputs of a batch and the feature-map sizes they came from.
+#[derive(Debug, Clone)]
+pub struct HeadOutputs {
+    /// `(N, anchors, num_classes)`.
+    pub cls_logits: Tensor,
+    /// `(N, anchors, 4)`.
+    pub bbox_regression: Tensor,
+    /// (height, width) of each level's feature map.
+    pub grid_sizes: Vec<(usize, usize)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SsdDetector {
+    pub config: SsdLiteConfig,
+    pub body: MobileOne,
+    pub extra: Vec<ExtraBlock>,
+    pub head: SsdLiteHead,
+    pub anchor_generator: DefaultBoxGenerator,
+    pub loss: SsdLoss,
+    pub postprocess: PostProcessConfig,
+}
+
+impl SsdDetector {
+    /// Builds the detector from `vb` at the checkpoint root (`backbone.body.*`, `backbone.extra.*`,
+    /// `head.*`); `fused` reads the reparameterised trunk and BN-folded heads.
+    pub fn new(config: &SsdLiteConfig, fused: bool, vb: VarBuilder) -> Result<Self> {
+        let trunk = config.trunk.clone().with_num_classes(None);
+        let body_vb = vb.pp("backbone").pp("body");
+        let body = if fused {
+            MobileOne::new_fused(&trunk, 32, body_vb)?
+        } else {
+            MobileOne::new(&trunk, 32, body_vb)?
+        };
+        let mut in_channels = trunk.feature_channels()[4];
+        let mut extra = Vec::with_capacity(4);
+        for (i, &out) in config.extra_channels.iter().enumerate() {
+            extra.push(ExtraBlock::new(
+                vb.pp("backbone").pp("extra").pp(i),
+                in_channels,
+                out,
+                fused,
+            )?);
+            in_channels = out;
+        }
+        let anchor_generator = DefaultBoxGenerator::ssdlite(6);
+        let head = SsdLiteHead::new(
+            vb.pp("head"),
+            &config.level_channels(),
+            &anchor_generator.num_anchors_per_location(),
+            config.num_classes,
+            fused,
+        )?;
+        Ok(Self {
+            config: config.clone(),
+            body,
+            extra,
+            head,
+            anchor_generator,
+            loss: SsdLoss::default(),
+            postprocess: PostProcessConfig::default(),
+        })
+    }
+
+    /// Builds the detector a checkpoint describes (see [`resolve`]), strictly: every tensor must be used
+    /// with the right shape.
+    pub fn from_checkpoint(
+        checkpoint: &Checkpoint,
+        overrides: &Overrides,
+        device: &Device,
+    ) -> std::result::Result<(Self, Labels), Error> {
+        let (config, labels) = resolve(&checkpoint.tensors, &checkpoint.metadata, overrides)?;
+        let fused = checkpoint.is_fused("backbone.body.");
+        let hint = checkpoint::variant_hint(&checkpoint.tensors, "backbone.body.", &config.trunk);
+        let detector = checkpoint::build_strict(&checkpoint.tensors, device, &hint, |vb| {
+            Self::new(&config, fused, vb)
+        })?;
+        Ok((detector, labels))
+    }
+
+    /// Reads a checkpoint file and builds the detector.
+    pub fn load(
+        path: &Path,
+        overrides: &Overrides,
+        device: &Device,
+    ) -> std::result::Result<(Self, Labels), Error> {
+        Self::from_checkpoint(&checkpoint::load(path)?, overrides, device)
+    }
+
+    pub fn transform(&self) -> Transform {
+        let s = self.config.image_size;
+        Transform {
+            mean: self.config.mean,
+            std: self.config.std,
+            size: (s, s),
+        }
+    }
+
+    /// The six feature maps: trunk strides 16 and 32, then the extra blocks.
+    pub fn features(&self, images: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        let trunk = self.body.forward_features(images, train)?;
+        let mut features = vec![trunk[3].clone(), trunk[4].clone()];
+        let mut x = trunk[4].clone();
+        for block in &self.extra {
+            x = block.forward_t(&x, train)?;
+            features.push(x.clone());
+        }
+        Ok(features)
+    }
+
+    /// Head outputs for a preprocessed `(N, 3, H, W)` batch.
+    pub fn head_outputs(&self, images: &Tensor, train: bool) -> Result<HeadOutputs> {
+        let features = self.features(images, train)?;
+        let grid_sizes = features
+            .iter()
+            .map(|f| (f.dim(2).unwrap(), f.dim(3).unwrap()))
+            .collect();
+        let (cls_logits, bbox_regression) = self.head.forward_t(&features, train)?;
+        Ok(HeadOutputs {
+            cls_logits,
+            bbox_regression,
+            grid_sizes,
+        })
+    }
+
+    /// Default boxes for the input size of `images` (N, 3, H, W) and the grids of `outputs`.
+    pub fn anchors(&self, outputs: &HeadOutputs, input_size: (usize, usize)) -> Vec<Box4> {
+        self.anchor_generator
+            .generate(&outputs.grid_sizes, input_size)
+    }
+
+    /// Preprocesses images into one `(N, 3, S, S)` batch.
+    pub fn preprocess(&self, images: &[ImageView<'_>], device: &Device) -> Result<Tensor> {
+        let transform = self.transform();
+        let s = self.config.image_size;
+        let mut data = Vec::with_capacity(images.len() * 3 * s * s);
+        for image in images {
+            data.extend(transform.apply(image.pixels, image.height, image.width));
+        }
+        Tensor::from_vec(data, (images.len(), 3, s, s), device)
+    }
+
+    /// Detections per image, boxes in each image's own pixels.
+    pub fn detect(&self, images: &[ImageView<'_>], device: &Device) -> Result<Vec<Vec<Detection>>> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let batch = self.preprocess(images, device)?;
+        let outputs = self.head_outputs(&batch, false)?;
+        let s = self.config.image_size;
+        let anchors = self.anchors(&outputs, (s, s));
+        let cls = outputs.cls_logits.flatten_all()?.to_vec1::<f32>()?;
+        let reg = outputs.bbox_regression.flatten_all()?.to_vec1::<f32>()?;
+        let (num_anchors, num_classes) = (anchors.len(), self.config.num_classes);
+        Ok(images
+            .iter()
+            .enumerate()
+            .map(|(i, image)| {
+                postprocess(
+                    &cls[i * num_anchors * num_classes..(i + 1) * num_anchors * num_classes],
+                    &reg[i * num_anchors * 4..(i + 1) * num_anchors * 4],
+                    &anchors,
+                    num_classes,
+                    (s, s),
+                    (image.height, image.width),
+                    &self.loss.coder,
+                    &self.postprocess,
+                )
+            })
+            .collect())
+    }
+
+    /// Training losses of a preprocessed batch; targets in network-input pixels
+    /// (see [`crate::loss::resize_boxes`]). BatchNorm runs in training mode.
+    pub fn forward_loss(&self, images: &Tensor, targets: &[Target]) -> Result<Losses> {
+        let outputs = self.head_outputs(images, true)?;
+        let (_, _, h, w) = images.dims4()?;
+        let anchors = self.anchors(&outputs, (h, w));
+        let (losses, _) = self.loss.compute(
+            &outputs.cls_logits,
+            &outputs.bbox_regression,
+            &anchors,
+            targets,
+        )?;
+        Ok(losses)
+    }
+
+    /// Reparameterises the trunk and folds the heads' and extra blocks' BatchNorms (eval-mode exact).
+    pub fn fuse(&mut self) -> Result<()> {
+        self.body.reparameterize()?;
+        self.extra.iter_mut().try_for_each(ExtraBlock::fuse)?;
+        self.head.fuse()
+    }
+
+    pub fn is_fused(&self) -> bool {
+        self.body.is_fused()
+    }
+
+    /// Every tensor under torchvision's key names, ready to be saved as a checkpoint.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> = self
+            .body
+            .named_tensors()
+            .into_iter()
+            .map(|(k, t)| (format!("backbone.body.{k}"), t))
+            .collect();
+        for (i, block) in self.extra.iter().enumerate() {
+            block.push_named_tensors(&format!("backbone.extra.{i}"), &mut out);
+        }
+        self.head.push_named_tensors("head", &mut out);
+        out
+    }
+}

@@ -1,0 +1,283 @@
+//! Parity with torchvision's SSD on the fixtures written by tools/reference/ssdlite_fixtures.py.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use ssdlite::anchors::{Box4, DefaultBoxGenerator};
+use ssdlite::box_coder::BoxCoder;
+use ssdlite::matcher::{box_iou, SsdMatcher};
+use ssdlite::transform::{resize_bilinear, rgb8_to_chw};
+use ssdlite::{Detection, ImageView, Overrides, SsdDetector, SsdLoss, Target};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn reference() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture("reference.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn floats(r: &HashMap<String, Tensor>, key: &str) -> Vec<f32> {
+    r[key].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn boxes(r: &HashMap<String, Tensor>, key: &str) -> Vec<Box4> {
+    floats(r, key)
+        .chunks_exact(4)
+        .map(|c| [c[0], c[1], c[2], c[3]])
+        .collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn photo() -> image::RgbImage {
+    image::open(fixture("pets_213x160.png")).unwrap().to_rgb8()
+}
+
+#[test]
+fn anchors_match_torchvision() {
+    let r = reference();
+    let gen = DefaultBoxGenerator::ssdlite(6);
+    let cases: [(&str, Vec<(usize, usize)>, (usize, usize)); 3] = [
+        (
+            "320",
+            vec![(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)],
+            (320, 320),
+        ),
+        (
+            "160",
+            vec![(10, 10), (5, 5), (3, 3), (2, 2), (1, 1), (1, 1)],
+            (160, 160),
+        ),
+        (
+            "300x400",
+            vec![(19, 25), (10, 13), (5, 7), (3, 4), (2, 2), (1, 1)],
+            (300, 400),
+        ),
+    ];
+    for (name, grids, size) in cases {
+        let ours: Vec<f32> = gen.generate(&grids, size).into_iter().flatten().collect();
+        let theirs = floats(&r, &format!("anchors.{name}"));
+        let err = max_abs_diff(&ours, &theirs);
+        assert!(err <= 1e-6, "anchors {name}: max |diff| {err}");
+    }
+}
+
+#[test]
+fn box_coder_matches_torchvision() {
+    let r = reference();
+    let coder = BoxCoder::default();
+    let anchors = boxes(&r, "coder.anchors");
+    let targets = boxes(&r, "coder.boxes");
+    let encoded: Vec<f32> = targets
+        .iter()
+        .zip(&anchors)
+        .flat_map(|(t, a)| coder.encode(t, a))
+        .collect();
+    let err = max_abs_diff(&encoded, &floats(&r, "coder.encoded"));
+    assert!(err <= 1e-5, "encode: max |diff| {err}");
+    let wild = boxes(&r, "coder.wild_codes");
+    let decoded: Vec<f32> = wild
+        .iter()
+        .zip(&anchors)
+        .flat_map(|(c, a)| coder.decode(c, a))
+        .collect();
+    let theirs = floats(&r, "coder.wild_decoded");
+    for (x, y) in decoded.iter().zip(&theirs) {
+        assert!(
+            (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+            "decode of clamped codes: {x} vs {y}"
+        );
+    }
+}
+
+#[test]
+fn bilinear_resize_matches_f_interpolate() {
+    let r = reference();
+    let x = floats(&r, "resize.random_in");
+    let ours = resize_bilinear(&x, 3, (17, 23), (40, 31));
+    let err = max_abs_diff(&ours, &floats(&r, "resize.random_out_40x31"));
+    assert!(err <= 1e-6, "random 17x23 -> 40x31: max |diff| {err}");
+    let img = photo();
+    let chw = rgb8_to_chw(img.as_raw(), 160, 213);
+    let ours = resize_bilinear(&chw, 3, (160, 213), (48, 64));
+    let err = max_abs_diff(&ours, &floats(&r, "resize.photo_out_48x64"));
+    assert!(err <= 1e-6, "photo 160x213 -> 48x64: max |diff| {err}");
+}
+
+fn tiny_detector(fuse: bool) -> SsdDetector {
+    let (mut detector, labels) = SsdDetector::load(
+        &fixture("tiny_ssdlite.safetensors"),
+        &Overrides::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(labels.names.len(), 11);
+    if fuse {
+        detector.fuse().unwrap();
+    }
+    detector
+}
+
+#[test]
+fn transform_matches_generalized_rcnn_transform() {
+    let r = reference();
+    let img = photo();
+    let input = tiny_detector(false)
+        .transform()
+        .apply(img.as_raw(), 160, 213);
+    let corner: Vec<f32> = (0..3)
+        .flat_map(|c| (0..32).flat_map(move |y| (0..32).map(move |x| (c, y, x))))
+        .map(|(c, y, x)| input[c * 320 * 320 + y * 320 + x])
+        .collect();
+    let err = max_abs_diff(&corner, &floats(&r, "transform.photo_corner"));
+    assert!(err <= 1e-5, "normalised, resized input: max |diff| {err}");
+}
+
+fn targets(r: &HashMap<String, Tensor>) -> Vec<Target> {
+    (0..3)
+        .map(|i| Target {
+            boxes: boxes(r, &format!("loss.target{i}.boxes")),
+            labels: r[&format!("loss.target{i}.labels")]
+                .to_vec1::<i64>()
+                .unwrap()
+                .into_iter()
+                .map(|l| l as usize)
+                .collect(),
+        })
+        .collect()
+}
+
+#[test]
+fn matcher_and_loss_match_torchvision() {
+    let r = reference();
+    let anchors = boxes(&r, "anchors.160");
+    let targets = targets(&r);
+    for (i, t) in targets.iter().enumerate() {
+        let ours: Vec<i64> = SsdMatcher::default()
+            .assign(&t.boxes, &anchors)
+            .into_iter()
+            .map(|m| m.to_index())
+            .collect();
+        let theirs = r[&format!("loss.matched{i}")].to_vec1::<i64>().unwrap();
+        assert_eq!(ours, theirs, "matches of image {i}");
+    }
+    let (losses, _) = SsdLoss::default()
+        .compute(
+            &r["loss.cls_logits"],
+            &r["loss.bbox_regression"],
+            &anchors,
+            &targets,
+        )
+        .unwrap();
+    let bbox = losses.bbox_regression.to_scalar::<f32>().unwrap();
+    let cls = losses.classification.to_scalar::<f32>().unwrap();
+    let (want_bbox, want_cls) = (
+        floats(&r, "loss.bbox_value")[0],
+        floats(&r, "loss.cls_value")[0],
+    );
+    assert!(
+        (bbox - want_bbox).abs() <= 1e-5 * want_bbox,
+        "bbox loss {bbox} vs {want_bbox}"
+    );
+    assert!(
+        (cls - want_cls).abs() <= 1e-5 * want_cls,
+        "classification loss {cls} vs {want_cls}"
+    );
+}
+
+#[test]
+fn head_outputs_match_torchvision() {
+    let r = reference();
+    let detector = tiny_detector(false);
+    let img = photo();
+    let view = ImageView {
+        pixels: img.as_raw(),
+        height: 160,
+        width: 213,
+    };
+    let batch = detector.preprocess(&[view], &Device::Cpu).unwrap();
+    let out = detector.head_outputs(&batch, false).unwrap();
+    for (name, t) in [
+        ("cls_logits", &out.cls_logits),
+        ("bbox_regression", &out.bbox_regression),
+    ] {
+        let ours = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let theirs = floats(&r, &format!("head.{name}"));
+        let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = max_abs_diff(&ours, &theirs);
+        assert!(
+            err <= 1e-4 * scale,
+            "{name}: max |diff| {err} (max |value| {scale})"
+        );
+    }
+}
+
+/// Share of the reference's top `k` detections that we also produce: same class, IoU ≥ 0.99,
+/// |score difference| ≤ 1e-4.
+fn matched_share(ours: &[Detection], reference: &[Detection], k: usize) -> f64 {
+    let top = &reference[..k.min(reference.len())];
+    let found = top
+        .iter()
+        .filter(|want| {
+            ours.iter().any(|d| {
+                d.label == want.label
+                    && (d.score - want.score).abs() <= 1e-4
+                    && box_iou(&d.bbox, &want.bbox) >= 0.99
+            })
+        })
+        .count();
+    found as f64 / top.len() as f64
+}
+
+fn reference_detections(r: &HashMap<String, Tensor>) -> Vec<Detection> {
+    let b = boxes(r, "detections.boxes");
+    let s = floats(r, "detections.scores");
+    let l = r["detections.labels"].to_vec1::<i64>().unwrap();
+    (0..s.len())
+        .map(|i| Detection {
+            bbox: b[i],
+            score: s[i],
+            label: l[i] as usize,
+        })
+        .collect()
+}
+
+#[test]
+fn detections_match_torchvision_unfused_and_fused() {
+    let r = reference();
+    let want = reference_detections(&r);
+    assert_eq!(want.len(), 300);
+    let img = photo();
+    let view = ImageView {
+        pixels: img.as_raw(),
+        height: 160,
+        width: 213,
+    };
+    for fuse in [false, true] {
+        let ours = tiny_detector(fuse)
+            .detect(&[view], &Device::Cpu)
+            .unwrap()
+            .remove(0);
+        let share = matched_share(&ours, &want, 100);
+        eprintln!(
+            "fused={fuse}: {} detections, top-100 match {:.1}%",
+            ours.len(),
+            share * 100.0
+        );
+        assert!(
+            share >= 0.99,
+            "fused={fuse}: only {:.1}% of torchvision's top 100 matched",
+            share * 100.0
+        );
+    }
+}

@@ -67,12 +67,12 @@ pub struct Detection {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CocoError {
-    #[error("cannot read {source_name}: {source}")]
+    #[error("cannot read {source_name}")]
     Read {
         source_name: String,
         source: std::io::Error,
     },
-    #[error("{source_name}: not a valid COCO result list (a JSON array of detections): {source}")]
+    #[error("{source_name}: not a valid COCO result list (a JSON array of detections)")]
     ResultJson {
         source_name: String,
         source: serde_json::Error,
@@ -107,6 +107,8 @@ pub enum CocoError {
         first: usize,
         second: usize,
     },
+    #[error("{source_name}: the ground truth has no images")]
+    NoImages { source_name: String },
     #[error("{source_name}: no detections (pycocotools cannot evaluate an empty result list)")]
     NoDetections { source_name: String },
     #[error(
@@ -167,6 +169,9 @@ impl GroundTruth {
                     field: "area",
                 });
             }
+        }
+        if coco.dataset.images.is_empty() {
+            return Err(CocoError::NoImages { source_name });
         }
         let image_ids = coco.dataset.images.iter().map(|i| i.id).collect();
         Ok(Self {

@@ -23,12 +23,12 @@ pub enum SegError {
     SizeMismatch { pred: usize, label: usize },
     #[error("num_classes must be at least 1")]
     NoClasses,
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: String,
         source: std::io::Error,
     },
-    #[error("{path}: invalid PNG: {source}")]
+    #[error("{path}: invalid PNG")]
     Png {
         path: String,
         source: png::DecodingError,
@@ -278,20 +278,18 @@ impl SegMetrics {
         })
     }
 
-    /// A readable per-class table (percent), with class names when given.
-    pub fn per_class_table(&self, names: &[String]) -> String {
+    /// A readable per-class table: IoU and accuracy in percent, pixel counts.
+    pub fn per_class_table(&self) -> String {
         use std::fmt::Write as _;
         let pct = |v: Option<f64>| v.map_or("nan".to_string(), |v| format!("{:.2}", 100.0 * v));
-        let width = names.iter().map(String::len).max().unwrap_or(0).max(5);
         let mut out = format!(
-            "{:>5}  {:<width$}  {:>7} {:>7}  {:>12} {:>12}\n",
-            "id", "class", "IoU", "Acc", "label px", "pred px"
+            "{:>5}  {:>7} {:>7}  {:>12} {:>12}\n",
+            "class", "IoU", "Acc", "label px", "pred px"
         );
         for (c, m) in self.per_class.iter().enumerate() {
-            let name = names.get(c).map_or("", String::as_str);
             let _ = writeln!(
                 out,
-                "{c:>5}  {name:<width$}  {:>7} {:>7}  {:>12} {:>12}",
+                "{c:>5}  {:>7} {:>7}  {:>12} {:>12}",
                 pct(m.iou),
                 pct(m.acc),
                 m.label_area,

@@ -1,0 +1,385 @@
+//! `segment`: DeepLabV3 semantic segmentation with a MobileOne trunk, on images or over a dataset.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, D};
+use clap::{Parser, ValueEnum};
+use deeplabv3::{predict_logits, DeepLabV3, Overrides, SegmenterSpec};
+use indicatif::{ProgressBar, ProgressStyle};
+use mobileone::Variant;
+use mobileone_cli::segment_render::{
+    overlay_with_legend, write_class_png, write_rgb_png, ClassMap,
+};
+use mobileone_cli::{imageio, npy};
+use mobileone_datasets::segmentation::VOC_CLASSES;
+use mobileone_datasets::{SegmentationDataset, IGNORE_INDEX};
+use mobileone_eval::seg::{SegMetric, SegMetrics};
+
+#[derive(Parser)]
+#[command(
+    name = "segment",
+    version,
+    about = "Semantic segmentation with DeepLabV3 on MobileOne: masks and overlays for images, mIoU over VOC/ADE20K",
+    long_about = "Semantic segmentation with DeepLabV3 (torchvision's architecture: ASPP head, output stride \
+                  32/16/8 by dilation) on a MobileOne trunk.\n\n\
+                  With images: writes <out-dir>/<name>_mask.png (class index per pixel) and \
+                  <name>_overlay.png (class colours over the photo, with a legend of the classes present), \
+                  and optionally the raw logits.\n\
+                  With --dataset: runs over a VOC 2012 or ADE20K folder and prints mIoU, mAcc, aAcc and \
+                  per-class IoU (mmsegmentation's IoUMetric).\n\n\
+                  Architecture settings come from the checkpoint's metadata; the flags below override them \
+                  for checkpoints without metadata."
+)]
+struct Cli {
+    /// Images to segment (JPEG or PNG).
+    images: Vec<PathBuf>,
+    /// Segmenter weights (.safetensors with torchvision DeepLabV3 key names).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// MobileOne variant of the trunk (default: metadata, else guessed from the weights).
+    #[arg(long)]
+    variant: Option<Variant>,
+    /// Number of classes (default: metadata, else the classifier's width).
+    #[arg(long)]
+    num_classes: Option<usize>,
+    /// Output stride 32, 16 or 8 (default: metadata, else 16).
+    #[arg(long)]
+    output_stride: Option<usize>,
+    /// ASPP atrous rates, e.g. 12,24,36 (default: metadata, else 12,24,36).
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    atrous_rates: Option<Vec<usize>>,
+    /// Resize the shorter side to N pixels before the network; logits are resized back to the image.
+    #[arg(long, value_name = "N")]
+    size: Option<usize>,
+    /// Folder for masks, overlays (and predictions and metrics.json with --dataset).
+    #[arg(long, default_value = ".")]
+    out_dir: PathBuf,
+    /// Path of the class-index PNG (one image only; default <out-dir>/<name>_mask.png).
+    #[arg(long)]
+    mask_out: Option<PathBuf>,
+    /// Also write the logits at input resolution as float32 NCHW .npy (one image only).
+    #[arg(long)]
+    logits_out: Option<PathBuf>,
+    /// Reparameterise the trunk and fold BatchNorms first (same outputs, faster).
+    #[arg(long)]
+    fuse: bool,
+    /// Time N forward passes on the first image and print the median latency.
+    #[arg(long, value_name = "N")]
+    bench: Option<usize>,
+    /// Worker threads (default: RAYON_NUM_THREADS, else one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Evaluate over a dataset instead of segmenting images.
+    #[arg(long, requires = "data_root", conflicts_with_all = ["images", "mask_out", "logits_out", "bench"])]
+    dataset: Option<DatasetKind>,
+    /// Dataset root: VOC2012 (or VOCdevkit above it) / ADEChallengeData2016 (or its parent).
+    #[arg(long)]
+    data_root: Option<PathBuf>,
+    /// Split: VOC `val`/`train` (ImageSets/Segmentation/<split>.txt), ADE20K `validation`/`training`;
+    /// without it, every annotation PNG found (for sample folders).
+    #[arg(long)]
+    split: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DatasetKind {
+    Voc,
+    Ade20k,
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        mobileone::ops::set_threads(n).context("cannot start the worker threads")?;
+    }
+    if cli.dataset.is_none() && cli.images.is_empty() {
+        bail!("give one or more images, or --dataset voc|ade20k --data-root DIR (see --help)");
+    }
+    if cli.images.len() > 1 && (cli.mask_out.is_some() || cli.logits_out.is_some()) {
+        bail!("--mask-out and --logits-out name one file: use them with a single image");
+    }
+    let (model, spec) = load_model(&cli)?;
+    std::fs::create_dir_all(&cli.out_dir)
+        .with_context(|| format!("cannot create {}", cli.out_dir.display()))?;
+    match cli.dataset {
+        Some(kind) => evaluate(&cli, kind, &model, spec),
+        None => segment_images(&cli, &model, &spec),
+    }
+}
+
+fn load_model(cli: &Cli) -> Result<(DeepLabV3, SegmenterSpec)> {
+    let Some(weights) = &cli.weights else {
+        bail!("no --weights given: pass a DeepLabV3-MobileOne .safetensors checkpoint (bundled demo weights are not available yet)");
+    };
+    let overrides = Overrides {
+        variant: cli.variant,
+        num_classes: cli.num_classes,
+        output_stride: cli.output_stride,
+        atrous_rates: cli.atrous_rates.clone(),
+    };
+    let (mut model, mut spec) = deeplabv3::load(weights, &overrides, &candle_core::Device::Cpu)
+        .with_context(|| format!("cannot load segmenter weights {}", weights.display()))?;
+    if spec.class_names.is_empty() && spec.config.num_classes == VOC_CLASSES.len() {
+        spec.class_names = VOC_CLASSES.iter().map(|s| s.to_string()).collect();
+    }
+    if cli.fuse && !model.is_fused() {
+        model.fuse().context("cannot fuse the model")?;
+    }
+    let c = &spec.config;
+    eprintln!(
+        "DeepLabV3 MobileOne-{} | {} classes | output stride {} | rates {:?}{}",
+        spec.variant.map_or("custom".into(), |v| v.to_string()),
+        c.num_classes,
+        c.output_stride,
+        c.atrous_rates,
+        if model.is_fused() { " | fused" } else { "" }
+    );
+    Ok((model, spec))
+}
+
+/// Class indices (row-major) of the argmax over classes of (1, C, H, W) logits.
+fn argmax_map(logits: &Tensor) -> Result<ClassMap> {
+    let (_, _, height, width) = logits.dims4()?;
+    let classes = logits
+        .argmax(D::Minus(3))?
+        .to_dtype(DType::U32)?
+        .flatten_all()?
+        .to_vec1::<u32>()?;
+    Ok(ClassMap {
+        width: width as u32,
+        height: height as u32,
+        classes,
+    })
+}
+
+fn segment_images(cli: &Cli, model: &DeepLabV3, spec: &SegmenterSpec) -> Result<()> {
+    let mut stems = std::collections::HashSet::new();
+    for path in &cli.images {
+        if !stems.insert(file_stem(path)) {
+            bail!(
+                "two inputs are named {}: their outputs would overwrite each other",
+                file_stem(path)
+            );
+        }
+    }
+    for (i, path) in cli.images.iter().enumerate() {
+        let image = imageio::load_rgb(path)?;
+        let input = imageio::to_tensor(&image, spec.mean, spec.std)?;
+        if i == 0 {
+            if let Some(n) = cli.bench {
+                bench(model, &input, cli.size, n)?;
+            }
+        }
+        let start = Instant::now();
+        let logits = predict_logits(model, &input, cli.size)
+            .with_context(|| format!("segmentation of {} failed", path.display()))?;
+        let map = argmax_map(&logits)?;
+        let elapsed = start.elapsed();
+        let stem = file_stem(path);
+        let mask_path = cli
+            .mask_out
+            .clone()
+            .unwrap_or_else(|| cli.out_dir.join(format!("{stem}_mask.png")));
+        let overlay_path = cli.out_dir.join(format!("{stem}_overlay.png"));
+        write_class_png(&mask_path, &map)?;
+        let overlay = overlay_with_legend(
+            &image,
+            &map,
+            |c| spec.color(c as usize),
+            |c| spec.class_name(c as usize),
+            0.5,
+        )?;
+        write_rgb_png(&overlay_path, &overlay)?;
+        if let Some(logits_path) = &cli.logits_out {
+            npy::write_f32(logits_path, &logits)?;
+        }
+        let total = map.classes.len() as f64;
+        let present: Vec<String> = map
+            .histogram()
+            .iter()
+            .map(|&(c, n)| {
+                format!(
+                    "{} {:.1}%",
+                    spec.class_name(c as usize),
+                    100.0 * n as f64 / total
+                )
+            })
+            .collect();
+        println!(
+            "{}: {}x{} in {:.0} ms: {}",
+            path.display(),
+            image.width(),
+            image.height(),
+            elapsed.as_secs_f64() * 1e3,
+            present.join(", ")
+        );
+        println!(
+            "  wrote {} and {}",
+            mask_path.display(),
+            overlay_path.display()
+        );
+    }
+    Ok(())
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_stem()
+        .map_or("image".into(), |s| s.to_string_lossy().into_owned())
+}
+
+fn bench(model: &DeepLabV3, input: &Tensor, size: Option<usize>, runs: usize) -> Result<()> {
+    if runs == 0 {
+        bail!("--bench needs at least one run");
+    }
+    predict_logits(model, input, size)?; // warm-up
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            predict_logits(model, input, size).map(|_| start.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<candle_core::Result<_>>()?;
+    times.sort_by(f64::total_cmp);
+    let (_, _, h, w) = input.dims4()?;
+    println!(
+        "bench: {w}x{h}{}: median {:.1} ms, min {:.1} ms over {runs} runs",
+        size.map_or(String::new(), |n| format!(" (shorter side {n})")),
+        times[runs / 2],
+        times[0]
+    );
+    Ok(())
+}
+
+fn evaluate(
+    cli: &Cli,
+    kind: DatasetKind,
+    model: &DeepLabV3,
+    mut spec: SegmenterSpec,
+) -> Result<()> {
+    let root = cli
+        .data_root
+        .as_ref()
+        .expect("clap requires --data-root with --dataset");
+    let split = cli.split.as_deref();
+    let dataset = match kind {
+        DatasetKind::Voc => SegmentationDataset::voc(root, split, false),
+        DatasetKind::Ade20k => SegmentationDataset::ade20k(root, split),
+    }
+    .with_context(|| format!("cannot open the dataset at {}", root.display()))?;
+    if dataset.is_empty() {
+        bail!("no annotated images found under {}", dataset.root.display());
+    }
+    let num_classes = dataset.num_classes();
+    if num_classes != spec.config.num_classes {
+        bail!(
+            "the model predicts {} classes but the dataset has {num_classes}: use a checkpoint trained on it",
+            spec.config.num_classes
+        );
+    }
+    if spec.class_names.is_empty() {
+        spec.class_names = dataset.class_names.clone();
+    }
+    let mut metric = SegMetric::new(num_classes, IGNORE_INDEX as u32)?;
+    let mut skipped: Vec<String> = Vec::new();
+    let bar = ProgressBar::new(dataset.len() as u64).with_style(
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} images, {elapsed} elapsed, eta {eta} {msg}",
+        )
+        .expect("valid template"),
+    );
+    let predictions_dir = cli.out_dir.join("predictions");
+    std::fs::create_dir_all(&predictions_dir)
+        .with_context(|| format!("cannot create {}", predictions_dir.display()))?;
+    for index in 0..dataset.len() {
+        let item = &dataset.items[index];
+        let (image, labels) = match dataset.load(index) {
+            Ok(pair) => pair,
+            Err(e) => {
+                bar.suspend(|| eprintln!("skipped {}: {e}", item.id));
+                skipped.push(format!("{}: {e}", item.id));
+                bar.inc(1);
+                continue;
+            }
+        };
+        let input = imageio::to_tensor(&image, spec.mean, spec.std)?;
+        let logits = predict_logits(model, &input, cli.size)
+            .with_context(|| format!("segmentation of {} failed", item.image.display()))?;
+        let map = argmax_map(&logits)?;
+        metric.update(&map.classes, &labels.data)?;
+        write_class_png(&predictions_dir.join(format!("{}.png", item.id)), &map)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let metrics = metric.compute();
+    if metrics.images == 0 {
+        bail!(
+            "every image was skipped ({} of them), no metric to report",
+            skipped.len()
+        );
+    }
+    print_metrics(&metrics, &spec);
+    if !skipped.is_empty() {
+        println!(
+            "skipped {} of {} images (listed above)",
+            skipped.len(),
+            dataset.len()
+        );
+    }
+    let mut json = metrics.to_json();
+    json["images"] = metrics.images.into();
+    json["skipped"] = skipped.into();
+    json["class_names"] = spec.class_names.clone().into();
+    let metrics_path = cli.out_dir.join("metrics.json");
+    mobileone::checkpoint::write_atomic(
+        &metrics_path,
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )
+    .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+    println!(
+        "wrote {} and per-image masks in {}",
+        metrics_path.display(),
+        predictions_dir.display()
+    );
+    Ok(())
+}
+
+fn print_metrics(metrics: &SegMetrics, spec: &SegmenterSpec) {
+    let pct = |v: Option<f64>| v.map_or("nan".to_string(), |v| format!("{:.2}", 100.0 * v));
+    println!("{:<24} {:>7} {:>7}", "class", "IoU", "Acc");
+    for (c, m) in metrics.per_class.iter().enumerate() {
+        if m.union > 0 {
+            println!(
+                "{:<24} {:>7} {:>7}",
+                spec.class_name(c),
+                pct(m.iou),
+                pct(m.acc)
+            );
+        }
+    }
+    let absent = metrics.per_class.iter().filter(|m| m.union == 0).count();
+    if absent > 0 {
+        println!("({absent} classes neither labelled nor predicted: left out of the means)");
+    }
+    println!(
+        "mIoU {}  mAcc {}  aAcc {}  ({} images, {} ignored pixels)",
+        pct(metrics.miou),
+        pct(metrics.macc),
+        pct(metrics.aacc),
+        metrics.images,
+        metrics.ignored_pixels
+    );
+    if metrics.out_of_range_label > 0 || metrics.out_of_range_pred > 0 {
+        println!(
+            "warning: {} labels and {} predictions were outside the {} classes",
+            metrics.out_of_range_label,
+            metrics.out_of_range_pred,
+            metrics.per_class.len()
+        );
+    }
+}

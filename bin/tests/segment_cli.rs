@@ -1,0 +1,269 @@
+//! End-to-end checks of the `segment` binary on real photos and the VOC/ADE20K samples (MOBILEONE_DATA),
+//! with random-weight MobileOne-S0 segmenters written to a scratch folder; bad inputs must end with a
+//! clear `error: ...` and exit code 1 or a counted skip, never a panic.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use deeplabv3::{DeepLabV3, SegmenterSpec};
+use mobileone::Variant;
+
+fn data() -> PathBuf {
+    PathBuf::from(
+        std::env::var("MOBILEONE_DATA").expect(
+            "MOBILEONE_DATA must point at the real sample data (shared/data); .ci/run sets it",
+        ),
+    )
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_segment"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("segment-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{cmd:?} should fail cleanly: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.lines().any(|l| l.starts_with("error: ")), "{stderr}");
+    stderr
+}
+
+/// Random-weight DeepLabV3-MobileOne-S0 (narrow 32-channel head to keep the test fast) with metadata.
+fn write_random_segmenter(path: &Path, num_classes: usize) {
+    let mut spec = SegmenterSpec::new(Variant::S0, num_classes, 16);
+    spec.config.head_channels = 32;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let model = DeepLabV3::new(&spec.config, vb).unwrap();
+    deeplabv3::checkpoint::save(path, &model, &spec).unwrap();
+}
+
+fn png_size(path: &Path) -> (u32, u32) {
+    image::image_dimensions(path).unwrap()
+}
+
+#[test]
+fn segments_a_photo_and_writes_mask_overlay_and_logits() {
+    let dir = scratch("photo");
+    let weights = dir.join("voc.safetensors");
+    write_random_segmenter(&weights, 21);
+    let photo = data().join("photos/pets.jpg");
+    let (w, h) = png_size(&photo);
+    let out = run_ok(
+        bin()
+            .arg(&photo)
+            .arg("--weights")
+            .arg(&weights)
+            .args(["--size", "96", "--out-dir"])
+            .arg(&dir)
+            .arg("--logits-out")
+            .arg(dir.join("logits.npy")),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("pets.jpg"), "{stdout}");
+    assert_eq!(png_size(&dir.join("pets_mask.png")), (w, h));
+    let (ow, oh) = png_size(&dir.join("pets_overlay.png"));
+    assert!(ow > w && oh >= h, "overlay has a legend panel");
+    let logits = mobileone_cli::npy::read_f32(&dir.join("logits.npy")).unwrap();
+    assert_eq!(logits.dims(), &[1, 21, h as usize, w as usize]);
+    let mask = image::open(dir.join("pets_mask.png")).unwrap().to_luma8();
+    assert!(mask.pixels().all(|p| p[0] < 21));
+
+    // Fusing changes nothing but speed.
+    run_ok(
+        bin()
+            .arg(&photo)
+            .arg("--weights")
+            .arg(&weights)
+            .args(["--size", "96", "--fuse", "--mask-out"])
+            .arg(dir.join("fused_mask.png"))
+            .arg("--out-dir")
+            .arg(&dir),
+    );
+    let fused = image::open(dir.join("fused_mask.png")).unwrap().to_luma8();
+    let same = mask
+        .pixels()
+        .zip(fused.pixels())
+        .filter(|(a, b)| a == b)
+        .count();
+    assert!(
+        same as f64 >= 0.999 * mask.len() as f64,
+        "fused mask differs: {same}/{}",
+        mask.len()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn evaluates_the_voc_and_ade20k_samples() {
+    let dir = scratch("datasets");
+    let voc = dir.join("voc.safetensors");
+    write_random_segmenter(&voc, 21);
+    let out = run_ok(
+        bin()
+            .args(["--dataset", "voc", "--data-root"])
+            .arg(data().join("voc2012-sample"))
+            .arg("--weights")
+            .arg(&voc)
+            .args(["--size", "64", "--out-dir"])
+            .arg(dir.join("voc")),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("mIoU") && stdout.contains("(1 images"),
+        "{stdout}"
+    );
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("voc/metrics.json")).unwrap())
+            .unwrap();
+    assert_eq!(metrics["images"], 1);
+    assert_eq!(metrics["per_class_iou"].as_array().unwrap().len(), 21);
+
+    // A 21-class model on the 150-class ADE20K is refused, a 150-class one runs.
+    let err = run_err(
+        bin()
+            .args(["--dataset", "ade20k", "--data-root"])
+            .arg(data().join("ade20k-samples"))
+            .arg("--weights")
+            .arg(&voc),
+    );
+    assert!(err.contains("21 classes") && err.contains("150"), "{err}");
+    let ade = dir.join("ade.safetensors");
+    write_random_segmenter(&ade, 150);
+    let out = run_ok(
+        bin()
+            .args(["--dataset", "ade20k", "--data-root"])
+            .arg(data().join("ade20k-samples"))
+            .arg("--weights")
+            .arg(&ade)
+            .args(["--size", "64", "--out-dir"])
+            .arg(dir.join("ade")),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("(3 images"), "{stdout}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_mismatched_annotation_is_a_counted_skip() {
+    let dir = scratch("skip");
+    let weights = dir.join("voc.safetensors");
+    write_random_segmenter(&weights, 21);
+    let root = dir.join("VOC2012");
+    std::fs::create_dir_all(root.join("JPEGImages")).unwrap();
+    std::fs::create_dir_all(root.join("SegmentationClass")).unwrap();
+    let sample = data().join("voc2012-sample");
+    std::fs::copy(
+        sample.join("JPEGImages/2007_000063.jpg"),
+        root.join("JPEGImages/good.jpg"),
+    )
+    .unwrap();
+    std::fs::copy(
+        sample.join("SegmentationClass/2007_000063.png"),
+        root.join("SegmentationClass/good.png"),
+    )
+    .unwrap();
+    std::fs::copy(
+        sample.join("JPEGImages/2007_000063.jpg"),
+        root.join("JPEGImages/bad.jpg"),
+    )
+    .unwrap();
+    image::GrayImage::new(10, 10)
+        .save(root.join("SegmentationClass/bad.png"))
+        .unwrap();
+    let out = run_ok(
+        bin()
+            .args(["--dataset", "voc", "--data-root"])
+            .arg(&root)
+            .arg("--weights")
+            .arg(&weights)
+            .args(["--size", "64", "--out-dir"])
+            .arg(dir.join("out")),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("skipped 1 of 2 images"), "{stdout}");
+    assert!(
+        stderr.contains("bad") && stderr.contains("10x10"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    let dir = scratch("errors");
+    let photo = data().join("photos/owl.jpg");
+    let err = run_err(bin().arg(&photo));
+    assert!(err.contains("--weights"), "{err}");
+
+    let weights = dir.join("voc.safetensors");
+    write_random_segmenter(&weights, 21);
+    let not_an_image = dir.join("notes.jpg");
+    std::fs::write(&not_an_image, b"not a jpeg").unwrap();
+    let err = run_err(
+        bin()
+            .arg(&not_an_image)
+            .arg("--weights")
+            .arg(&weights)
+            .arg("--out-dir")
+            .arg(&dir),
+    );
+    assert!(err.contains("notes.jpg"), "{err}");
+
+    // An ImageNet backbone checkpoint is not a segmenter.
+    let backbone = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../backbone/tests/fixtures/tiny/unfused.safetensors");
+    let err = run_err(bin().arg(&photo).arg("--weights").arg(&backbone));
+    assert!(err.contains("not a DeepLabV3 checkpoint"), "{err}");
+
+    // A wrong architecture override names the variant the weights look like.
+    let err = run_err(
+        bin()
+            .arg(&photo)
+            .arg("--weights")
+            .arg(&weights)
+            .args(["--variant", "s1"]),
+    );
+    assert!(err.contains("s0"), "{err}");
+
+    let garbage = dir.join("garbage.safetensors");
+    std::fs::write(&garbage, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}").unwrap();
+    let err = run_err(bin().arg(&photo).arg("--weights").arg(&garbage));
+    assert!(err.contains("garbage.safetensors"), "{err}");
+
+    let err = run_err(
+        bin()
+            .arg(&photo)
+            .arg(&photo)
+            .arg("--weights")
+            .arg(&weights)
+            .arg("--mask-out")
+            .arg("m.png"),
+    );
+    assert!(err.contains("single image"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

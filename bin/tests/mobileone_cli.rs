@@ -115,3 +115,30 @@ fn bad_weights_exit_cleanly() {
     assert_eq!(std::fs::read(&out).unwrap(), b"previous results", "a failed run must not touch the output");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+fn shared_data() -> PathBuf {
+    let dir = std::env::var_os("MOBILEONE_DATA")
+        .map(PathBuf::from)
+        .expect("MOBILEONE_DATA must point at the shared sample data (../shared/data from the repo root)");
+    assert!(dir.is_dir(), "MOBILEONE_DATA={} is not a directory", dir.display());
+    dir
+}
+
+#[test]
+fn classify_prints_top_k_for_a_real_photo() {
+    let dir = scratch("classify");
+    let weights = dir.join("s0.safetensors");
+    write_random_s0(&weights);
+    let photo = shared_data().join("photos/grace_hopper.jpg");
+    let out = run_ok(bin().arg("classify").arg(&photo).args(["--variant", "s0", "--top", "3", "--weights"]).arg(&weights));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ranks: Vec<&str> = stdout.lines().filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit())).collect();
+    assert_eq!(ranks.len(), 3, "{stdout}");
+    assert!(ranks.iter().all(|l| l.contains('%')), "{stdout}");
+
+    let not_an_image = dir.join("notes.jpg");
+    std::fs::write(&not_an_image, b"plain text").unwrap();
+    let stderr = run_err(bin().arg("classify").arg(&not_an_image).arg("--weights").arg(&weights));
+    assert!(stderr.contains("notes.jpg"), "{stderr}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

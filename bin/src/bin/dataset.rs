@@ -1,0 +1,196 @@
+//! `dataset`: generate the synthetic shapes dataset, or summarise a COCO / VOC / ADE20K dataset.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use mobileone_datasets::stats::{DetectionStats, SegmentationStats};
+use mobileone_datasets::synth::{write_dataset, SynthConfig, SHAPE_CLASSES};
+use mobileone_datasets::{CocoDataset, SegmentationDataset};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "dataset",
+    about = "Create and inspect detection/segmentation datasets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a synthetic "shapes" dataset (7 classes, 1-10 objects per image, occlusion, crowd
+    /// regions) in COCO, Pascal VOC and ADE20K layouts under one folder.
+    Synth(SynthArgs),
+    /// Print image/annotation counts per class and size buckets. PATH is a COCO instances JSON
+    /// file, or a folder holding a COCO (annotations/instances_*.json), VOC or ADE20K layout
+    /// (all found layouts are summarised).
+    Stats { path: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct SynthArgs {
+    /// Output folder (created; existing files of the same names are replaced).
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of images (train + val).
+    #[arg(long, default_value_t = 1000)]
+    images: usize,
+    /// Random seed: the same seed gives the same dataset.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Width and height of the images in pixels.
+    #[arg(long, default_value_t = 320)]
+    size: u32,
+    /// Share of the images put in the validation split.
+    #[arg(long, default_value_t = 0.2)]
+    val_fraction: f64,
+}
+
+fn main() {
+    if let Err(error) = run(Cli::parse()) {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Synth(args) => synth(args),
+        Command::Stats { path } => stats(&path),
+    }
+}
+
+fn synth(args: SynthArgs) -> Result<()> {
+    if !(0.0..=1.0).contains(&args.val_fraction) {
+        bail!(
+            "--val-fraction must be in [0, 1], got {}",
+            args.val_fraction
+        );
+    }
+    let config = SynthConfig {
+        images: args.images,
+        seed: args.seed,
+        size: args.size,
+        val_fraction: args.val_fraction,
+    };
+    let bar = ProgressBar::new(args.images as u64).with_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} images, {per_sec}, eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message("generating");
+    let start = Instant::now();
+    let summary = write_dataset(&args.out, &config, &|| bar.inc(1))
+        .with_context(|| format!("writing the synthetic dataset to {}", args.out.display()))?;
+    bar.finish_and_clear();
+    println!(
+        "wrote {} train + {} val images ({} annotations, {} crowd; classes: {}) to {} in {:.1}s",
+        summary.train_images,
+        summary.val_images,
+        summary.annotations,
+        summary.crowd,
+        SHAPE_CLASSES.join(", "),
+        args.out.display(),
+        start.elapsed().as_secs_f64()
+    );
+    println!(
+        "  COCO:   {0}/annotations/instances_{{train,val}}.json, {0}/{{train,val}}/\n  VOC:    {0}/VOC2012\n  ADE20K: {0}/ADEChallengeData2016",
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn stats(path: &Path) -> Result<()> {
+    if path.is_file() {
+        return coco_stats(path);
+    }
+    if !path.is_dir() {
+        bail!("{}: no such file or folder", path.display());
+    }
+    let mut found = false;
+    let annotations = path.join("annotations");
+    if annotations.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&annotations)
+            .with_context(|| format!("listing {}", annotations.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "json")
+                    && p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("instances_"))
+            })
+            .collect();
+        files.sort();
+        for file in files {
+            coco_stats(&file)?;
+            found = true;
+        }
+    }
+    if ["JPEGImages", "VOC2012", "VOCdevkit"]
+        .iter()
+        .any(|d| path.join(d).is_dir())
+    {
+        let dataset = SegmentationDataset::voc(path, None, false)?;
+        segmentation_stats("Pascal VOC", &dataset)?;
+        found = true;
+    }
+    let ade_base = if path.join("ADEChallengeData2016").is_dir() {
+        Some(path.join("ADEChallengeData2016"))
+    } else if path.join("images").is_dir() && path.join("annotations").is_dir() {
+        Some(path.to_path_buf())
+    } else {
+        None
+    };
+    if let Some(base) = ade_base {
+        let splits: Vec<Option<&str>> = ["training", "validation"]
+            .into_iter()
+            .filter(|s| base.join("annotations").join(s).is_dir())
+            .map(Some)
+            .collect();
+        // A folder of COCO annotations JSON next to images is not an ADE20K layout.
+        let flat_pngs = splits.is_empty() && has_png(&base.join("annotations"));
+        for split in if flat_pngs { vec![None] } else { splits } {
+            let dataset = SegmentationDataset::ade20k(&base, split)?;
+            let title = format!("ADE20K {}", split.unwrap_or("(all)"));
+            segmentation_stats(&title, &dataset)?;
+            found = true;
+        }
+    }
+    if !found {
+        bail!(
+            "{}: found no COCO annotations/instances_*.json, VOC (JPEGImages) or ADE20K (images/ + annotations/) layout",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn has_png(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .filter_map(|e| e.ok())
+            .any(|e| e.path().extension().is_some_and(|x| x == "png"))
+    })
+}
+
+fn coco_stats(file: &Path) -> Result<()> {
+    let start = Instant::now();
+    let dataset = CocoDataset::open(file)?;
+    println!(
+        "== COCO {} (read in {:.2}s)",
+        file.display(),
+        start.elapsed().as_secs_f64()
+    );
+    println!("{}", DetectionStats::from_coco(&dataset));
+    Ok(())
+}
+
+fn segmentation_stats(title: &str, dataset: &SegmentationDataset) -> Result<()> {
+    let stats = SegmentationStats::from_dataset(dataset)?;
+    println!("== {title} {}", dataset.root.display());
+    println!("{stats}");
+    Ok(())
+}

@@ -246,6 +246,14 @@ pub fn resolve(
             ));
         }
     }
+    if !tensors
+        .keys()
+        .any(|k| k.starts_with("head.classification_head."))
+    {
+        return Err(Error::Config(
+            "no SSDLite head in the checkpoint (no `head.classification_head.*` keys): is it a detector?".into(),
+        ));
+    }
     let (trunk, variant) = if let Some(v) = overrides.variant {
         (MobileOneConfig::from_variant(v), Some(v))
     } else if let Some(t) = parse_json::<TrunkJson>(meta, "mobileone_config")? {
@@ -314,6 +322,11 @@ pub fn resolve(
         std,
     };
     let mut labels = Labels::default_for(num_classes);
+    if overrides.num_classes.is_some() && overrides.num_classes != parse_usize(meta, "num_classes")?
+    {
+        // The checkpoint's own class list describes a different head: keep generic labels.
+        return Ok((config, labels));
+    }
     if let Some(names) = parse_json::<Vec<String>>(meta, "class_names")? {
         if names.len() != num_classes {
             return Err(metadata_error(

@@ -1,0 +1,355 @@
+//! `detect`: SSDLite object detection with a MobileOne trunk, on images or over a COCO dataset.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::{Parser, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use mobileone::Variant;
+use mobileone_cli::detections::{coco_results, draw, table, CocoResult};
+use mobileone_cli::imageio;
+use mobileone_cli::segment_render::write_rgb_png;
+use mobileone_datasets::CocoDataset;
+use mobileone_eval::coco::{evaluate_bbox, Detection as EvalDetection, GroundTruth};
+use ssdlite::{Detection, ImageView, Labels, Overrides, SsdDetector};
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DatasetKind {
+    Coco,
+}
+
+#[derive(Parser)]
+#[command(
+    name = "detect",
+    version,
+    about = "Object detection with SSDLite on MobileOne: boxes for images, COCO mAP over a dataset",
+    long_about = "Object detection with SSDLite (torchvision's SSD with separable heads, 320x320 input) on a \
+                  MobileOne trunk.\n\n\
+                  With images (files or folders): prints a table of detections per image, optionally writes \
+                  COCO-style results (--json) and the photos with labelled boxes (--out-dir).\n\
+                  With --dataset coco: runs over a COCO layout (<data-root>/annotations/instances_<split>.json, \
+                  <data-root>/<split>/*.jpg) and prints the 12 COCO box statistics (pycocotools-exact).\n\n\
+                  Architecture, classes and normalisation come from the checkpoint's metadata; the flags \
+                  below override them for checkpoints without metadata (e.g. trained with torchvision)."
+)]
+struct Cli {
+    /// Images or folders of images (JPEG, PNG).
+    images: Vec<PathBuf>,
+    /// Detector weights (.safetensors with torchvision SSD key names).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// MobileOne variant of the trunk (default: metadata, else guessed from the weights).
+    #[arg(long)]
+    variant: Option<Variant>,
+    /// Number of classes including background (default: metadata, else the head's width).
+    #[arg(long)]
+    num_classes: Option<usize>,
+    /// Side of the square network input (default: metadata, else 320).
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Keep detections scoring above this [default: 0.3 for images, 0.001 with --dataset].
+    #[arg(long)]
+    score_thresh: Option<f32>,
+    /// IoU above which a lower-scoring box of the same class is suppressed.
+    #[arg(long, default_value_t = 0.55)]
+    nms_thresh: f32,
+    /// Detections kept per image.
+    #[arg(long, default_value_t = 300)]
+    max_dets: usize,
+    /// Write the detections as a COCO results JSON (category_id, bbox [x, y, w, h], score, image_id, file_name).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write each image with its labelled boxes to DIR/<name>.png.
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+    /// Reparameterise the trunk and fold the heads' BatchNorms before running (same detections, faster).
+    #[arg(long)]
+    fuse: bool,
+    /// Time N detections of the first image (preprocessing, network and post-processing) and print them.
+    #[arg(long, value_name = "N")]
+    bench: Option<usize>,
+    /// Worker threads (default: RAYON_NUM_THREADS, else one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Evaluate over a dataset instead of images.
+    #[arg(long, value_enum, requires = "data_root")]
+    dataset: Option<DatasetKind>,
+    /// Root of the dataset (COCO layout).
+    #[arg(long)]
+    data_root: Option<PathBuf>,
+    /// Dataset split.
+    #[arg(long, default_value = "val2017")]
+    split: String,
+    /// Instances JSON, when not at <data-root>/annotations/instances_<split>.json.
+    #[arg(long)]
+    annotations: Option<PathBuf>,
+    /// Image folder, when not <data-root>/<split>.
+    #[arg(long)]
+    image_dir: Option<PathBuf>,
+}
+
+const IMAGE_EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "bmp", "webp"];
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        mobileone::ops::set_threads(n).context("cannot start the worker threads")?;
+    }
+    if cli.dataset.is_none() && cli.images.is_empty() {
+        bail!("give one or more images or folders, or --dataset coco --data-root DIR (see --help)");
+    }
+    let (detector, labels) = load_detector(&cli)?;
+    if let Some(dir) = &cli.out_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    match cli.dataset {
+        Some(DatasetKind::Coco) => evaluate_coco(&cli, &detector, &labels),
+        None => detect_images(&cli, &detector, &labels),
+    }
+}
+
+fn load_detector(cli: &Cli) -> Result<(SsdDetector, Labels)> {
+    let Some(weights) = &cli.weights else {
+        bail!(
+            "no --weights given: pass an SSDLite-MobileOne .safetensors checkpoint \
+             (bundled demo weights are not available yet)"
+        );
+    };
+    let overrides = Overrides {
+        variant: cli.variant,
+        num_classes: cli.num_classes,
+        image_size: cli.image_size,
+    };
+    let (mut detector, labels) = SsdDetector::load(weights, &overrides, &Device::Cpu)
+        .with_context(|| format!("cannot load detector weights {}", weights.display()))?;
+    if cli.fuse && !detector.is_fused() {
+        detector.fuse().context("cannot fuse the detector")?;
+    }
+    let default_thresh = if cli.dataset.is_some() { 0.001 } else { 0.3 };
+    detector.postprocess.score_thresh = cli.score_thresh.unwrap_or(default_thresh);
+    detector.postprocess.nms_thresh = cli.nms_thresh;
+    detector.postprocess.detections_per_img = cli.max_dets;
+    Ok((detector, labels))
+}
+
+/// Files named on the command line, and the images inside named folders (sorted by name).
+fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(input)
+                .with_context(|| format!("cannot list folder {}", input.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.is_file()
+                        && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                            IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())
+                        })
+                })
+                .collect();
+            if found.is_empty() {
+                bail!(
+                    "folder {} has no images ({})",
+                    input.display(),
+                    IMAGE_EXTENSIONS.join(", ")
+                );
+            }
+            found.sort();
+            files.extend(found);
+        } else if input.exists() {
+            files.push(input.clone());
+        } else {
+            bail!("{} does not exist", input.display());
+        }
+    }
+    Ok(files)
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+fn detect_one(detector: &SsdDetector, image: &image::RgbImage) -> Result<Vec<Detection>> {
+    let view = ImageView {
+        pixels: image.as_raw(),
+        height: image.height() as usize,
+        width: image.width() as usize,
+    };
+    Ok(detector.detect(&[view], &Device::Cpu)?.remove(0))
+}
+
+fn detect_images(cli: &Cli, detector: &SsdDetector, labels: &Labels) -> Result<()> {
+    let files = expand_inputs(&cli.images)?;
+    let bar = progress_bar(files.len(), files.len() > 1);
+    let mut results: Vec<CocoResult> = Vec::new();
+    let mut failures = Vec::new();
+    for (index, path) in files.iter().enumerate() {
+        let name = file_name(path);
+        let outcome = (|| -> Result<()> {
+            let mut image = imageio::load_rgb(path)?;
+            let detections = detect_one(detector, &image)?;
+            bar.suspend(|| {
+                print!(
+                    "{}",
+                    table(&name, image.width(), image.height(), &detections, labels)
+                )
+            });
+            results.extend(coco_results(&detections, labels, index as u64 + 1, &name));
+            if let Some(dir) = &cli.out_dir {
+                draw(&mut image, &detections, labels);
+                let stem = path
+                    .file_stem()
+                    .map_or("image".into(), |s| s.to_string_lossy().into_owned());
+                write_rgb_png(&dir.join(format!("{stem}.png")), &image)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = outcome {
+            bar.suspend(|| eprintln!("error: {e:#}"));
+            failures.push(name);
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if let Some(json) = &cli.json {
+        write_json(json, &results)?;
+        println!("wrote {} detection(s) to {}", results.len(), json.display());
+    }
+    if let (Some(runs), Some(first)) = (cli.bench, files.first()) {
+        bench(detector, first, runs)?;
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} of {} image(s) failed: {}",
+            failures.len(),
+            files.len(),
+            failures.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn progress_bar(len: usize, visible: bool) -> ProgressBar {
+    if !visible {
+        return ProgressBar::hidden();
+    }
+    ProgressBar::new(len as u64).with_style(
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} images [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid progress template"),
+    )
+}
+
+fn write_json(path: &Path, results: &[CocoResult]) -> Result<()> {
+    let bytes = serde_json::to_vec(results)?;
+    mobileone::checkpoint::write_atomic(path, &bytes)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn bench(detector: &SsdDetector, path: &Path, runs: usize) -> Result<()> {
+    let image = imageio::load_rgb(path)?;
+    detect_one(detector, &image)?; // warm-up
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let start = Instant::now();
+        detect_one(detector, &image)?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    println!(
+        "bench {}: {} run(s) at {0}x{0}, median {:.2} ms, mean {:.2} ms, min {:.2} ms",
+        detector.config.image_size,
+        times.len(),
+        times[times.len() / 2],
+        mean,
+        times[0]
+    );
+    Ok(())
+}
+
+fn evaluate_coco(cli: &Cli, detector: &SsdDetector, labels: &Labels) -> Result<()> {
+    let root = cli
+        .data_root
+        .as_ref()
+        .expect("clap requires --data-root with --dataset");
+    let annotations = cli.annotations.clone().unwrap_or_else(|| {
+        root.join("annotations")
+            .join(format!("instances_{}.json", cli.split))
+    });
+    let image_dir = cli
+        .image_dir
+        .clone()
+        .unwrap_or_else(|| root.join(&cli.split));
+    let dataset = CocoDataset::open(&annotations)
+        .with_context(|| format!("cannot read COCO annotations {}", annotations.display()))?;
+    let ground_truth = GroundTruth::from_path(&annotations)
+        .with_context(|| format!("cannot load ground truth {}", annotations.display()))?;
+    if dataset.images.is_empty() {
+        bail!("{} lists no images", annotations.display());
+    }
+    let bar = progress_bar(dataset.images.len(), true);
+    let mut results: Vec<CocoResult> = Vec::new();
+    let start = Instant::now();
+    for info in &dataset.images {
+        let path = image_dir.join(&info.file_name);
+        let image = imageio::load_rgb(&path)
+            .with_context(|| format!("image {} of {}", info.id, annotations.display()))?;
+        if (image.width(), image.height()) != (info.width, info.height) {
+            bail!(
+                "{} is {}x{} but the annotations say {}x{}",
+                path.display(),
+                image.width(),
+                image.height(),
+                info.width,
+                info.height
+            );
+        }
+        let detections = detect_one(detector, &image)?;
+        results.extend(coco_results(&detections, labels, info.id, &info.file_name));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    println!(
+        "{} images, {} detections in {seconds:.1} s ({:.1} ms/image)",
+        dataset.images.len(),
+        results.len(),
+        1e3 * seconds / dataset.images.len() as f64
+    );
+    if let Some(json) = &cli.json {
+        write_json(json, &results)?;
+        println!("wrote {}", json.display());
+    }
+    if results.is_empty() {
+        bail!(
+            "no detections above --score-thresh {}: nothing to evaluate",
+            detector.postprocess.score_thresh
+        );
+    }
+    let detections: Vec<EvalDetection> = results
+        .iter()
+        .map(|r| EvalDetection {
+            image_id: r.image_id,
+            category_id: r.category_id,
+            bbox: r.bbox,
+            score: r.score,
+        })
+        .collect();
+    let stats = evaluate_bbox(&ground_truth, &detections).context("COCO evaluation failed")?;
+    for line in stats.summary_lines() {
+        println!("{line}");
+    }
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! Presenting detections: the per-image table, COCO result entries and labelled boxes drawn on the photo.
+use image::{Rgb, RgbImage};
+use serde::Serialize;
+use ssdlite::{Detection, Labels};
+
+use crate::draw::{draw_text, fill_rect, text_size};
+
+/// One entry of a COCO results file; `file_name` is extra (pycocotools ignores unknown fields).
+#[derive(Debug, Clone, Serialize)]
+pub struct CocoResult {
+    pub image_id: u64,
+    pub file_name: String,
+    pub category_id: u64,
+    /// `[x, y, width, height]` in original-image pixels.
+    pub bbox: [f64; 4],
+    pub score: f64,
+}
+
+/// COCO result entries of one image's detections.
+pub fn coco_results(
+    detections: &[Detection],
+    labels: &Labels,
+    image_id: u64,
+    file_name: &str,
+) -> Vec<CocoResult> {
+    detections
+        .iter()
+        .map(|d| {
+            let [x1, y1, x2, y2] = d.bbox.map(|v| v as f64);
+            CocoResult {
+                image_id,
+                file_name: file_name.to_string(),
+                category_id: labels.category_id(d.label),
+                bbox: [x1, y1, x2 - x1, y2 - y1],
+                score: d.score as f64,
+            }
+        })
+        .collect()
+}
+
+/// A readable table: rank, class, score and the box corners in image pixels.
+pub fn table(
+    name: &str,
+    width: u32,
+    height: u32,
+    detections: &[Detection],
+    labels: &Labels,
+) -> String {
+    let mut out = format!(
+        "{name} ({width}x{height}): {} detection(s)\n",
+        detections.len()
+    );
+    if detections.is_empty() {
+        return out;
+    }
+    let name_width = detections
+        .iter()
+        .map(|d| labels.name(d.label).len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    out += &format!(
+        "  {:>3}  {:<name_width$}  {:>5}  {:>7} {:>7} {:>7} {:>7}\n",
+        "#", "class", "score", "x1", "y1", "x2", "y2"
+    );
+    for (i, d) in detections.iter().enumerate() {
+        let [x1, y1, x2, y2] = d.bbox;
+        out += &format!(
+            "  {:>3}  {:<name_width$}  {:>5.3}  {x1:>7.1} {y1:>7.1} {x2:>7.1} {y2:>7.1}\n",
+            i + 1,
+            labels.name(d.label),
+            d.score
+        );
+    }
+    out
+}
+
+/// A distinct, saturated colour per label.
+fn color(label: usize) -> Rgb<u8> {
+    const PALETTE: [[u8; 3]; 10] = [
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [210, 245, 60],
+        [250, 190, 212],
+    ];
+    Rgb(PALETTE[label % PALETTE.len()])
+}
+
+/// Draws each detection as a box outline with "class score" on a filled tag above it.
+pub fn draw(image: &mut RgbImage, detections: &[Detection], labels: &Labels) {
+    let thickness = (image.width().max(image.height()) / 300).max(2);
+    let scale = if image.width().max(image.height()) >= 800 {
+        2
+    } else {
+        1
+    };
+    // Lowest scores first so the best boxes end up on top.
+    for d in detections.iter().rev() {
+        let c = color(d.label);
+        let [x1, y1, x2, y2] = d.bbox.map(|v| v.round() as i64);
+        let (w, h) = ((x2 - x1).max(1) as u32, (y2 - y1).max(1) as u32);
+        fill_rect(image, x1, y1, w, thickness, c);
+        fill_rect(image, x1, y2 - thickness as i64, w, thickness, c);
+        fill_rect(image, x1, y1, thickness, h, c);
+        fill_rect(image, x2 - thickness as i64, y1, thickness, h, c);
+        let text = format!("{} {:.2}", labels.name(d.label), d.score);
+        let (tw, th) = text_size(&text, scale);
+        let pad = 2;
+        let tag_y = if y1 - (th + 2 * pad) as i64 >= 0 {
+            y1 - (th + 2 * pad) as i64
+        } else {
+            y1
+        };
+        fill_rect(image, x1, tag_y, tw + 2 * pad, th + 2 * pad, c);
+        let luma = 0.299 * c[0] as f32 + 0.587 * c[1] as f32 + 0.114 * c[2] as f32;
+        let ink = if luma > 140.0 {
+            Rgb([0, 0, 0])
+        } else {
+            Rgb([255, 255, 255])
+        };
+        draw_text(
+            image,
+            x1 + pad as i64,
+            tag_y + pad as i64,
+            &text,
+            scale,
+            ink,
+        );
+    }
+}

@@ -1,0 +1,239 @@
+//! End-to-end checks of the `detect` binary with the tiny torchvision-made detector of
+//! heads/ssdlite/tests/fixtures, on real photos and the COCO val2017 samples (MOBILEONE_DATA).
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn fixtures() -> PathBuf {
+    repo().join("heads/ssdlite/tests/fixtures")
+}
+
+fn weights() -> String {
+    fixtures()
+        .join("tiny_ssdlite.safetensors")
+        .display()
+        .to_string()
+}
+
+fn data() -> PathBuf {
+    let dir = std::env::var_os("MOBILEONE_DATA")
+        .map(PathBuf::from)
+        .expect(
+        "MOBILEONE_DATA must point at the shared sample data (../shared/data from the repo root)",
+    );
+    assert!(
+        dir.is_dir(),
+        "MOBILEONE_DATA={} is not a directory",
+        dir.display()
+    );
+    dir
+}
+
+fn detect(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_detect"))
+        .args(args)
+        .output()
+        .expect("detect runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("detect-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn results(path: &Path) -> Vec<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn photos_give_tables_coco_json_and_drawings() {
+    let dir = scratch("photos");
+    let json = dir.join("results.json");
+    let photo = data().join("photos/pets.jpg");
+    let png = fixtures().join("pets_213x160.png");
+    let w = weights();
+    let out = detect(&[
+        photo.to_str().unwrap(),
+        png.to_str().unwrap(),
+        "--weights",
+        &w,
+        "--json",
+        json.to_str().unwrap(),
+        "--out-dir",
+        dir.to_str().unwrap(),
+        "--max-dets",
+        "7",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("pets.jpg (512x430): 7 detection(s)"),
+        "{stdout}"
+    );
+    let entries = results(&json);
+    assert_eq!(entries.len(), 14);
+    for e in &entries {
+        let bbox: Vec<f64> = e["bbox"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let (w, h) = if e["file_name"] == "pets.jpg" {
+            (512.0, 430.0)
+        } else {
+            (213.0, 160.0)
+        };
+        assert!(
+            bbox[0] >= 0.0
+                && bbox[1] >= 0.0
+                && bbox[0] + bbox[2] <= w + 1e-3
+                && bbox[1] + bbox[3] <= h + 1e-3
+        );
+        assert!(e["score"].as_f64().unwrap() > 0.3 && e["category_id"].as_u64().is_some());
+    }
+    for name in ["pets.png", "pets_213x160.png"] {
+        let drawn = image::open(dir.join(name)).unwrap();
+        assert!(drawn.width() > 0);
+    }
+}
+
+#[test]
+fn fused_detector_gives_the_same_detections() {
+    let dir = scratch("fused");
+    let png = fixtures().join("pets_213x160.png");
+    let w = weights();
+    let mut runs = Vec::new();
+    for (name, fuse) in [("plain.json", false), ("fused.json", true)] {
+        let json = dir.join(name);
+        let mut args = vec![
+            png.to_str().unwrap(),
+            "--weights",
+            &w,
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        if fuse {
+            args.push("--fuse");
+        }
+        let out = detect(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        runs.push(results(&json));
+    }
+    assert_eq!(runs[0].len(), runs[1].len());
+    for (a, b) in runs[0].iter().zip(&runs[1]) {
+        assert_eq!(a["category_id"], b["category_id"]);
+        assert!((a["score"].as_f64().unwrap() - b["score"].as_f64().unwrap()).abs() < 1e-4);
+    }
+}
+
+#[test]
+fn bad_inputs_fail_clearly_and_keep_results() {
+    let dir = scratch("bad");
+    let w = weights();
+    let png = fixtures().join("pets_213x160.png");
+    let not_image = dir.join("notes.jpg");
+    std::fs::write(&not_image, "not a picture").unwrap();
+    let json = dir.join("partial.json");
+    let out = detect(&[
+        not_image.to_str().unwrap(),
+        png.to_str().unwrap(),
+        "--weights",
+        &w,
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("notes.jpg is not a readable image"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !results(&json).is_empty(),
+        "results of the readable image are kept"
+    );
+
+    let empty = scratch("empty");
+    let out = detect(&[empty.to_str().unwrap(), "--weights", &w]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("has no images"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = detect(&[png.to_str().unwrap()]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("no --weights"),
+        "{}",
+        stderr(&out)
+    );
+
+    let backbone = repo().join("backbone/tests/fixtures/tiny/unfused.safetensors");
+    let out = detect(&[
+        png.to_str().unwrap(),
+        "--weights",
+        backbone.to_str().unwrap(),
+    ]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("is it a detector"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = detect(&[png.to_str().unwrap(), "--weights", &w, "--variant", "s0"]);
+    assert!(
+        !out.status.success(),
+        "an S0 trunk cannot read the tiny weights"
+    );
+    assert!(
+        stderr(&out).contains("backbone.body.stem"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn coco_samples_are_evaluated() {
+    let root = data().join("coco-val2017-samples");
+    let annotations = root.join("instances_val2017_5.json");
+    let images = root.join("images");
+    let w = weights();
+    let out = detect(&[
+        "--dataset",
+        "coco",
+        "--data-root",
+        root.to_str().unwrap(),
+        "--annotations",
+        annotations.to_str().unwrap(),
+        "--image-dir",
+        images.to_str().unwrap(),
+        "--weights",
+        &w,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("5 images"), "{stdout}");
+    assert!(
+        stdout.contains("Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.contains("Average Recall") || l.contains("Average Precision"))
+            .count(),
+        12
+    );
+}

@@ -15,6 +15,10 @@ use std::cell::RefCell;
 
 /// Extra buffer elements so a full 8-lane load at the end of the last row stays in bounds.
 const SLACK: usize = 16;
+/// A row of zeros that the direct kernels read in place of rows in the vertical padding.
+static ZEROS: [f32; MAX_DIRECT_WIDTH] = [0.0; MAX_DIRECT_WIDTH];
+/// Widest plane the direct kernels read in place (wider ones use the padded copy).
+const MAX_DIRECT_WIDTH: usize = 4096;
 /// Smallest number of outputs one rayon task should compute, so tiny planes are batched.
 const MIN_TASK_OUTPUTS: usize = 4096;
 
@@ -32,12 +36,24 @@ struct PlaneLayout {
     width: usize,
     stride: usize,
     padding: usize,
+    dilation: usize,
+    kernel: usize,
     out_height: usize,
     out_width: usize,
     phase_height: usize,
     phase_width: usize,
     /// Buffer offset of tap (ky, kx), row-major over the kernel.
     taps: Vec<usize>,
+    /// Per phase column: the input columns ix0, ix0 + stride, … (`count` of them) land at
+    /// columns j0, j0 + 1, … of every row of that phase.
+    phase_columns: Vec<PhaseColumns>,
+}
+
+#[derive(Clone, Copy)]
+struct PhaseColumns {
+    ix0: usize,
+    count: usize,
+    j0: usize,
 }
 
 impl PlaneLayout {
@@ -56,16 +72,29 @@ impl PlaneLayout {
                 taps.push(phase * phase_len + (dy / s) * phase_width + dx / s);
             }
         }
+        let phase_columns = (0..s)
+            .map(|phase_x| {
+                let ix0 = (phase_x + s - g.padding % s) % s;
+                PhaseColumns {
+                    ix0: ix0.min(width),
+                    count: width.saturating_sub(ix0).div_ceil(s),
+                    j0: ((ix0 + g.padding) / s).min(phase_width),
+                }
+            })
+            .collect();
         Ok(Self {
             height,
             width,
             stride: s,
             padding: g.padding,
+            dilation: g.dilation,
+            kernel,
             out_height,
             out_width,
             phase_height,
             phase_width,
             taps,
+            phase_columns,
         })
     }
 
@@ -108,20 +137,17 @@ impl PlaneLayout {
                     .checked_sub(p)
                     .filter(|&iy| iy < self.height)
                     .map(|iy| &plane[iy * self.width..(iy + 1) * self.width]);
-                for phase_x in 0..s {
+                for (phase_x, cols) in self.phase_columns.iter().enumerate() {
                     let start = (phase_y * s + phase_x) * phase_len + i * pw;
                     let dst = &mut buf[start..start + pw];
                     let Some(src) = source else {
                         dst.fill(0.0);
                         continue;
                     };
-                    // Input columns of this phase: ix0, ix0 + s, … landing at j0, j0 + 1, …
-                    let ix0 = (phase_x + s - p % s) % s;
-                    let count = self.width.saturating_sub(ix0).div_ceil(s);
-                    let j0 = ((ix0 + p) / s).min(pw);
+                    let (j0, j1) = (cols.j0, cols.j0 + cols.count);
                     dst[..j0].fill(0.0);
-                    copy_strided(&src[ix0.min(src.len())..], s, &mut dst[j0..j0 + count]);
-                    dst[j0 + count..].fill(0.0);
+                    copy_strided(&src[cols.ix0..], s, &mut dst[j0..j1]);
+                    dst[j1..].fill(0.0);
                 }
             }
         }
@@ -199,10 +225,154 @@ fn forward_plane(
     }
 }
 
+/// Computes a stride-1 or stride-2 plane straight from the input (no padded copy) when a kernel exists for it;
+/// returns false otherwise.
+fn forward_plane_direct(
+    l: &PlaneLayout,
+    plane: &[f32],
+    weights: &[f32],
+    bias: f32,
+    act: Activation,
+    out: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if l.width <= MAX_DIRECT_WIDTH && has_avx2_fma() {
+        use avx2::forward_plane_direct as direct;
+        // SAFETY: the CPU supports AVX2+FMA; the kernel masks every load to the plane's rows.
+        unsafe {
+            match (l.kernel, l.stride) {
+                (1, 1) => direct::<1, 1, 1>(l, plane, weights, bias, act, out),
+                (3, 1) => direct::<3, 9, 1>(l, plane, weights, bias, act, out),
+                (5, 1) => direct::<5, 25, 1>(l, plane, weights, bias, act, out),
+                (1, 2) => direct::<1, 1, 2>(l, plane, weights, bias, act, out),
+                (3, 2) => direct::<3, 9, 2>(l, plane, weights, bias, act, out),
+                (5, 2) => direct::<5, 25, 2>(l, plane, weights, bias, act, out),
+                _ => return false,
+            }
+        }
+        return true;
+    }
+    let _ = (l, plane, weights, bias, act, out);
+    false
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Activation, PlaneLayout};
+    use super::{Activation, PlaneLayout, ZEROS};
     use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn activate(acc: __m256, act: Activation) -> __m256 {
+        let zero = _mm256_setzero_ps();
+        match act {
+            Activation::None => acc,
+            Activation::Relu => _mm256_max_ps(acc, zero),
+            Activation::Relu6 => _mm256_min_ps(_mm256_max_ps(acc, zero), _mm256_set1_ps(6.0)),
+        }
+    }
+
+    /// Lanes `i` of a vector starting at column `start` with `0 <= start + i < end`.
+    #[inline(always)]
+    unsafe fn lanes_in(start: isize, end: isize) -> __m256i {
+        let col = _mm256_add_epi32(
+            _mm256_set1_epi32(start as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        );
+        _mm256_andnot_si256(
+            _mm256_cmpgt_epi32(_mm256_setzero_si256(), col),
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(end as i32), col),
+        )
+    }
+
+    /// Even lanes of the 16 values `a ++ b`: [a0 a2 a4 a6 b0 b2 b4 b6].
+    #[inline(always)]
+    unsafe fn even_lanes(a: __m256, b: __m256) -> __m256 {
+        // [a0 a2 b0 b2 | a4 a6 b4 b6], then swap the middle 64-bit pairs.
+        let mixed = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+        _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(
+            mixed,
+        )))
+    }
+
+    /// 8 values `src[col + S*i]` of a row of width `w`, 0 outside the row.
+    #[inline(always)]
+    unsafe fn load_row<const S: usize>(
+        row: *const f32,
+        col: isize,
+        w: isize,
+        interior: bool,
+    ) -> __m256 {
+        let src = row.wrapping_offset(col);
+        match (S, interior) {
+            (1, true) => _mm256_loadu_ps(src),
+            (1, false) => _mm256_maskload_ps(src, lanes_in(col, w)),
+            (_, true) => even_lanes(_mm256_loadu_ps(src), _mm256_loadu_ps(src.wrapping_add(8))),
+            (_, false) => even_lanes(
+                _mm256_maskload_ps(src, lanes_in(col, w)),
+                _mm256_maskload_ps(src.wrapping_add(8), lanes_in(col + 8, w)),
+            ),
+        }
+    }
+
+    /// Stride-S (1 or 2) KxK plane read straight from the unpadded input: rows outside the plane
+    /// read a zero row, and vectors that reach past a row's ends use masked loads (masked lanes
+    /// read 0); stride 2 keeps the even lanes of 16 consecutive values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn forward_plane_direct<const K: usize, const T: usize, const S: usize>(
+        l: &PlaneLayout,
+        plane: &[f32],
+        weights: &[f32],
+        bias: f32,
+        act: Activation,
+        out: &mut [f32],
+    ) {
+        let (h, w, p, d) = (l.height, l.width, l.padding as isize, l.dilation);
+        let (oh, ow) = (l.out_height, l.out_width);
+        debug_assert!(plane.len() == h * w && out.len() == oh * ow && weights.len() == T);
+        let mut wv = [_mm256_setzero_ps(); T];
+        for t in 0..T {
+            wv[t] = _mm256_set1_ps(weights[t]);
+        }
+        let b = _mm256_set1_ps(bias);
+        let store_tail = lanes_in(0, (ow % 8) as isize);
+        for oy in 0..oh {
+            // Rows in the padding read zeros, so every output sees the same K*K taps.
+            let mut rows = [ZEROS.as_ptr(); K];
+            for (ky, row) in rows.iter_mut().enumerate() {
+                let iy = (oy * S + ky * d) as isize - p;
+                if iy >= 0 && (iy as usize) < h {
+                    *row = plane.as_ptr().add(iy as usize * w);
+                }
+            }
+            let dst = out.as_mut_ptr().add(oy * ow);
+            let mut ox = 0usize;
+            while ox < ow {
+                let first = (ox * S) as isize - p;
+                let interior = first >= 0 && first as usize + 8 * S + (K - 1) * d <= w;
+                // One accumulator per kernel row: K short dependency chains instead of one long.
+                let mut partial = [_mm256_setzero_ps(); K];
+                partial[0] = b;
+                for kx in 0..K {
+                    let col = first + (kx * d) as isize;
+                    for ky in 0..K {
+                        let v = load_row::<S>(rows[ky], col, w as isize, interior);
+                        partial[ky] = _mm256_fmadd_ps(wv[ky * K + kx], v, partial[ky]);
+                    }
+                }
+                let mut acc = partial[0];
+                for p in &partial[1..] {
+                    acc = _mm256_add_ps(acc, *p);
+                }
+                acc = activate(acc, act);
+                if ox + 8 <= ow {
+                    _mm256_storeu_ps(dst.add(ox), acc);
+                } else {
+                    _mm256_maskstore_ps(dst.add(ox), store_tail, acc);
+                }
+                ox += 8;
+            }
+        }
+    }
 
     /// `dst[j] = src[2 * j]`, 8 outputs per step from two loads.
     #[target_feature(enable = "avx2,fma")]
@@ -253,10 +423,13 @@ mod avx2 {
             let dst = out.as_mut_ptr().add(oy * ow);
             let mut ox = 0;
             while ox < ow {
-                let mut acc = b;
+                // Three interleaved accumulators keep the FMA dependency chains short.
+                let mut partial = [b, _mm256_setzero_ps(), _mm256_setzero_ps()];
                 for t in 0..T {
-                    acc = _mm256_fmadd_ps(w[t], _mm256_loadu_ps(src.add(taps[t] + ox)), acc);
+                    let v = _mm256_loadu_ps(src.add(taps[t] + ox));
+                    partial[t % 3] = _mm256_fmadd_ps(w[t], v, partial[t % 3]);
                 }
+                let mut acc = _mm256_add_ps(partial[0], _mm256_add_ps(partial[1], partial[2]));
                 acc = match act {
                     Activation::None => acc,
                     Activation::Relu => _mm256_max_ps(acc, zero),
@@ -387,10 +560,14 @@ impl CustomOp3 for DepthwiseConv {
             .enumerate()
             .for_each(|(p, out_plane)| {
                 let ci = p % c;
+                let plane = &x[p * plane_in..(p + 1) * plane_in];
+                let weights = &w[ci * taps..(ci + 1) * taps];
+                if forward_plane_direct(&layout, plane, weights, b[ci], act, out_plane) {
+                    return;
+                }
                 BUFFERS.with_borrow_mut(|(buf, _)| {
                     buf.resize(layout.buffer_len(), 0.0);
-                    layout.scatter(&x[p * plane_in..(p + 1) * plane_in], buf);
-                    let weights = &w[ci * taps..(ci + 1) * taps];
+                    layout.scatter(plane, buf);
                     forward_plane(&layout, buf, weights, b[ci], act, out_plane);
                 })
             });

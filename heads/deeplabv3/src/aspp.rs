@@ -100,7 +100,7 @@ pub(crate) fn push_conv(out: &mut Vec<(String, Tensor)>, key: &str, conv: &Conv2
 
 fn dropout(x: Tensor, rate: f32, train: bool) -> Result<Tensor> {
     if train {
-        candle_nn::ops::dropout(&x, rate)
+        crate::dropout::dropout(&x, rate)
     } else {
         Ok(x)
     }
@@ -209,6 +209,12 @@ impl Aspp {
 impl ModuleT for Aspp {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
+        if train && n == 1 {
+            // The pooled map has one value per channel: batch statistics need more than one image.
+            candle_core::bail!(
+                "training DeepLabV3 needs batches of at least 2 images (ASPP pooling BatchNorm)"
+            );
+        }
         let mut outputs = self
             .branches
             .iter()

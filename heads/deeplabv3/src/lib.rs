@@ -5,6 +5,7 @@
 pub mod aspp;
 pub mod checkpoint;
 pub mod config;
+pub mod dropout;
 pub mod inference;
 pub mod loss;
 pub mod model;
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 
 pub use checkpoint::{load, Overrides};
 pub use config::{DeepLabConfig, SegmenterSpec};
+pub use dropout::seed_dropout;
 pub use inference::predict_logits;
 pub use loss::{cross_entropy, segmentation_loss, IGNORE_INDEX};
 pub use model::{DeepLabV3, SegmentationOutput};

@@ -315,4 +315,6 @@ fn train_mode_gives_logits_and_aux_at_input_size() {
     assert_eq!(out.logits.dims(), &[2, 4, 75, 101]);
     assert_eq!(out.aux_logits.unwrap().dims(), &[2, 4, 75, 101]);
     assert_eq!(out.logits.dtype(), DType::F32);
+    let err = model.forward_t(&image, true).unwrap_err().to_string();
+    assert!(err.contains("at least 2 images"), "{err}");
 }

@@ -33,7 +33,6 @@ pub const SHAPE_CLASSES: [&str; 7] = [
 ];
 pub const MIN_VISIBLE_FRACTION: f64 = 0.3;
 pub const MIN_VISIBLE_PIXELS: u64 = 20;
-const MIN_SHAPE_SIZE: f64 = 12.0;
 const MAX_SHAPE_FRACTION: f64 = 0.8;
 const CROWD_PROBABILITY: f64 = 0.12;
 
@@ -45,6 +44,10 @@ pub struct SynthConfig {
     pub size: u32,
     /// Share of images in the validation split (the last ones).
     pub val_fraction: f64,
+    /// Smallest shape diameter in pixels (sizes are log-uniform up to 0.8 of the image).
+    pub min_object_size: f64,
+    /// Shapes per image are uniform in 1..=max_objects (plus, sometimes, one crowd region).
+    pub max_objects: u32,
 }
 
 impl Default for SynthConfig {
@@ -54,6 +57,8 @@ impl Default for SynthConfig {
             seed: 0,
             size: 320,
             val_fraction: 0.2,
+            min_object_size: 12.0,
+            max_objects: 10,
         }
     }
 }
@@ -86,14 +91,15 @@ pub struct SynthImage {
     pub objects: Vec<SynthObject>,
 }
 
-/// Generates image `index` of the dataset with this seed (the same image `write_dataset`
-/// writes), entirely in memory.
-pub fn generate_image(seed: u64, index: u64, size: u32) -> SynthImage {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+/// Generates image `index` of the dataset described by `config` (the same image
+/// `write_dataset` writes), entirely in memory.
+pub fn generate_image(config: &SynthConfig, index: u64) -> SynthImage {
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     rng.set_stream(index);
+    let size = config.size;
     let s = size as f64;
     let mut painted: Vec<(u32, bool, Vec<Vec<f64>>, Paint)> = Vec::new();
-    let count = rng.random_range(1..=10);
+    let count = rng.random_range(1..=config.max_objects.max(1));
     let crowd_at = (rng.random::<f64>() < CROWD_PROBABILITY).then(|| rng.random_range(0..=count));
     let background = Background::random(&mut rng);
     for i in 0..=count {
@@ -119,9 +125,10 @@ pub fn generate_image(seed: u64, index: u64, size: u32) -> SynthImage {
             break;
         }
         let label = rng.random_range(1..=SHAPE_CLASSES.len() as u32);
-        let max = (MAX_SHAPE_FRACTION * s).max(MIN_SHAPE_SIZE + 1.0);
+        let min = config.min_object_size.max(1.0);
+        let max = (MAX_SHAPE_FRACTION * s).max(min + 1.0);
         // Log-uniform sizes: as many small shapes as large ones.
-        let d = (rng.random_range(MIN_SHAPE_SIZE.ln()..max.ln())).exp();
+        let d = (rng.random_range(min.ln()..max.ln())).exp();
         let r = d / 2.0;
         let x = rng.random_range(r..=s - r);
         let y = rng.random_range(r..=s - r);
@@ -377,6 +384,19 @@ pub fn write_dataset(
             "synthetic dataset needs at least one image of at least 32x32 pixels",
         ));
     }
+    if !(config.min_object_size >= 1.0
+        && config.min_object_size < MAX_SHAPE_FRACTION * config.size as f64)
+    {
+        return Err(DatasetError::invalid(
+            out,
+            format!(
+                "minimum object size {} must be in [1, {}) for {} px images",
+                config.min_object_size,
+                MAX_SHAPE_FRACTION * config.size as f64,
+                config.size
+            ),
+        ));
+    }
     let num_train = config.images - config.num_val();
     let voc = out.join("VOC2012");
     let ade = out.join("ADEChallengeData2016");
@@ -392,7 +412,7 @@ pub fn write_dataset(
             };
             let stem = format!("{id:012}");
             let file_name = format!("{stem}.jpg");
-            let synth = generate_image(config.seed, index as u64, config.size);
+            let synth = generate_image(config, index as u64);
             let jpeg = out.join(split).join(&file_name);
             write_atomic(&jpeg, &encode_jpeg(&synth.image, &jpeg)?)?;
             link_or_copy(&jpeg, &voc.join("JPEGImages").join(&file_name))?;
@@ -501,6 +521,8 @@ pub fn write_dataset(
         "size": config.size,
         "images": config.images,
         "val_fraction": config.val_fraction,
+        "min_object_size": config.min_object_size,
+        "max_objects": config.max_objects,
         "classes": SHAPE_CLASSES,
     }))
     .expect("manifest serialises");

@@ -13,6 +13,7 @@ fn synth_dir() -> tempfile::TempDir {
         seed: 2,
         size: 96,
         val_fraction: 0.0,
+        ..SynthConfig::default()
     };
     write_dataset(dir.path(), &config, &|| {}).unwrap();
     dir

@@ -11,6 +11,7 @@ fn generate(dir: &Path, seed: u64) -> SynthConfig {
         seed,
         size: 128,
         val_fraction: 0.25,
+        ..SynthConfig::default()
     };
     write_dataset(dir, &config, &|| {}).unwrap();
     config
@@ -112,14 +113,32 @@ fn generation_is_deterministic_by_seed() {
             "{file}"
         );
     }
-    let one = generate_image(11, 0, 128);
+    let one = generate_image(
+        &SynthConfig {
+            seed: 11,
+            size: 128,
+            ..SynthConfig::default()
+        },
+        0,
+    );
     let written =
         read_label_png(&a.path().join("VOC2012/SegmentationClass/000000000001.png")).unwrap();
     assert_eq!(
         one.labels, written,
         "the in-memory image is the one written"
     );
-    assert_ne!(generate_image(12, 0, 128).image, one.image);
+    assert_ne!(
+        generate_image(
+            &SynthConfig {
+                seed: 12,
+                size: 128,
+                ..SynthConfig::default()
+            },
+            0
+        )
+        .image,
+        one.image
+    );
 }
 
 #[test]
@@ -128,7 +147,14 @@ fn crowd_regions_and_sizes_cover_the_range() {
     let (mut crowd, mut small, mut large) = (0, 0, 0);
     let mut classes = [0usize; 8];
     for index in 0..60 {
-        let synth = generate_image(1, index, 160);
+        let synth = generate_image(
+            &SynthConfig {
+                seed: 1,
+                size: 160,
+                ..SynthConfig::default()
+            },
+            index,
+        );
         for object in &synth.objects {
             crowd += object.iscrowd as usize;
             classes[object.label as usize] += 1;

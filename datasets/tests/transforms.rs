@@ -1,7 +1,7 @@
 //! Transforms keep boxes and masks consistent with the image, deterministically.
 
 use mobileone_datasets::io::LabelMap;
-use mobileone_datasets::synth::generate_image;
+use mobileone_datasets::synth::{generate_image, SynthConfig};
 use mobileone_datasets::transforms::{
     horizontal_flip, sample_rng, Compose, PhotometricDistort, RandomHorizontalFlip, RandomIoUCrop,
     RandomScaleCrop, RandomZoomOut, Resize,
@@ -11,7 +11,14 @@ use mobileone_datasets::{Sample, Transform, IGNORE_INDEX};
 /// A synthetic sample whose mask holds instance numbers (1..) and whose labels are those
 /// numbers, so each box can be checked against its own instance's pixels.
 fn instance_sample(index: u64) -> Sample {
-    let synth = generate_image(21, index, 160);
+    let synth = generate_image(
+        &SynthConfig {
+            seed: 21,
+            size: 160,
+            ..SynthConfig::default()
+        },
+        index,
+    );
     let mut sample = Sample::new(&synth.image);
     let mut mask = LabelMap::new(160, 160, 0);
     for (k, object) in synth.objects.iter().enumerate() {

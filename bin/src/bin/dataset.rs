@@ -47,6 +47,12 @@ struct SynthArgs {
     /// Share of the images put in the validation split.
     #[arg(long, default_value_t = 0.2)]
     val_fraction: f64,
+    /// Smallest shape diameter in pixels; sizes are log-uniform up to 0.8 of the image.
+    #[arg(long, default_value_t = 12.0)]
+    min_object_size: f64,
+    /// Most shapes per image (uniform in 1..=N, plus sometimes a crowd region).
+    #[arg(long, default_value_t = 10)]
+    max_objects: u32,
 }
 
 fn main() {
@@ -75,6 +81,8 @@ fn synth(args: SynthArgs) -> Result<()> {
         seed: args.seed,
         size: args.size,
         val_fraction: args.val_fraction,
+        min_object_size: args.min_object_size,
+        max_objects: args.max_objects,
     };
     let bar = ProgressBar::new(args.images as u64).with_style(
         ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} images, {per_sec}, eta {eta}")

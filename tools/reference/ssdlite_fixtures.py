@@ -12,6 +12,7 @@ and writes into heads/ssdlite/tests/fixtures/:
 Usage: .venv/bin/python ssdlite_fixtures.py [--out DIR]
 """
 import argparse
+import copy
 import json
 import os
 from collections import OrderedDict
@@ -231,6 +232,21 @@ def main():
     fx['loss.bbox_value'] = losses['bbox_regression'].reshape(1)
     fx['loss.cls_value'] = losses['classification'].reshape(1)
 
+    # End to end in training mode (BatchNorm on batch statistics): the photo and its mirror image, with
+    # targets in original pixels that the transform rescales to the 320x320 input.
+    train_targets = [
+        {'boxes': torch.tensor([[20., 30., 120., 150.], [100., 60., 200., 140.]]), 'labels': torch.tensor([5, 2])},
+        {'boxes': torch.tensor([[93., 30., 193., 150.]]), 'labels': torch.tensor([9])},
+    ]
+    train_model = copy.deepcopy(model)
+    train_model.train()
+    train_losses = train_model([img, img.flip(-1)], train_targets)
+    for i, t in enumerate(train_targets):
+        fx[f'train.target{i}.boxes'] = t['boxes']
+        fx[f'train.target{i}.labels'] = t['labels']
+    fx['train.bbox_value'] = train_losses['bbox_regression'].detach().reshape(1)
+    fx['train.cls_value'] = train_losses['classification'].detach().reshape(1)
+
     fx = {k: v.contiguous() for k, v in fx.items()}
     save_file(fx, os.path.join(args.out, 'reference.safetensors'))
 
@@ -251,7 +267,7 @@ def main():
     save_file(state, os.path.join(args.out, 'tiny_ssdlite.safetensors'), metadata=metadata)
     n = sum(v.numel() for v in state.values())
     print(f'{len(state)} tensors, {n} values; {len(det["scores"])} detections, top score {det["scores"][0]:.4f}')
-    print('losses', {k: float(v) for k, v in losses.items()})
+    print('losses', {k: float(v) for k, v in losses.items()}, 'train', {k: float(v) for k, v in train_losses.items()})
     print('matched foreground per image', [int((m >= 0).sum()) for m in matched])
 
 

@@ -283,12 +283,37 @@ pub fn evaluate_file(
         source_name: source_name.clone(),
         source,
     })?;
-    let anns: Vec<Annotation> =
+    let entries: Vec<ResultEntry> =
         serde_json::from_slice(&bytes).map_err(|source| CocoError::ResultJson {
             source_name: source_name.clone(),
             source,
         })?;
+    let anns = entries
+        .into_iter()
+        .map(|e| Annotation {
+            image_id: e.image_id,
+            category_id: e.category_id,
+            bbox: e.bbox,
+            segmentation: e.segmentation,
+            score: e.score,
+            ..Default::default()
+        })
+        .collect();
     evaluate_annotations(gt, anns, iou_type, &source_name)
+}
+
+/// The fields of a result-file entry that evaluation reads; other keys are skipped. (Parsing
+/// into hotcoco's `Annotation` directly would keep unknown keys through a slow serde `flatten`.)
+#[derive(serde::Deserialize)]
+struct ResultEntry {
+    image_id: u64,
+    category_id: u64,
+    #[serde(default)]
+    bbox: Option<[f64; 4]>,
+    #[serde(default)]
+    segmentation: Option<hotcoco::types::Segmentation>,
+    #[serde(default)]
+    score: Option<f64>,
 }
 
 fn evaluate_annotations(

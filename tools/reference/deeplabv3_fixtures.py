@@ -12,11 +12,17 @@ BatchNorm statistics calibrated on real photos and then randomised. Writes to he
                           `{case}.aux_logits` for the stride-8 case; plus `resize.*` cases of F.interpolate
   cases.json              per case: output stride, atrous rates, photo, size
 
-Usage: .venv/bin/python deeplabv3_fixtures.py [--out DIR]
+  full (not committed, tools/reference/out/deeplabv3_full/): a real-size DeepLabV3-MobileOne (torchvision's
+       256-wide head, 21 classes, aux head) per variant with random calibrated weights, a photo as PNG (so both
+       sides decode identical pixels) and torchvision's logits at output strides 16 and 8; `compare` then runs
+       the `segment` binary on them and prints max |diff| / max |ref| and the argmax agreement.
+
+Usage: .venv/bin/python deeplabv3_fixtures.py {tiny,full,compare} [--out DIR] [--variants s0,s1]
 """
 import argparse
 import json
 import os
+import subprocess
 import sys
 from collections import OrderedDict
 
@@ -26,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 from PIL import Image
 from safetensors.torch import save_file
+import timm
 from timm.models.byobnet import ByobNet
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabV3
 from torchvision.models.segmentation.fcn import FCNHead
@@ -76,11 +83,15 @@ def deeplab_head(in_channels, num_classes, rates, width):
     )
 
 
-def build(output_stride, rates):
-    body = dilate(ByobNet(TINY_CFG, num_classes=0), output_stride)
+def build(output_stride, rates, variant='tiny', num_classes=NUM_CLASSES, width=HEAD_CHANNELS):
+    if variant == 'tiny':
+        body = ByobNet(TINY_CFG, num_classes=0)
+    else:
+        body = timm.create_model(f'mobileone_{variant}', pretrained=False, num_classes=0)
+    body = dilate(body, output_stride)
     channels = [info['num_chs'] for info in body.feature_info][-4:]
-    return DeepLabV3(Trunk(body), deeplab_head(channels[3], NUM_CLASSES, rates, HEAD_CHANNELS),
-                     FCNHead(channels[2], NUM_CLASSES))
+    return DeepLabV3(Trunk(body), deeplab_head(channels[3], num_classes, rates, width),
+                     FCNHead(channels[2], num_classes))
 
 
 def photo(name, size):
@@ -97,6 +108,7 @@ def normalise(image):
 def randomise(model, seed, images):
     """Random weights; BN statistics calibrated on the photos (cumulative average), then perturbed."""
     g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the dropout layers draw from the global generator during calibration
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
@@ -130,11 +142,61 @@ def resize_cases():
     return out
 
 
+FULL_PHOTO = ('pets.jpg', (430, 512))
+FULL_STRIDES = (16, 8)
+
+
+def full(out, variants):
+    """Real-size models: weights + metadata, the photo as PNG, torchvision's logits per output stride."""
+    file, (h, w) = FULL_PHOTO
+    image = photo(file, (h, w))
+    os.makedirs(out, exist_ok=True)
+    Image.fromarray(image.numpy()).save(os.path.join(out, 'photo.png'))
+    x = normalise(image)
+    for i, variant in enumerate(variants):
+        base = randomise(build(16, (12, 24, 36), variant, 21, 256), 10 + i, [x, normalise(photo('owl.jpg', (384, 512)))])
+        state = {k: v.contiguous() for k, v in base.state_dict().items() if not k.endswith('num_batches_tracked')}
+        save_file(state, os.path.join(out, f'{variant}.safetensors'),
+                  metadata={'task': 'segmentation', 'variant': variant, 'num_classes': '21', 'aux_stride': '16'})
+        with torch.no_grad():
+            for os_ in FULL_STRIDES:
+                model = build(os_, (12, 24, 36), variant, 21, 256)
+                model.load_state_dict(base.state_dict())
+                logits = model.eval()(x)['out']
+                np.save(os.path.join(out, f'{variant}_os{os_}.npy'), logits.numpy())
+        print(f'{variant}: wrote weights and logits at output strides {FULL_STRIDES} to {out}')
+
+
+def compare(out, variants):
+    """Runs `segment` (built with cargo build --release) on the full fixtures and prints the errors."""
+    binary = os.path.join(REPO, 'target/release/segment')
+    for variant in variants:
+        for os_ in FULL_STRIDES:
+            for fuse in ([], ['--fuse']):
+                ours_path = os.path.join(out, f'ours_{variant}_os{os_}.npy')
+                subprocess.run([binary, os.path.join(out, 'photo.png'), '--weights', os.path.join(out, f'{variant}.safetensors'),
+                                '--output-stride', str(os_), '--out-dir', out, '--logits-out', ours_path] + fuse,
+                               check=True, capture_output=True)
+                ref = np.load(os.path.join(out, f'{variant}_os{os_}.npy'))
+                ours = np.load(ours_path)
+                err = np.abs(ours - ref).max() / np.abs(ref).max()
+                agree = (ours.argmax(1) == ref.argmax(1)).mean()
+                print(f'{variant} os{os_}{" fused" if fuse else ""}: logits {ref.shape}, max rel err {err:.2e}, '
+                      f'argmax agreement {100 * agree:.4f}%')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--out', default=os.path.join(REPO, 'heads/deeplabv3/tests/fixtures'))
+    parser.add_argument('what', choices=['tiny', 'full', 'compare'], nargs='?', default='tiny')
+    parser.add_argument('--out', default=None)
+    parser.add_argument('--variants', default='s0,s4')
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.what != 'tiny':
+        out = args.out or os.path.join(HERE, 'out/deeplabv3_full')
+        (full if args.what == 'full' else compare)(out, args.variants.split(','))
+        return
+    args.out = args.out or os.path.join(REPO, 'heads/deeplabv3/tests/fixtures')
     os.makedirs(args.out, exist_ok=True)
     images = {name: photo(file, size) for name, _, _, file, size in CASES}
     # Weights do not depend on the output stride or the rates: calibrate once at stride 16, share them.

@@ -9,7 +9,9 @@ and writes into heads/ssdlite/tests/fixtures/:
                             head outputs and final detections
   pets_213x160.png          the real photo the model runs on (from /work/shared/data/photos, resized)
 
-Usage: .venv/bin/python ssdlite_fixtures.py [--out DIR]
+Usage: .venv/bin/python ssdlite_fixtures.py [tiny] [--out DIR]     committed fixtures
+       .venv/bin/python ssdlite_fixtures.py full                  S0, 91 classes -> out/ssdlite/ (not committed)
+       .venv/bin/python ssdlite_fixtures.py compare RESULTS.json  top-100 match of `detect --json` on out/ssdlite/pets.png
 """
 import argparse
 import copy
@@ -59,10 +61,9 @@ BN = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
 class MobileOneSsdBackbone(nn.Module):
     """`backbone.body` = timm MobileOne (taps at strides 16 and 32), `backbone.extra` = SSDLite extra blocks."""
 
-    def __init__(self, body, extra_channels):
+    def __init__(self, body, in_ch, extra_channels):
         super().__init__()
         self.body = body
-        in_ch = TRUNK['stage_channels'][3]
         blocks = []
         for out_ch in extra_channels:
             blocks.append(_extra_block(in_ch, out_ch, BN))
@@ -84,13 +85,15 @@ class MobileOneSsdBackbone(nn.Module):
         return OrderedDict((str(i), f) for i, f in enumerate(feats))
 
 
-def build_model():
-    body = ByobNet(TRUNK_CFG, num_classes=0)
-    backbone = MobileOneSsdBackbone(body, EXTRA_CHANNELS)
+def build_model(body=None, taps=None, extra_channels=EXTRA_CHANNELS, num_classes=NUM_CLASSES):
+    if body is None:
+        body = ByobNet(TRUNK_CFG, num_classes=0)
+        taps = TRUNK['stage_channels'][2:]
+    backbone = MobileOneSsdBackbone(body, taps[1], extra_channels)
     anchors = DefaultBoxGenerator([[2, 3] for _ in range(6)], min_ratio=0.2, max_ratio=0.95)
-    out_channels = [TRUNK['stage_channels'][2], TRUNK['stage_channels'][3]] + EXTRA_CHANNELS
-    head = SSDLiteHead(out_channels, anchors.num_anchors_per_location(), NUM_CLASSES, BN)
-    return SSD(backbone, anchors, (SIZE, SIZE), NUM_CLASSES, image_mean=MEAN, image_std=STD, head=head,
+    out_channels = list(taps) + list(extra_channels)
+    head = SSDLiteHead(out_channels, anchors.num_anchors_per_location(), num_classes, BN)
+    return SSD(backbone, anchors, (SIZE, SIZE), num_classes, image_mean=MEAN, image_std=STD, head=head,
                score_thresh=0.001, nms_thresh=0.55, detections_per_img=300, topk_candidates=300)
 
 
@@ -139,10 +142,60 @@ def anchors_for(gen, grids, image_size):
     return gen(images, feats)[0]
 
 
+def full(out):
+    """SSDLite320 on a random MobileOne-S0 with 91 classes (not committed): checkpoint, a PNG of a real photo
+    and torchvision's detections on it, for `compare` against `detect --json` and for benchmarks."""
+    import timm
+    os.makedirs(out, exist_ok=True)
+    g = torch.Generator().manual_seed(7)
+    photos = os.path.dirname(PHOTO)
+    Image.open(PHOTO).convert('RGB').save(os.path.join(out, 'pets.png'))
+    img = to_tensor(Image.open(os.path.join(out, 'pets.png')).convert('RGB'))
+    body = timm.create_model('mobileone_s0', pretrained=False, num_classes=0)
+    model = build_model(body, (256, 1024), [512, 256, 256, 128], 91)
+    calib = [to_tensor(Image.open(os.path.join(photos, n)).convert('RGB').resize((256, 192)))
+             for n in ['pets.jpg', 'parrot.jpg', 'owl.jpg', 'hot_dog.jpg', 'cat_720p.jpg', 'grace_hopper.jpg']]
+    randomise(model, calib, g)
+    with torch.no_grad():
+        det = model([img])[0]
+    save_file({'boxes': det['boxes'].contiguous(), 'scores': det['scores'].contiguous(),
+               'labels': det['labels'].contiguous()}, os.path.join(out, 'ssdlite_s0_detections.safetensors'))
+    metadata = {'task': 'detection', 'architecture': 'ssdlite', 'variant': 's0', 'num_classes': '91',
+                'image_size': str(SIZE), 'mean': json.dumps(MEAN), 'std': json.dumps(STD)}
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(out, 'ssdlite_s0.safetensors'), metadata=metadata)
+    print(f'wrote {out}: {len(det["scores"])} detections, top score {det["scores"][0]:.4f}')
+
+
+def compare(out, results_json):
+    """Share of torchvision's top-100 detections that `detect --json` reproduces (same class, IoU >= 0.99,
+    |score diff| <= 1e-4)."""
+    from safetensors.torch import load_file
+    ref = load_file(os.path.join(out, 'ssdlite_s0_detections.safetensors'))
+    ours = json.load(open(results_json))
+    ob = torch.tensor([[d['bbox'][0], d['bbox'][1], d['bbox'][0] + d['bbox'][2], d['bbox'][1] + d['bbox'][3]]
+                       for d in ours])
+    os_ = torch.tensor([d['score'] for d in ours])
+    ol = torch.tensor([d['category_id'] for d in ours])
+    iou = box_ops.box_iou(ref['boxes'][:100], ob)
+    ok = (iou >= 0.99) & (ref['labels'][:100, None] == ol[None]) & \
+         ((ref['scores'][:100, None] - os_[None]).abs() <= 1e-4)
+    hit = ok.any(1)
+    print(f'top-100 matched: {int(hit.sum())}/100; ours {len(ours)} vs torchvision {len(ref["scores"])} detections')
+    best = torch.where(ok, iou, torch.zeros_like(iou)).max(1).values[hit]
+    print(f'min IoU of matches {float(best.min()):.6f}')
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument('--out', default=os.path.join(REPO, 'heads', 'ssdlite', 'tests', 'fixtures'))
+    ap.add_argument('mode', nargs='?', default='tiny', choices=['tiny', 'full', 'compare'])
+    ap.add_argument('results', nargs='?', help='detect --json output (compare mode)')
+    ap.add_argument('--out', default=None)
     args = ap.parse_args()
+    if args.mode != 'tiny':
+        out = args.out or os.path.join(HERE, 'out', 'ssdlite')
+        return full(out) if args.mode == 'full' else compare(out, args.results)
+    args.out = args.out or os.path.join(REPO, 'heads', 'ssdlite', 'tests', 'fixtures')
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(20260127)

@@ -220,6 +220,7 @@ fn head_outputs_match_torchvision() {
         let theirs = floats(&r, &format!("head.{name}"));
         let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
         let err = max_abs_diff(&ours, &theirs);
+        eprintln!("head {name}: max |diff| {err} (max |value| {scale})");
         assert!(
             err <= 1e-4 * scale,
             "{name}: max |diff| {err} (max |value| {scale})"

@@ -36,7 +36,7 @@ mod tests {
     fn pairwise_order_differs_from_serial_where_numpy_does() {
         // np.sum([1e16] + [1.0] * 16) == 1.0000000000000016e16; a serial sum gives 1e16.
         let mut v = vec![1e16];
-        v.extend(std::iter::repeat(1.0).take(16));
+        v.extend(std::iter::repeat_n(1.0, 16));
         assert_eq!(pairwise_sum(&v), 1.0000000000000016e16);
         assert_eq!(pairwise_sum(&[]), 0.0);
     }

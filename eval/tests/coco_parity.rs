@@ -261,3 +261,24 @@ fn val2014_100_in_memory_matches_pycocotools() {
     let got = evaluate_bbox(&gt, &dets).unwrap();
     assert_close("val2014_100 in memory", "stats", &got.stats, &want);
 }
+
+#[test]
+fn val2014_100_masks_match_pycocotools() {
+    // Real COCO polygons and crowd RLEs; detections are shifted GT masks as compressed RLE.
+    let case = "val2014_100_segm";
+    let want = expected(case);
+    let gt =
+        GroundTruth::from_path(&data_dir().join("coco-val2014-100/instances_val2014_100.json"))
+            .unwrap();
+    let got = evaluate_file(&gt, &fixture(case).join("dt.json"), IouType::Segm).unwrap();
+    assert_close(case, "stats", &got.stats, &floats(&want["stats"]));
+    let per_category = want["per_category"].as_object().unwrap();
+    for c in &got.per_category {
+        assert_close(
+            case,
+            &format!("category {}", c.id),
+            &c.stats,
+            &floats(&per_category[&c.id.to_string()]),
+        );
+    }
+}

@@ -315,6 +315,43 @@ def coco_cases():
     write_case("segm_random", {"images": imgs, "annotations": gt_anns, "categories": CATEGORIES[:3]}, dts, iou_type="segm")
 
 
+def data_dir():
+    return os.environ.get("MOBILEONE_DATA", os.path.join(ROOT, "..", "shared", "data"))
+
+
+def real_segm_case():
+    """Mask AP on the real val2014 100-image ground truth (official polygons and crowd RLEs, read
+    from MOBILEONE_DATA by the test, not copied): detections are the GT masks shifted by a few
+    pixels, some relabelled, as compressed RLE without `bbox` (pycocotools derives it)."""
+    rng = np.random.default_rng(100)
+    gt_path = os.path.join(data_dir(), "coco-val2014-100", "instances_val2014_100.json")
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(gt_path)
+    cat_ids = gt.getCatIds()
+    dts = []
+    for ann in gt.dataset["annotations"]:
+        if ann["iscrowd"] or rng.random() < 0.2:
+            continue
+        mask = gt.annToMask(ann)
+        dy, dx = rng.integers(-4, 5, size=2)
+        mask = np.roll(mask, (int(dy), int(dx)), axis=(0, 1))
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        rle["counts"] = rle["counts"].decode()
+        cat = ann["category_id"] if rng.random() < 0.9 else int(rng.choice(cat_ids))
+        dts.append({"image_id": ann["image_id"], "category_id": cat, "segmentation": rle, "score": round(float(rng.random()), 3)})
+    d = os.path.join(OUT, "coco", "val2014_100_segm")
+    os.makedirs(d, exist_ok=True)
+    dt_path = os.path.join(d, "dt.json")
+    with open(dt_path, "w") as f:
+        json.dump(dts, f, separators=(",", ":"))
+    expected = run_pycocotools(gt_path, dt_path, "segm")
+    expected["iou_type"] = "segm"
+    expected["summary"] = [l for l in expected["summary"].splitlines() if l.startswith(" Average")]
+    with open(os.path.join(d, "expected.json"), "w") as f:
+        json.dump(expected, f, indent=1)
+    print(f"{'val2014_100_segm':28s} gt=(real)  dt={len(dts):5d} AP={expected['stats'][0]:.4f}")
+
+
 # ---- mmsegmentation IoUMetric formula -------------------------------------------------------------
 
 
@@ -368,7 +405,7 @@ def real_seg_cases():
     the expected numbers)."""
     from PIL import Image
 
-    data = os.environ.get("MOBILEONE_DATA", os.path.join(ROOT, "..", "shared", "data"))
+    data = data_dir()
     cases = {
         "ade20k": (os.path.join(data, "ade20k-samples", "annotations"), 150, True),
         "voc2012": (os.path.join(data, "voc2012-sample", "SegmentationClass"), 21, False),
@@ -424,6 +461,7 @@ def seg_cases():
 if __name__ == "__main__":
     shutil.rmtree(os.path.join(OUT, "coco"), ignore_errors=True)
     coco_cases()
+    real_segm_case()
     seg_cases()
     real_seg_cases()
     total = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(OUT) for f in fs)

@@ -259,17 +259,25 @@ pub fn crop(
     fill: [f32; 3],
 ) -> Sample {
     let (w, h) = (sample.width() as i64, sample.height() as i64);
-    let mut data = Vec::with_capacity(width * height * 3);
-    for y in 0..height as i64 {
-        let sy = y + top;
-        for x in 0..width as i64 {
-            let sx = x + left;
-            if sx >= 0 && sx < w && sy >= 0 && sy < h {
-                data.extend_from_slice(sample.image.pixel(sx as usize, sy as usize));
-            } else {
-                data.extend_from_slice(&fill);
-            }
+    // Source columns [x0, x1) land at destination columns [x0 - left, x1 - left).
+    let x0 = left.clamp(0, w);
+    let x1 = (left + width as i64).clamp(0, w);
+    let columns = (x1 - x0).max(0) as usize;
+    let dst_x = (x0 - left).max(0) as usize;
+    let mut data: Vec<f32> = fill
+        .iter()
+        .copied()
+        .cycle()
+        .take(width * height * 3)
+        .collect();
+    for y in 0..height {
+        let sy = y as i64 + top;
+        if sy < 0 || sy >= h || columns == 0 {
+            continue;
         }
+        let src = (sy as usize * w as usize + x0 as usize) * 3;
+        let dst = (y * width + dst_x) * 3;
+        data[dst..dst + columns * 3].copy_from_slice(&sample.image.data[src..src + columns * 3]);
     }
     sample.image = ImageF32 {
         width,
@@ -278,17 +286,14 @@ pub fn crop(
     };
     if let Some(mask) = sample.mask.take() {
         let mut out = LabelMap::new(width as u32, height as u32, IGNORE_INDEX);
-        for y in 0..height as i64 {
-            let sy = y + top;
-            if sy < 0 || sy >= h {
+        for y in 0..height {
+            let sy = y as i64 + top;
+            if sy < 0 || sy >= h || columns == 0 {
                 continue;
             }
-            for x in 0..width as i64 {
-                let sx = x + left;
-                if sx >= 0 && sx < w {
-                    out.data[y as usize * width + x as usize] = mask.get(sx as u32, sy as u32);
-                }
-            }
+            let src = sy as usize * w as usize + x0 as usize;
+            let dst = y * width + dst_x;
+            out.data[dst..dst + columns].copy_from_slice(&mask.data[src..src + columns]);
         }
         sample.mask = Some(out);
     }
@@ -524,9 +529,11 @@ fn dominated(
     present.len() > 1 && (*present.iter().max().unwrap() as f32) / (total as f32) >= max_ratio
 }
 
-/// mmsegmentation's `PhotoMetricDistortion` (also SSD's): each with probability 0.5, random
+/// mmsegmentation's `PhotoMetricDistortion` (SSD's recipe): each with probability 0.5, random
 /// brightness (+-`brightness_delta`), contrast (`contrast_range`, before or after the colour
-/// steps), saturation (`saturation_range`) and hue (+-`hue_delta` degrees).
+/// steps), saturation (`saturation_range`) and hue (+-`hue_delta` degrees; mmseg's 18 is in
+/// OpenCV's 0..180 hue units, i.e. 36 degrees). Values stay f32 between steps (mmseg rounds to
+/// u8 after each), so it matches mmseg in distribution, not bit for bit.
 #[derive(Clone, Copy, Debug)]
 pub struct PhotometricDistort {
     pub brightness_delta: f32,
@@ -541,7 +548,7 @@ impl Default for PhotometricDistort {
             brightness_delta: 32.0,
             contrast_range: (0.5, 1.5),
             saturation_range: (0.5, 1.5),
-            hue_delta: 18.0,
+            hue_delta: 36.0,
         }
     }
 }

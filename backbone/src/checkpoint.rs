@@ -190,9 +190,10 @@ pub fn apple_to_timm(key: &str) -> String {
     parts.join(".")
 }
 
-/// Keys that PyTorch writes but no model here reads.
+/// Keys a model never reads: PyTorch's BN step counters and the optimizer state that `train` keeps in
+/// its checkpoints (under `optimizer.`), so those checkpoints load for inference as they are.
 fn is_ignorable(key: &str) -> bool {
-    key.ends_with("num_batches_tracked")
+    key.ends_with("num_batches_tracked") || key.starts_with("optimizer.")
 }
 
 /// A `VarBuilder` backend that records which keys the model reads and turns the first problem into a

@@ -92,9 +92,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     let input = Tensor::randn(0f32, 1.0, (args.batch, 3, args.size, args.size), &device)?;
     let forward = || -> Result<Tensor> {
-        let features = model.forward_features(&input, false)?;
-        let last = features.last().context("no features")?;
-        Ok(model.forward_head(last)?.unwrap_or_else(|| last.clone()))
+        mobileone::ops::run_in_pool(|| {
+            let features = model.forward_features(&input, false)?;
+            let last = features.last().context("no features")?;
+            Ok(model.forward_head(last)?.unwrap_or_else(|| last.clone()))
+        })
     };
     for _ in 0..args.warmup {
         forward()?;

@@ -172,7 +172,7 @@ impl PlaneLayout {
 }
 
 /// `dst[j] = src[j * step]`.
-fn copy_strided(src: &[f32], step: usize, dst: &mut [f32]) {
+pub(super) fn copy_strided(src: &[f32], step: usize, dst: &mut [f32]) {
     match step {
         1 => dst.copy_from_slice(&src[..dst.len()]),
         #[cfg(target_arch = "x86_64")]

@@ -60,7 +60,7 @@ fn plan_tiles(images: usize, s: GemmShape) -> Vec<Tile> {
 }
 
 /// Unfolds x (N, C_in, H, W) into (N, C_in*K*K, OH*OW) columns: row (ci, ky, kx) holds the input
-/// value under that tap for every output position, 0 in the padding.
+/// value under that tap for every output position, 0 in the padding. Writes every element once.
 #[allow(clippy::too_many_arguments)]
 fn im2col(
     x: &[f32],
@@ -70,7 +70,7 @@ fn im2col(
     g: &Geometry,
 ) -> Vec<f32> {
     let ohw = oh * ow;
-    let mut cols = vec![0f32; n * c_in * k * k * ohw];
+    let mut cols = super::output_buffer(n * c_in * k * k * ohw);
     let (s, p, d) = (g.stride, g.padding as isize, g.dilation);
     cols.par_chunks_mut(ohw).enumerate().for_each(|(row, dst)| {
         let (image, tap) = (row / (c_in * k * k), row % (c_in * k * k));
@@ -89,23 +89,17 @@ fn im2col(
             0
         };
         for oy in 0..oh {
+            let out = &mut dst[oy * ow..(oy + 1) * ow];
             let iy = (oy * s + ky * d) as isize - p;
             if iy < 0 || iy >= h as isize || first >= last {
-                continue; // stays 0
+                out.fill(0.0);
+                continue;
             }
             let src = &plane[iy as usize * w..][..w];
-            let out = &mut dst[oy * ow..(oy + 1) * ow];
             let start = (first as isize * s as isize + shift) as usize;
-            if s == 1 {
-                out[first..last].copy_from_slice(&src[start..start + last - first]);
-            } else {
-                for (o, v) in out[first..last]
-                    .iter_mut()
-                    .zip(src[start..].iter().step_by(s))
-                {
-                    *o = *v;
-                }
-            }
+            out[..first].fill(0.0);
+            super::depthwise::copy_strided(&src[start..], s, &mut out[first..last]);
+            out[last..].fill(0.0);
         }
     });
     cols

@@ -85,6 +85,13 @@ pub fn set_threads(n: usize) -> std::result::Result<(), rayon::ThreadPoolBuildEr
         .build_global()
 }
 
+/// Runs `f` on a thread of the kernels' pool. Each native kernel splits its work with rayon; called
+/// from outside the pool, every kernel would first hand its work over to the pool and put the
+/// calling thread to sleep, a wake-up round trip per layer. Wrap a whole forward pass in this.
+pub fn run_in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 /// Number of threads the kernels run on (rayon's global pool).
 pub fn current_threads() -> usize {
     rayon::current_num_threads()

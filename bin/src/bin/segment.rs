@@ -102,6 +102,9 @@ fn run(cli: Cli) -> Result<()> {
     if cli.dataset.is_none() && cli.images.is_empty() {
         bail!("give one or more images, or --dataset voc|ade20k --data-root DIR (see --help)");
     }
+    if cli.size == Some(0) {
+        bail!("--size must be at least 1 pixel");
+    }
     if cli.images.len() > 1 && (cli.mask_out.is_some() || cli.logits_out.is_some()) {
         bail!("--mask-out and --logits-out name one file: use them with a single image");
     }

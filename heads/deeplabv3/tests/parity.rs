@@ -278,6 +278,44 @@ fn wrong_shapes_and_keys_are_named() {
 }
 
 #[test]
+fn metadata_of_another_task_or_inconsistent_metadata_is_refused() {
+    let dir = std::env::temp_dir().join(format!("deeplabv3-metadata-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tensors: Vec<(String, Tensor)> = tiny_tensors().tensors.into_iter().collect();
+    let resolve = |entries: &[(&str, &str)]| {
+        let path = dir.join("m.safetensors");
+        let metadata = entries
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        checkpoint::save(&path, &tensors, &metadata).unwrap();
+        let overrides = Overrides {
+            variant: Some(mobileone::Variant::S0),
+            ..Overrides::default()
+        };
+        resolve_spec(&checkpoint::load(&path).unwrap(), &overrides).map_err(|e| e.to_string())
+    };
+    let err = resolve(&[("task", "detection")]).unwrap_err();
+    assert!(err.contains("`detection` checkpoint"), "{err}");
+    let err = resolve(&[("class_names", r#"["a", "b"]"#)]).unwrap_err();
+    assert!(err.contains("2 class names for 4 classes"), "{err}");
+    let err = resolve(&[("output_stride", "4")]).unwrap_err();
+    assert!(err.contains("output stride"), "{err}");
+    let err = resolve(&[("num_classes", "four")]).unwrap_err();
+    assert!(err.contains("num_classes"), "{err}");
+    let spec = resolve(&[]).unwrap();
+    assert_eq!(
+        (
+            spec.config.num_classes,
+            spec.config.head_channels,
+            spec.config.aux_stride
+        ),
+        (4, 16, Some(16))
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn bilinear_resize_matches_f_interpolate() {
     let reference = reference();
     for i in 0.. {

@@ -109,7 +109,7 @@ pub fn voc_palette() -> Vec<[u8; 3]> {
             let (mut r, mut g, mut b) = (0u8, 0u8, 0u8);
             let mut c = index;
             for bit in 0..8 {
-                r |= (((c >> 0) & 1) as u8) << (7 - bit);
+                r |= ((c & 1) as u8) << (7 - bit);
                 g |= (((c >> 1) & 1) as u8) << (7 - bit);
                 b |= (((c >> 2) & 1) as u8) << (7 - bit);
                 c >>= 3;

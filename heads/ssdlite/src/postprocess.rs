@@ -55,36 +55,7 @@ pub fn softmax_rows(logits: &mut [f32], num_classes: usize) {
 /// Greedy NMS: indices of the kept boxes, highest score first. Equal scores keep their input order
 /// (torchvision's stable sort). Suppresses when IoU > `iou_threshold`.
 pub fn nms(boxes: &[Box4], scores: &[f32], iou_threshold: f32) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..boxes.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    nms_sorted(boxes, &order, iou_threshold)
-}
-
-/// Greedy NMS over `order` (already sorted by decreasing score).
-fn nms_sorted(boxes: &[Box4], order: &[usize], iou_threshold: f32) -> Vec<usize> {
-    let areas: Vec<f32> = order.iter().map(|&i| box_area(&boxes[i])).collect();
-    let mut suppressed = vec![false; order.len()];
-    let mut keep = Vec::new();
-    for (p, &i) in order.iter().enumerate() {
-        if suppressed[p] {
-            continue;
-        }
-        keep.push(i);
-        let bi = &boxes[i];
-        for q in p + 1..order.len() {
-            if suppressed[q] {
-                continue;
-            }
-            let bj = &boxes[order[q]];
-            let w = (bi[2].min(bj[2]) - bi[0].max(bj[0])).max(0.0);
-            let h = (bi[3].min(bj[3]) - bi[1].max(bj[1])).max(0.0);
-            let inter = w * h;
-            if inter / (areas[p] + areas[q] - inter) > iou_threshold {
-                suppressed[q] = true;
-            }
-        }
-    }
-    keep
+    batched_nms(boxes, scores, &vec![0; boxes.len()], iou_threshold)
 }
 
 /// Up to this many boxes torchvision's `batched_nms` on CPU shifts each class by
@@ -92,12 +63,25 @@ fn nms_sorted(boxes: &[Box4], order: &[usize], iou_threshold: f32) -> Vec<usize>
 const COORDINATE_TRICK_MAX_BOXES: usize = 1000;
 
 /// Class-wise NMS (`torchvision.ops.batched_nms`): boxes only suppress boxes of their own label.
-/// Returns kept indices sorted by decreasing score.
+/// Returns kept indices sorted by decreasing score (equal scores by index).
 pub fn batched_nms(
     boxes: &[Box4],
     scores: &[f32],
     labels: &[usize],
     iou_threshold: f32,
+) -> Vec<usize> {
+    batched_nms_top(boxes, scores, labels, iou_threshold, usize::MAX)
+}
+
+/// The first `max_keep` indices of [`batched_nms`]. Candidates are visited once in global score order and
+/// checked against the kept boxes of their label only, which is greedy per-class NMS; it stops as soon
+/// as `max_keep` boxes are kept, since every later candidate would rank below them.
+pub fn batched_nms_top(
+    boxes: &[Box4],
+    scores: &[f32],
+    labels: &[usize],
+    iou_threshold: f32,
+    max_keep: usize,
 ) -> Vec<usize> {
     // Reproduce the shifted coordinates (and so their rounding) where torchvision uses them.
     let shifted: Vec<Box4>;
@@ -120,17 +104,28 @@ pub fn batched_nms(
         boxes
     };
     let mut order: Vec<usize> = (0..boxes.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
     let num_labels = labels.iter().max().map_or(0, |m| m + 1);
-    let mut per_label: Vec<Vec<usize>> = vec![Vec::new(); num_labels];
-    for &i in &order {
-        per_label[labels[i]].push(i);
+    // Per label, the kept boxes with their areas.
+    let mut kept: Vec<Vec<(Box4, f32)>> = vec![Vec::new(); num_labels];
+    let mut keep = Vec::new();
+    for i in order {
+        if keep.len() >= max_keep {
+            break;
+        }
+        let b = &boxes[i];
+        let area = box_area(b);
+        let suppressed = kept[labels[i]].iter().any(|(k, k_area)| {
+            let w = (k[2].min(b[2]) - k[0].max(b[0])).max(0.0);
+            let h = (k[3].min(b[3]) - k[1].max(b[1])).max(0.0);
+            let inter = w * h;
+            inter / (k_area + area - inter) > iou_threshold
+        });
+        if !suppressed {
+            kept[labels[i]].push((*b, area));
+            keep.push(i);
+        }
     }
-    let mut keep: Vec<usize> = per_label
-        .iter()
-        .flat_map(|idx| nms_sorted(boxes, idx, iou_threshold))
-        .collect();
-    keep.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
     keep
 }
 
@@ -177,36 +172,43 @@ pub fn postprocess(
         })
         .collect();
 
+    // One pass over the scores gathers every class's candidates; then top-k per class.
+    let mut per_class: Vec<Vec<(f32, usize)>> = vec![Vec::new(); num_classes];
+    for (a, row) in scores.chunks_exact(num_classes).enumerate() {
+        for (label, &s) in row.iter().enumerate().skip(1) {
+            if s > config.score_thresh {
+                per_class[label].push((s, a));
+            }
+        }
+    }
     let mut cand_boxes = Vec::new();
     let mut cand_scores = Vec::new();
     let mut cand_labels = Vec::new();
-    let mut class_candidates: Vec<(f32, usize)> = Vec::with_capacity(num_anchors);
-    for label in 1..num_classes {
-        class_candidates.clear();
-        class_candidates.extend(
-            (0..num_anchors)
-                .map(|a| (scores[a * num_classes + label], a))
-                .filter(|&(s, _)| s > config.score_thresh),
-        );
-        let k = config.topk_candidates.min(class_candidates.len());
-        if k < class_candidates.len() {
-            class_candidates
-                .select_nth_unstable_by(k, |x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
-            class_candidates.truncate(k);
+    let by_score = |x: &(f32, usize), y: &(f32, usize)| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1));
+    for (label, candidates) in per_class.iter_mut().enumerate().skip(1) {
+        let k = config.topk_candidates.min(candidates.len());
+        if k < candidates.len() {
+            candidates.select_nth_unstable_by(k, by_score);
+            candidates.truncate(k);
         }
-        class_candidates.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
-        for &(s, a) in &class_candidates {
+        candidates.sort_by(by_score);
+        for &(s, a) in candidates.iter() {
             cand_boxes.push(boxes[a]);
             cand_scores.push(s);
             cand_labels.push(label);
         }
     }
 
-    let keep = batched_nms(&cand_boxes, &cand_scores, &cand_labels, config.nms_thresh);
+    let keep = batched_nms_top(
+        &cand_boxes,
+        &cand_scores,
+        &cand_labels,
+        config.nms_thresh,
+        config.detections_per_img,
+    );
     let ratio_h = original_size.0 as f32 / input_size.0 as f32;
     let ratio_w = original_size.1 as f32 / input_size.1 as f32;
     keep.into_iter()
-        .take(config.detections_per_img)
         .map(|i| {
             let b = cand_boxes[i];
             Detection {

@@ -141,7 +141,8 @@ fn depthwise_matches_reference() {
     let mut worst = 0f32;
     // Widths below, at and above one 8-lane vector; odd sizes for the stride-2 phases. H and W
     // share their parity: candle's reference conv2d backward uses one output padding for both.
-    for input in [[2, 5, 9, 11], [1, 3, 6, 8], [1, 4, 17, 21]] {
+    // Width 40 gives stride-2 rows vectors that need no masking.
+    for input in [[2, 5, 9, 11], [1, 3, 6, 8], [1, 4, 17, 21], [1, 2, 12, 40]] {
         let c = input[1];
         for (kernel, stride, padding, dilation) in [
             (3, 1, 1, 1),
@@ -151,7 +152,10 @@ fn depthwise_matches_reference() {
             (3, 1, 2, 2),
             (3, 2, 2, 2),
             (1, 1, 0, 1),
+            (1, 2, 0, 1),
+            (5, 1, 2, 1),
             (5, 2, 2, 1),
+            (7, 1, 3, 1),
         ] {
             for act in ACTS {
                 for bias in [true, false] {
@@ -167,6 +171,18 @@ fn depthwise_matches_reference() {
                 }
             }
         }
+    }
+    // Stride 3 takes the padded-copy path (H ≡ W mod 3 for the reference backward).
+    for act in ACTS {
+        let case = Case {
+            input: [2, 3, 10, 13],
+            out_channels: 3,
+            kernel: 3,
+            config: config(3, 1, 1, 3),
+            bias: true,
+            act,
+        };
+        worst = worst.max(case.check());
     }
     eprintln!("depthwise: worst relative error {worst:e}");
 }

@@ -227,14 +227,14 @@ impl Transform for RandomHorizontalFlip {
 }
 
 pub fn horizontal_flip(mut sample: Sample) -> Sample {
-    let (w, h) = (sample.width(), sample.height());
-    let mut data = Vec::with_capacity(sample.image.data.len());
-    for y in 0..h {
-        for x in (0..w).rev() {
-            data.extend_from_slice(sample.image.pixel(x, y));
+    let w = sample.width();
+    for row in sample.image.data.chunks_exact_mut(w * 3) {
+        row.reverse();
+        // Reversing the row reversed each pixel's channels too; restore RGB order.
+        for pixel in row.chunks_exact_mut(3) {
+            pixel.swap(0, 2);
         }
     }
-    sample.image.data = data;
     let wf = w as f32;
     for b in sample.boxes.iter_mut() {
         *b = [wf - b[2], b[1], wf - b[0], b[3]];

@@ -64,7 +64,15 @@ fn flipping_twice_is_the_identity_and_boxes_follow_the_mask() {
     for index in 0..5 {
         let sample = instance_sample(index);
         let flipped = horizontal_flip(sample.clone());
-        assert_ne!(flipped.image, sample.image);
+        let (w, h) = (sample.width(), sample.height());
+        for (x, y) in [(0, 0), (3, 7), (w - 1, h - 1), (w / 2, h / 3)] {
+            let mirrored = ((y * w + (w - 1 - x)) * 3, (y * w + x) * 3);
+            assert_eq!(
+                flipped.image.data[mirrored.0..mirrored.0 + 3],
+                sample.image.data[mirrored.1..mirrored.1 + 3],
+                "pixel ({x}, {y}) keeps its RGB order"
+            );
+        }
         let mask = flipped.mask.as_ref().unwrap();
         for (b, &label) in flipped.boxes.iter().zip(&flipped.labels) {
             assert_eq!(pixel_box(mask, label as u8), Some(*b), "instance {label}");

@@ -104,6 +104,18 @@ fn segments_a_photo_and_writes_mask_overlay_and_logits() {
             .arg(&dir),
     );
     let fused = image::open(dir.join("fused_mask.png")).unwrap().to_luma8();
+    // Sliding windows give a mask of the image's size too.
+    run_ok(
+        bin()
+            .arg(&photo)
+            .arg("--weights")
+            .arg(&weights)
+            .args(["--size", "96", "--tile", "64", "--mask-out"])
+            .arg(dir.join("tiled_mask.png"))
+            .arg("--out-dir")
+            .arg(&dir),
+    );
+    assert_eq!(png_size(&dir.join("tiled_mask.png")), (w, h));
     let same = mask
         .pixels()
         .zip(fused.pixels())

@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 use clap::{Parser, ValueEnum};
-use deeplabv3::{predict_logits, DeepLabV3, Overrides, SegmenterSpec};
+use deeplabv3::{predict_logits, DeepLabV3, InferenceOptions, Overrides, SegmenterSpec};
 use indicatif::{ProgressBar, ProgressStyle};
 use mobileone::Variant;
 use mobileone_cli::segment_render::{
@@ -52,6 +52,10 @@ struct Cli {
     /// Resize the shorter side to N pixels before the network; logits are resized back to the image.
     #[arg(long, value_name = "N")]
     size: Option<usize>,
+    /// Sliding-window inference for very large images: N×N windows every 2N/3 pixels, overlapping
+    /// logits averaged (after --size, if given).
+    #[arg(long, value_name = "N")]
+    tile: Option<usize>,
     /// Folder for masks, overlays (and predictions and metrics.json with --dataset).
     #[arg(long, default_value = ".")]
     out_dir: PathBuf,
@@ -102,8 +106,8 @@ fn run(cli: Cli) -> Result<()> {
     if cli.dataset.is_none() && cli.images.is_empty() {
         bail!("give one or more images, or --dataset voc|ade20k --data-root DIR (see --help)");
     }
-    if cli.size == Some(0) {
-        bail!("--size must be at least 1 pixel");
+    if cli.size == Some(0) || cli.tile == Some(0) {
+        bail!("--size and --tile must be at least 1 pixel");
     }
     if cli.images.len() > 1 && (cli.mask_out.is_some() || cli.logits_out.is_some()) {
         bail!("--mask-out and --logits-out name one file: use them with a single image");
@@ -177,11 +181,11 @@ fn segment_images(cli: &Cli, model: &DeepLabV3, spec: &SegmenterSpec) -> Result<
         let input = imageio::to_tensor(&image, spec.mean, spec.std)?;
         if i == 0 {
             if let Some(n) = cli.bench {
-                bench(model, &input, cli.size, n)?;
+                bench(model, &input, options(cli), n)?;
             }
         }
         let start = Instant::now();
-        let logits = predict_logits(model, &input, cli.size)
+        let logits = predict_logits(model, &input, options(cli))
             .with_context(|| format!("segmentation of {} failed", path.display()))?;
         let map = argmax_map(&logits)?;
         let elapsed = start.elapsed();
@@ -237,22 +241,31 @@ fn file_stem(path: &Path) -> String {
         .map_or("image".into(), |s| s.to_string_lossy().into_owned())
 }
 
-fn bench(model: &DeepLabV3, input: &Tensor, size: Option<usize>, runs: usize) -> Result<()> {
+fn options(cli: &Cli) -> InferenceOptions {
+    InferenceOptions {
+        shorter_side: cli.size,
+        tile: cli.tile,
+    }
+}
+
+fn bench(model: &DeepLabV3, input: &Tensor, options: InferenceOptions, runs: usize) -> Result<()> {
     if runs == 0 {
         bail!("--bench needs at least one run");
     }
-    predict_logits(model, input, size)?; // warm-up
+    predict_logits(model, input, options)?; // warm-up
     let mut times: Vec<f64> = (0..runs)
         .map(|_| {
             let start = Instant::now();
-            predict_logits(model, input, size).map(|_| start.elapsed().as_secs_f64() * 1e3)
+            predict_logits(model, input, options).map(|_| start.elapsed().as_secs_f64() * 1e3)
         })
         .collect::<candle_core::Result<_>>()?;
     times.sort_by(f64::total_cmp);
     let (_, _, h, w) = input.dims4()?;
     println!(
         "bench: {w}x{h}{}: median {:.1} ms, min {:.1} ms over {runs} runs",
-        size.map_or(String::new(), |n| format!(" (shorter side {n})")),
+        options
+            .shorter_side
+            .map_or(String::new(), |n| format!(" (shorter side {n})")),
         times[runs / 2],
         times[0]
     );
@@ -311,7 +324,7 @@ fn evaluate(
             }
         };
         let input = imageio::to_tensor(&image, spec.mean, spec.std)?;
-        let logits = predict_logits(model, &input, cli.size)
+        let logits = predict_logits(model, &input, options(cli))
             .with_context(|| format!("segmentation of {} failed", item.image.display()))?;
         let map = argmax_map(&logits)?;
         metric.update(&map.classes, &labels.data)?;

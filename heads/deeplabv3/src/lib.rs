@@ -16,7 +16,7 @@ use std::path::PathBuf;
 pub use checkpoint::{load, Overrides};
 pub use config::{DeepLabConfig, SegmenterSpec};
 pub use dropout::seed_dropout;
-pub use inference::predict_logits;
+pub use inference::{predict_logits, InferenceOptions};
 pub use loss::{cross_entropy, segmentation_loss, IGNORE_INDEX};
 pub use model::{DeepLabV3, SegmentationOutput};
 pub use resize::resize_bilinear;

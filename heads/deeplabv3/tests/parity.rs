@@ -343,6 +343,31 @@ fn bilinear_resize_matches_f_interpolate() {
 }
 
 #[test]
+fn sliding_windows_cover_the_image() {
+    use deeplabv3::{predict_logits, InferenceOptions};
+    let reference = reference();
+    let image = normalise(&reference["os32.image"]);
+    let model = tiny_model(&CASES[0]);
+    let whole = model.forward_t(&image, false).unwrap().logits;
+    let one_window = InferenceOptions {
+        shorter_side: None,
+        tile: Some(200),
+    };
+    assert_eq!(
+        rel_err(&predict_logits(&model, &image, one_window).unwrap(), &whole),
+        0.0
+    );
+    let tiled = InferenceOptions {
+        shorter_side: None,
+        tile: Some(64),
+    };
+    let logits = predict_logits(&model, &image, tiled).unwrap();
+    assert_eq!(logits.dims(), whole.dims());
+    // Tiles see less context, so only broad agreement is expected.
+    assert!(argmax_agreement(&logits, &whole) > 0.5);
+}
+
+#[test]
 fn train_mode_gives_logits_and_aux_at_input_size() {
     let reference = reference();
     let image = normalise(&reference["os8.image"]);

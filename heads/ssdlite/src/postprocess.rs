@@ -134,6 +134,7 @@ pub fn batched_nms_top(
 /// `cls_logits` is `[anchors × num_classes]`, `box_regression` `[anchors × 4]`, both row-major;
 /// `input_size` is the network input's (height, width) that boxes are clipped to, and `original_size`
 /// the (height, width) the returned boxes are scaled to.
+#[allow(clippy::too_many_arguments)] // torchvision's inputs: outputs, anchors, sizes, coder, settings
 pub fn postprocess(
     cls_logits: &[f32],
     box_regression: &[f32],

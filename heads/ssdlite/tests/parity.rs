@@ -47,7 +47,8 @@ fn photo() -> image::RgbImage {
 fn anchors_match_torchvision() {
     let r = reference();
     let gen = DefaultBoxGenerator::ssdlite(6);
-    let cases: [(&str, Vec<(usize, usize)>, (usize, usize)); 3] = [
+    type Case = (&'static str, Vec<(usize, usize)>, (usize, usize));
+    let cases: [Case; 3] = [
         (
             "320",
             vec![(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)],

@@ -381,3 +381,45 @@ fn train_mode_gives_logits_and_aux_at_input_size() {
     let err = model.forward_t(&image, true).unwrap_err().to_string();
     assert!(err.contains("at least 2 images"), "{err}");
 }
+
+#[test]
+fn the_loss_backpropagates_to_every_parameter() {
+    use candle_nn::{VarBuilder, VarMap};
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let model = DeepLabV3::new(&tiny_config(16, vec![2, 4, 6]), vb).unwrap();
+    let image = Tensor::randn(0f32, 1.0, (2, 3, 40, 36), &Device::Cpu).unwrap();
+    let mut labels: Vec<u32> = (0..2 * 40 * 36).map(|i| (i % 5) as u32).collect();
+    labels
+        .iter_mut()
+        .filter(|l| **l == 4)
+        .for_each(|l| *l = 255);
+    let targets = Tensor::from_vec(labels, (2, 40, 36), &Device::Cpu).unwrap();
+    let out = model.forward_t(&image, true).unwrap();
+    let loss =
+        deeplabv3::segmentation_loss(&out.logits, out.aux_logits.as_ref(), &targets, 0.5).unwrap();
+    assert!(loss.to_scalar::<f32>().unwrap().is_finite());
+    let grads = loss.backward().unwrap();
+    let vars = varmap.data().lock().unwrap();
+    let mut without_gradient = Vec::new();
+    for (name, var) in vars.iter() {
+        match grads.get(var.as_tensor()) {
+            Some(g) => assert!(
+                g.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .is_finite(),
+                "{name}: non-finite gradient"
+            ),
+            None if name.contains("running_") => {}
+            None => without_gradient.push(name.clone()),
+        }
+    }
+    assert!(
+        without_gradient.is_empty(),
+        "no gradient for {without_gradient:?}"
+    );
+}

@@ -76,24 +76,31 @@ pub fn read_label_png(path: &Path) -> Result<LabelMap> {
         .map_err(|e| DatasetError::image(path, e))?;
     buffer.truncate(frame.buffer_size());
     let pixels = width as usize * height as usize;
-    let data = match (color, depth) {
-        (png::ColorType::Indexed | png::ColorType::Grayscale, png::BitDepth::Eight) => {
-            let stride = frame.line_size;
-            let mut data = Vec::with_capacity(pixels);
-            for row in buffer.chunks(stride).take(height as usize) {
-                data.extend_from_slice(&row[..width as usize]);
-            }
-            data
-        }
+    let bits = match (color, depth) {
+        (png::ColorType::Indexed | png::ColorType::Grayscale, png::BitDepth::Eight) => 8,
+        (png::ColorType::Indexed | png::ColorType::Grayscale, png::BitDepth::Four) => 4,
+        (png::ColorType::Indexed | png::ColorType::Grayscale, png::BitDepth::Two) => 2,
+        (png::ColorType::Indexed | png::ColorType::Grayscale, png::BitDepth::One) => 1,
         _ => {
             return Err(DatasetError::image(
                 path,
                 format!(
-                    "expected an 8-bit palette or greyscale label PNG, found {color:?} at {depth:?} bits"
+                    "expected an 8-bit (or lower) palette or greyscale label PNG, found {color:?} at {depth:?} bits"
                 ),
             ))
         }
     };
+    // Rows are packed most significant bits first; values are raw (indices / grey levels).
+    let per_byte = 8 / bits;
+    let value_mask = ((1u16 << bits) - 1) as u8;
+    let mut data = Vec::with_capacity(pixels);
+    for row in buffer.chunks(frame.line_size).take(height as usize) {
+        for x in 0..width as usize {
+            let byte = row[x / per_byte];
+            let shift = 8 - bits * (x % per_byte + 1);
+            data.push((byte >> shift) & value_mask);
+        }
+    }
     Ok(LabelMap {
         width,
         height,

@@ -131,8 +131,8 @@ impl SsdDetector {
         let features = self.features(images, train)?;
         let grid_sizes = features
             .iter()
-            .map(|f| (f.dim(2).unwrap(), f.dim(3).unwrap()))
-            .collect();
+            .map(|f| Ok((f.dim(2)?, f.dim(3)?)))
+            .collect::<Result<Vec<_>>>()?;
         let (cls_logits, bbox_regression) = self.head.forward_t(&features, train)?;
         Ok(HeadOutputs {
             cls_logits,

@@ -191,6 +191,7 @@ fn matcher_and_loss_match_torchvision() {
         floats(&r, "loss.bbox_value")[0],
         floats(&r, "loss.cls_value")[0],
     );
+    eprintln!("losses on given outputs: bbox {bbox} vs {want_bbox}, cls {cls} vs {want_cls}");
     assert!(
         (bbox - want_bbox).abs() <= 1e-5 * want_bbox,
         "bbox loss {bbox} vs {want_bbox}"

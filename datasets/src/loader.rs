@@ -233,11 +233,20 @@ impl Loader {
         let loader = Arc::clone(self);
         std::thread::spawn(move || {
             for indices in chunks {
-                let samples: Result<Vec<Sample>> = loader.pool.install(|| {
-                    indices
-                        .par_iter()
-                        .map(|&index| loader.sample(epoch, index))
-                        .collect()
+                // A panicking transform must end the epoch with an error, not a short epoch.
+                let samples = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    loader.pool.install(|| {
+                        indices
+                            .par_iter()
+                            .map(|&index| loader.sample(epoch, index))
+                            .collect::<Result<Vec<Sample>>>()
+                    })
+                }))
+                .unwrap_or_else(|_| {
+                    Err(DatasetError::invalid(
+                        "<loader>",
+                        format!("a worker panicked while preparing samples {indices:?}"),
+                    ))
                 });
                 let batch = samples.map(|s| collate(s, indices, loader.config.normalize));
                 let failed = batch.is_err();

@@ -150,3 +150,44 @@ fn unreadable_images_end_the_epoch_with_an_error() {
         "{message}"
     );
 }
+
+/// A source whose third sample panics.
+struct Panicking;
+
+impl mobileone_datasets::SampleSource for Panicking {
+    fn len(&self) -> usize {
+        4
+    }
+    fn load(&self, index: usize) -> mobileone_datasets::Result<mobileone_datasets::Sample> {
+        assert_ne!(index, 2, "boom");
+        Ok(mobileone_datasets::Sample::new(&image::RgbImage::new(4, 4)))
+    }
+}
+
+#[test]
+fn a_panicking_sample_is_an_error_not_a_short_epoch() {
+    let config = LoaderConfig {
+        batch_size: 2,
+        shuffle: false,
+        ..LoaderConfig::default()
+    };
+    let loader = Arc::new(
+        Loader::new(
+            Arc::new(Panicking),
+            Arc::new(Resize {
+                width: 4,
+                height: 4,
+            }),
+            config,
+        )
+        .unwrap(),
+    );
+    let results: Vec<_> = loader.epoch(0).collect();
+    assert_eq!(results.len(), 2);
+    assert!(results[0].is_ok());
+    let message = results[1].as_ref().unwrap_err().to_string();
+    assert!(
+        message.contains("panicked") && message.contains("[2, 3]"),
+        "{message}"
+    );
+}

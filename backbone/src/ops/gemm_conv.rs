@@ -242,11 +242,25 @@ impl CustomOp3 for GemmConv {
 }
 
 /// `row[i] = act(row[i] + bias)`.
-#[inline]
-fn bias_activation(row: &mut [f32], bias: f32, act: Activation) {
+#[inline(always)]
+fn bias_activation_body(row: &mut [f32], bias: f32, act: Activation) {
     match act {
         Activation::None => row.iter_mut().for_each(|v| *v += bias),
         Activation::Relu => row.iter_mut().for_each(|v| *v = (*v + bias).max(0.0)),
         Activation::Relu6 => row.iter_mut().for_each(|v| *v = activate(*v + bias, act)),
     }
+}
+
+/// [`bias_activation_body`], vectorised for AVX2 where the CPU has it.
+fn bias_activation(row: &mut [f32], bias: f32, act: Activation) {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(row: &mut [f32], bias: f32, act: Activation) {
+            bias_activation_body(row, bias, act)
+        }
+        // SAFETY: the CPU supports AVX2+FMA.
+        return unsafe { avx2(row, bias, act) };
+    }
+    bias_activation_body(row, bias, act)
 }

@@ -103,7 +103,7 @@ fn photos_give_tables_coco_json_and_drawings() {
         );
         assert!(e["score"].as_f64().unwrap() > 0.3 && e["category_id"].as_u64().is_some());
     }
-    for name in ["pets.png", "pets_213x160.png"] {
+    for name in ["pets_detections.png", "pets_213x160_detections.png"] {
         let drawn = image::open(dir.join(name)).unwrap();
         assert!(drawn.width() > 0);
     }

@@ -60,7 +60,7 @@ struct Cli {
     /// Write the detections as a COCO results JSON (category_id, bbox [x, y, w, h], score, image_id, file_name).
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Write each image with its labelled boxes to DIR/<name>.png.
+    /// Write each image with its labelled boxes to DIR/<name>_detections.png.
     #[arg(long, value_name = "DIR")]
     out_dir: Option<PathBuf>,
     /// Reparameterise the trunk and fold the heads' BatchNorms before running (same detections, faster).
@@ -210,7 +210,7 @@ fn detect_images(cli: &Cli, detector: &SsdDetector, labels: &Labels) -> Result<(
                 let stem = path
                     .file_stem()
                     .map_or("image".into(), |s| s.to_string_lossy().into_owned());
-                write_rgb_png(&dir.join(format!("{stem}.png")), &image)?;
+                write_rgb_png(&dir.join(format!("{stem}_detections.png")), &image)?;
             }
             Ok(())
         })();

@@ -180,7 +180,7 @@ fn evaluates_the_voc_and_ade20k_samples() {
 }
 
 #[test]
-fn a_mismatched_annotation_is_a_counted_skip() {
+fn unusable_annotations_are_counted_skips() {
     let dir = scratch("skip");
     let weights = dir.join("voc.safetensors");
     write_random_segmenter(&weights, 21);
@@ -206,6 +206,14 @@ fn a_mismatched_annotation_is_a_counted_skip() {
     image::GrayImage::new(10, 10)
         .save(root.join("SegmentationClass/bad.png"))
         .unwrap();
+    std::fs::copy(
+        sample.join("JPEGImages/2007_000063.jpg"),
+        root.join("JPEGImages/range.jpg"),
+    )
+    .unwrap();
+    image::GrayImage::from_pixel(500, 375, image::Luma([30]))
+        .save(root.join("SegmentationClass/range.png"))
+        .unwrap();
     let out = run_ok(
         bin()
             .args(["--dataset", "voc", "--data-root"])
@@ -217,9 +225,13 @@ fn a_mismatched_annotation_is_a_counted_skip() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stdout.contains("skipped 1 of 2 images"), "{stdout}");
+    assert!(stdout.contains("skipped 2 of 3 images"), "{stdout}");
     assert!(
         stderr.contains("bad") && stderr.contains("10x10"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("range") && stderr.contains("label 30"),
         "{stderr}"
     );
     std::fs::remove_dir_all(&dir).unwrap();

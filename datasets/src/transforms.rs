@@ -89,8 +89,9 @@ pub trait Transform: Send + Sync {
 pub struct Compose(pub Vec<Box<dyn Transform>>);
 
 impl Compose {
-    /// torchvision's SSDLite training recipe: photometric distortion, zoom-out, IoU crop,
-    /// horizontal flip, then a resize to `size` x `size`.
+    /// torchvision's SSDLite training recipe: photometric distortion, zoom-out (canvas filled
+    /// with `fill`, RGB in 0..=255, e.g. the dataset mean), IoU crop, horizontal flip, then a
+    /// resize to `size` x `size`.
     pub fn ssd_train(size: usize, fill: [f32; 3]) -> Self {
         Self(vec![
             Box::new(PhotometricDistort::default()),

@@ -64,13 +64,31 @@ impl SsdLoss {
         anchors: &[Box4],
         targets: &[Target],
     ) -> Result<(Losses, Vec<Vec<Match>>)> {
-        let (n, num_anchors, _) = cls_logits.dims3()?;
+        let (n, num_anchors, num_classes) = cls_logits.dims3()?;
         if targets.len() != n || num_anchors != anchors.len() {
             candle_core::bail!(
                 "loss: {} targets and {} anchors for a batch of {n} with {num_anchors} predictions",
                 targets.len(),
                 anchors.len()
             );
+        }
+        for (i, t) in targets.iter().enumerate() {
+            if t.labels.len() != t.boxes.len() {
+                candle_core::bail!(
+                    "target {i}: {} labels for {} boxes",
+                    t.labels.len(),
+                    t.boxes.len()
+                );
+            }
+            if let Some(l) = t.labels.iter().find(|&&l| l == 0 || l >= num_classes) {
+                candle_core::bail!(
+                    "target {i}: label {l} outside 1..{num_classes} (0 is the background)"
+                );
+            }
+            // torchvision asserts the same: a zero-size box has no defined regression target.
+            if let Some(b) = t.boxes.iter().find(|b| !(b[2] > b[0] && b[3] > b[1])) {
+                candle_core::bail!("target {i}: box {b:?} has no positive width and height");
+            }
         }
         let device = cls_logits.device();
         let mut bbox_loss = Tensor::zeros((), DType::F32, device)?;
@@ -169,4 +187,55 @@ pub fn resize_boxes(
             ]
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn bad_targets_are_refused_with_a_reason() {
+        let anchors = [[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 20.0]];
+        let cls = Tensor::zeros((1, 2, 3), DType::F32, &Device::Cpu).unwrap();
+        let reg = Tensor::zeros((1, 2, 4), DType::F32, &Device::Cpu).unwrap();
+        let loss = SsdLoss::default();
+        let cases = [
+            (
+                Target {
+                    boxes: vec![[0.0, 0.0, 5.0, 5.0]],
+                    labels: vec![3],
+                },
+                "outside 1..3",
+            ),
+            (
+                Target {
+                    boxes: vec![[0.0, 0.0, 5.0, 5.0]],
+                    labels: vec![],
+                },
+                "0 labels for 1 boxes",
+            ),
+            (
+                Target {
+                    boxes: vec![[4.0, 0.0, 4.0, 5.0]],
+                    labels: vec![1],
+                },
+                "no positive width",
+            ),
+        ];
+        for (target, reason) in cases {
+            let err = loss
+                .compute(&cls, &reg, &anchors, &[target])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(reason), "{err}");
+        }
+        let ok = Target {
+            boxes: vec![[0.0, 0.0, 9.0, 9.0]],
+            labels: vec![2],
+        };
+        let (losses, matches) = loss.compute(&cls, &reg, &anchors, &[ok]).unwrap();
+        assert_eq!(matches[0][0], Match::GroundTruth(0));
+        assert!(losses.total().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    }
 }

@@ -141,7 +141,7 @@ impl SsdDetector {
         })
     }
 
-    /// Default boxes for the input size of `images` (N, 3, H, W) and the grids of `outputs`.
+    /// Default boxes for a network input of `input_size` (height, width) and the grids of `outputs`.
     pub fn anchors(&self, outputs: &HeadOutputs, input_size: (usize, usize)) -> Vec<Box4> {
         self.anchor_generator
             .generate(&outputs.grid_sizes, input_size)

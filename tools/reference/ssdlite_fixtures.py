@@ -206,7 +206,7 @@ def main():
     cases = {
         '320': ([(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)], (320, 320)),
         '160': ([(10, 10), (5, 5), (3, 3), (2, 2), (1, 1), (1, 1)], (160, 160)),
-        '300x400': ([(19, 25), (10, 13), (5, 7), (3, 4), (2, 2), (1, 1)], (300, 400)),
+        '150x200': ([(10, 13), (5, 7), (3, 4), (2, 2), (1, 1), (1, 1)], (150, 200)),
     }
     for name, (grids, size) in cases.items():
         fx[f'anchors.{name}'] = anchors_for(gen, grids, size)
@@ -246,8 +246,9 @@ def main():
         fx['transform.photo_corner'] = images.tensors[0, :, :32, :32].contiguous()
         feats = list(model.backbone(images.tensors).values())
         head = model.head(feats)
-        fx['head.cls_logits'] = head['cls_logits'][0]
-        fx['head.bbox_regression'] = head['bbox_regression'][0]
+        # Every other anchor keeps the fixture small; the detections below cover the rest.
+        fx['head.cls_logits'] = head['cls_logits'][0, ::2]
+        fx['head.bbox_regression'] = head['bbox_regression'][0, ::2]
         for i, f in enumerate(feats):
             fx[f'features.{i}.mean'] = f.mean(dim=(0, 2, 3))
         det = model([img])[0]

@@ -1,10 +1,13 @@
 //! Bilinear resizing of NCHW tensors, identical to PyTorch's
 //! `F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)` without antialiasing.
 //!
-//! Built from `index_select`, multiplications and additions so it runs on any device and is differentiable
-//! (training resizes the logits to the label size too); candle's own `upsample_bilinear2d` has no backward.
+//! Differentiable (training resizes the logits to the label size too; candle's own `upsample_bilinear2d`
+//! has no backward). On the CPU in f32 a custom op computes each output from its four taps in PyTorch's
+//! order, in parallel over channels; its backward and other devices and dtypes use the same taps through
+//! `index_select` / `index_add`.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 /// Source taps of one output axis: two input indices and their weights per output position.
 struct AxisTaps {
@@ -65,6 +68,88 @@ impl AxisTaps {
             .broadcast_mul(&weights(&self.first_weight)?)?
             .add(&second.broadcast_mul(&weights(&self.second_weight)?)?)
     }
+
+    /// The transpose of [`AxisTaps::apply`]: scatters `grad` back onto `input_len` positions along `dim`.
+    fn adjoint(&self, grad: &Tensor, dim: usize, input_len: usize) -> Result<Tensor> {
+        let device = grad.device();
+        let n = self.first.len();
+        let weight_shape: &[usize] = if dim == 2 {
+            &[1, 1, n, 1]
+        } else {
+            &[1, 1, 1, n]
+        };
+        let weights = |w: &[f32]| -> Result<Tensor> {
+            Tensor::from_slice(w, weight_shape, device)?.to_dtype(grad.dtype())
+        };
+        let mut shape = grad.dims().to_vec();
+        shape[dim] = input_len;
+        Tensor::zeros(shape, grad.dtype(), device)?
+            .index_add(
+                &indices(&self.first, device)?,
+                &grad.broadcast_mul(&weights(&self.first_weight)?)?,
+                dim,
+            )?
+            .index_add(
+                &indices(&self.second, device)?,
+                &grad.broadcast_mul(&weights(&self.second_weight)?)?,
+                dim,
+            )
+    }
+}
+
+/// The CPU f32 forward pass with the taps' backward.
+struct BilinearResize {
+    height: usize,
+    width: usize,
+}
+
+impl CustomOp1 for BilinearResize {
+    fn name(&self) -> &'static str {
+        "bilinear-resize"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("bilinear-resize custom op expects f32");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("bilinear-resize custom op expects a contiguous tensor");
+        };
+        let (n, c, in_h, in_w) = layout.shape().dims4()?;
+        let input = &data[start..end];
+        let rows = AxisTaps::new(in_h, self.height);
+        let cols = AxisTaps::new(in_w, self.width);
+        let plane = self.height * self.width;
+        let mut output = vec![0f32; n * c * plane];
+        output
+            .par_chunks_mut(plane)
+            .zip(input.par_chunks(in_h * in_w))
+            .for_each(|(out, src)| {
+                for y in 0..self.height {
+                    let top = &src[rows.first[y] as usize * in_w..][..in_w];
+                    let bottom = &src[rows.second[y] as usize * in_w..][..in_w];
+                    let (h0, h1) = (rows.first_weight[y], rows.second_weight[y]);
+                    for (x, value) in out[y * self.width..][..self.width].iter_mut().enumerate() {
+                        let (x0, x1) = (cols.first[x] as usize, cols.second[x] as usize);
+                        let (w0, w1) = (cols.first_weight[x], cols.second_weight[x]);
+                        *value = h0 * (w0 * top[x0] + w1 * top[x1])
+                            + h1 * (w0 * bottom[x0] + w1 * bottom[x1]);
+                    }
+                }
+            });
+        Ok((
+            CpuStorage::F32(output),
+            Shape::from((n, c, self.height, self.width)),
+        ))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (_, _, in_h, in_w) = arg.dims4()?;
+        let grad = AxisTaps::new(in_h, self.height).adjoint(grad_res, 2, in_h)?;
+        Ok(Some(
+            AxisTaps::new(in_w, self.width).adjoint(&grad, 3, in_w)?,
+        ))
+    }
 }
 
 fn indices(values: &[u32], device: &Device) -> Result<Tensor> {
@@ -88,6 +173,9 @@ pub fn resize_bilinear(x: &Tensor, height: usize, width: usize) -> Result<Tensor
     }
     if (in_height, in_width) == (height, width) {
         return Ok(x.clone());
+    }
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1(BilinearResize { height, width });
     }
     let x = AxisTaps::new(in_width, width).apply(x, 3)?;
     AxisTaps::new(in_height, height).apply(&x, 2)
@@ -129,6 +217,36 @@ mod tests {
             .to_vec1::<f32>()?;
         // Every output's weights sum to one, so the gradient sums to the number of outputs.
         assert!((g.iter().sum::<f32>() - 9.0).abs() < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn the_custom_op_agrees_with_the_tap_ops_forward_and_backward() -> Result<()> {
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 7, 9), &Device::Cpu)?;
+        let upstream = Tensor::randn(0f32, 1.0, (2, 3, 11, 5), &Device::Cpu)?;
+        // f64 takes the `index_select` path; the CPU f32 path takes the custom op.
+        let x64 = candle_core::Var::from_tensor(&x.to_dtype(DType::F64)?)?;
+        let y64 = resize_bilinear(x64.as_tensor(), 11, 5)?;
+        let x32 = candle_core::Var::from_tensor(&x)?;
+        let y32 = resize_bilinear(x32.as_tensor(), 11, 5)?;
+        let forward = (y32.to_dtype(DType::F64)? - &y64)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(forward < 1e-6, "{forward}");
+        let g64 = (y64 * upstream.to_dtype(DType::F64)?)?
+            .sum_all()?
+            .backward()?;
+        let g32 = (y32 * &upstream)?.sum_all()?.backward()?;
+        let (g64, g32) = (
+            g64.get(x64.as_tensor()).unwrap(),
+            g32.get(x32.as_tensor()).unwrap(),
+        );
+        let backward = (g32.to_dtype(DType::F64)? - g64)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(backward < 1e-5, "{backward}");
         Ok(())
     }
 

@@ -47,7 +47,7 @@ struct Cli {
     #[arg(long)]
     output_stride: Option<usize>,
     /// ASPP atrous rates, e.g. 12,24,36 (default: metadata, else 12,24,36).
-    #[arg(long, value_delimiter = ',', num_args = 3)]
+    #[arg(long, value_delimiter = ',', value_name = "R1,R2,R3")]
     atrous_rates: Option<Vec<usize>>,
     /// Resize the shorter side to N pixels before the network; logits are resized back to the image.
     #[arg(long, value_name = "N")]

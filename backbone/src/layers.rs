@@ -1,6 +1,8 @@
 //! Building blocks shared by the backbone and the heads: convolution with fused bias and activation,
 //! BatchNorm with PyTorch's key names and semantics, and BN folding.
-use candle_core::{DType, Module, ModuleT, Result, Tensor};
+use candle_core::{CpuStorage, DType, Module, ModuleT, Result, Storage, Tensor};
+
+use crate::batch_norm::{channel_stats, BatchNormTrain};
 use candle_nn::VarBuilder;
 
 /// Geometry of a 2-D convolution (square kernels, symmetric padding, as in the reference models).
@@ -163,9 +165,76 @@ impl BatchNorm2d {
     }
 }
 
+impl BatchNorm2d {
+    /// Training mode on CPU f32: batch statistics computed natively, one native normalisation op with
+    /// its backward pass, running statistics updated as PyTorch does (unbiased variance).
+    fn forward_train_native(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let (n, c, h, w) = x.dims4()?;
+        if n * h * w < 2 {
+            candle_core::bail!(
+                "batch-norm in training mode needs more than one value per channel, got input {:?}",
+                x.dims()
+            );
+        }
+        let (mean, var) = {
+            let (storage, layout) = x.storage_and_layout();
+            let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =
+                (&*storage, layout.contiguous_offsets())
+            else {
+                candle_core::bail!("batch-norm: expected a contiguous f32 CPU tensor");
+            };
+            channel_stats(&data[start..end], n, c, h * w)
+        };
+        let count = (n * h * w) as f64;
+        let m = self.inner.momentum();
+        let update = |running: &Tensor, batch: Vec<f64>| -> Result<()> {
+            let old = running.to_vec1::<f32>()?;
+            let new: Vec<f32> = old
+                .iter()
+                .zip(batch)
+                .map(|(&o, b)| ((1.0 - m) * o as f64 + m * b) as f32)
+                .collect();
+            candle_core::Var::from_tensor(running)?.set(&Tensor::from_vec(
+                new,
+                c,
+                running.device(),
+            )?)
+        };
+        let eps = self.inner.eps();
+        let op = BatchNormTrain {
+            mean: mean.iter().map(|&v| v as f32).collect(),
+            invstd: var
+                .iter()
+                .map(|&v| (1.0 / (v + eps).sqrt()) as f32)
+                .collect(),
+        };
+        update(self.inner.running_mean(), mean)?;
+        update(
+            self.inner.running_var(),
+            var.iter().map(|v| v * count / (count - 1.0)).collect(),
+        )?;
+        let (gamma, beta) = self
+            .inner
+            .weight_and_bias()
+            .expect("BatchNorm2d is always affine");
+        x.apply_op3(gamma, beta, op)
+    }
+}
+
 impl ModuleT for BatchNorm2d {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.inner.forward_t(x, train)
+        let native = x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 4;
+        match (train, native) {
+            (true, true) => self.forward_train_native(x),
+            (true, false) => self.inner.forward_t(x, true),
+            (false, _) => {
+                let (scale, shift) = self.scale_shift()?;
+                let shape = (1, scale.dim(0)?, 1, 1);
+                x.broadcast_mul(&scale.reshape(shape)?)?
+                    .broadcast_add(&shift.reshape(shape)?)
+            }
+        }
     }
 }
 

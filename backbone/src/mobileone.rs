@@ -192,7 +192,12 @@ impl ConvBn {
 
 impl ModuleT for ConvBn {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward_t(&self.conv.forward(x)?, train)
+        if train {
+            self.bn.forward_t(&self.conv.forward(x)?, true)
+        } else {
+            // Eval-mode BN is affine: folding it into the (small) kernel saves two passes over the output.
+            fold_bn(&self.conv, &self.bn)?.forward(x)
+        }
     }
 }
 

@@ -1,9 +1,12 @@
 //! Depthwise KxK convolution (one filter per channel, channel multiplier 1) with fused bias and
 //! activation, and its backward pass.
 //!
-//! Each input plane is copied into a zero-padded buffer split into stride×stride phases, so that
-//! every kernel tap reads a contiguous run of the buffer for consecutive outputs of a row: the
-//! inner loop is then K*K vector FMAs per 8 outputs for any stride and dilation.
+//! Forward, stride 1 or 2 with K in {1, 3, 5} on AVX2: each output row is computed straight from
+//! the input rows, 8 outputs per vector, one FMA per tap; rows in the vertical padding read a zero
+//! row and vectors that cross a row end use masked loads (masked lanes read 0); stride 2 keeps the
+//! even lanes of 16 loaded values. Everything else (other strides or kernels, no AVX2, backward)
+//! copies each plane into a zero-padded buffer split into stride×stride phases, so that every tap
+//! reads a contiguous run of the buffer for consecutive outputs of a row.
 
 use super::{
     activate, activation_grad_mask, cpu_slice, has_avx2_fma, output_size, Activation, Geometry,

@@ -77,9 +77,19 @@ pub fn reference_conv2d(
     }
 }
 
-/// Sets the number of threads of the global rayon pool every kernel runs on. Call it once, before
-/// any other rayon work; without it rayon follows `RAYON_NUM_THREADS` (default: one per core).
+/// Sets the number of threads of the global rayon pool every kernel runs on. Call it once, at
+/// start-up, before any other rayon or candle work; without it rayon follows `RAYON_NUM_THREADS`
+/// (default: one per core).
+///
+/// Unless `CANDLE_NUM_THREADS` is set, this also makes candle's own elementwise ops (the few left
+/// outside the native kernels, e.g. squeeze-excitation's scaling) run on the calling thread: candle
+/// runs them on a second pool whose workers spin while idle, and on a busy machine they took
+/// about a fifth of S4's CPU time away from the kernels (measured with perf).
 pub fn set_threads(n: usize) -> std::result::Result<(), rayon::ThreadPoolBuildError> {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Read once, when candle first needs its pool; nothing else runs yet at start-up.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build_global()

@@ -28,7 +28,8 @@ struct Cli {
 enum Command {
     /// Writes the features at strides 2, 4, 8, 16, 32 (and logits, if the weights have a classifier).
     Features(FeaturesArgs),
-    /// Reparameterises a train-time checkpoint into one conv per layer, with timm's fused key names.
+    /// Reparameterises a train-time checkpoint into one conv per layer, with timm's fused key names;
+    /// detector and segmenter checkpoints also get their head BatchNorms folded.
     Fuse(FuseArgs),
     /// Top-k ImageNet classes of an image, with timm's eval preprocessing.
     Classify(ClassifyArgs),
@@ -38,9 +39,10 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ModelArgs {
-    /// Model variant: s0, s1, s2, s3 or s4.
-    #[arg(long, default_value = "s0")]
-    variant: Variant,
+    /// Model variant: s0, s1, s2, s3 or s4 (default: the checkpoint's metadata, else judged from its
+    /// layer widths).
+    #[arg(long)]
+    variant: Option<Variant>,
     /// Weights: .safetensors, .pth or .pth.tar, timm or Apple naming, unfused or fused.
     #[arg(long)]
     weights: PathBuf,
@@ -110,40 +112,106 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Reads the weights and builds the model they describe (classifier included when present).
-fn load_model(args: &ModelArgs, output_stride: usize) -> Result<(Checkpoint, MobileOne)> {
+/// What a checkpoint holds, judged by its metadata and key names.
+#[derive(Debug, PartialEq)]
+enum CheckpointKind {
+    Backbone,
+    Detector,
+    Segmenter,
+}
+
+fn checkpoint_kind(ckpt: &Checkpoint) -> CheckpointKind {
+    match ckpt.metadata.get("task").map(String::as_str) {
+        Some("detection") => return CheckpointKind::Detector,
+        Some("segmentation") => return CheckpointKind::Segmenter,
+        _ => {}
+    }
+    if ckpt
+        .tensors
+        .keys()
+        .any(|k| k.starts_with("head.classification_head."))
+    {
+        CheckpointKind::Detector
+    } else if ckpt.tensors.keys().any(|k| k.starts_with("classifier.0.")) {
+        CheckpointKind::Segmenter
+    } else {
+        CheckpointKind::Backbone
+    }
+}
+
+/// The variant to build: `--variant`, else the metadata's, else the one the layer widths match.
+fn resolve_variant(args: &ModelArgs, ckpt: &Checkpoint) -> Result<Variant> {
+    if let Some(v) = args.variant {
+        return Ok(v);
+    }
+    if let Some(v) = ckpt.metadata.get("variant") {
+        return v.parse().map_err(|e: String| {
+            anyhow::anyhow!("{}: metadata `variant`: {e}", args.weights.display())
+        });
+    }
+    checkpoint::guess_variant(&ckpt.tensors, "").with_context(|| {
+        format!(
+            "cannot tell which MobileOne variant {} is; pass --variant",
+            args.weights.display()
+        )
+    })
+}
+
+fn read_checkpoint(args: &ModelArgs) -> Result<Checkpoint> {
     if let Some(n) = args.threads {
         mobileone::ops::set_threads(n).context("cannot start the worker threads")?;
     }
-    let ckpt = checkpoint::load(&args.weights)?;
-    if ckpt.tensors.keys().any(|k| k.starts_with("backbone.body.")) {
+    Ok(checkpoint::load(&args.weights)?)
+}
+
+/// Builds the backbone a checkpoint describes (classifier included when present).
+fn build_backbone(
+    args: &ModelArgs,
+    ckpt: &Checkpoint,
+    output_stride: usize,
+) -> Result<(Variant, MobileOne)> {
+    if checkpoint_kind(ckpt) != CheckpointKind::Backbone {
         bail!(
-            "{} is a detector or segmenter checkpoint (keys under `backbone.body.`); use `detect` or `segment`",
+            "{} is a detector or segmenter checkpoint; use `detect` or `segment`",
             args.weights.display()
         );
     }
-    let config = MobileOneConfig::from_variant(args.variant).with_num_classes(ckpt.num_classes(""));
-    let model = load_mobileone(&ckpt, &config, output_stride, &Device::Cpu)
-        .with_context(|| format!("cannot load {} as MobileOne-{}", args.weights.display(), args.variant))?;
-    Ok((ckpt, model))
+    let variant = resolve_variant(args, ckpt)?;
+    let config = MobileOneConfig::from_variant(variant).with_num_classes(ckpt.num_classes(""));
+    let model = load_mobileone(ckpt, &config, output_stride, &Device::Cpu).with_context(|| {
+        format!(
+            "cannot load {} as MobileOne-{variant}",
+            args.weights.display()
+        )
+    })?;
+    Ok((variant, model))
 }
 
 fn features(args: &FeaturesArgs) -> Result<()> {
     let x = npy::read_f32(&args.input)?;
     if x.rank() != 4 || x.dim(1)? != 3 {
-        bail!("{}: expected a float32 N×3×H×W array, got shape {:?}", args.input.display(), x.dims());
+        bail!(
+            "{}: expected a float32 N×3×H×W array, got shape {:?}",
+            args.input.display(),
+            x.dims()
+        );
     }
-    let (_, mut model) = load_model(&args.model, args.output_stride)?;
+    let ckpt = read_checkpoint(&args.model)?;
+    let (variant, mut model) = build_backbone(&args.model, &ckpt, args.output_stride)?;
     if args.fuse {
         model.reparameterize()?;
     }
     let feats = model.forward_features(&x, false)?;
-    let mut out: Vec<(String, Tensor)> = feats.iter().enumerate().map(|(i, f)| (format!("features.{i}"), f.clone())).collect();
+    let mut out: Vec<(String, Tensor)> = feats
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (format!("features.{i}"), f.clone()))
+        .collect();
     if let Some(logits) = model.forward_head(&feats[4])? {
         out.push(("logits".into(), logits));
     }
     let metadata = HashMap::from([
-        ("variant".to_string(), args.model.variant.to_string()),
+        ("variant".to_string(), variant.to_string()),
         ("output_stride".to_string(), args.output_stride.to_string()),
     ]);
     checkpoint::save(&args.out, &out, &metadata)?;
@@ -155,25 +223,67 @@ fn features(args: &FeaturesArgs) -> Result<()> {
 }
 
 fn fuse(args: &FuseArgs) -> Result<()> {
-    let (ckpt, mut model) = load_model(&args.model, 32)?;
-    if model.is_fused() {
-        eprintln!("note: {} is already fused; writing it with timm's names", args.model.weights.display());
-    }
-    model.reparameterize()?;
-    let mut metadata = ckpt.metadata.clone();
-    metadata.insert("variant".into(), args.model.variant.to_string());
-    metadata.insert("fused".into(), "true".into());
-    let tensors = model.named_tensors();
-    checkpoint::save(&args.out, &tensors, &metadata)?;
+    let ckpt = read_checkpoint(&args.model)?;
+    let (what, tensors) = match checkpoint_kind(&ckpt) {
+        CheckpointKind::Backbone => fuse_backbone(args, &ckpt)?,
+        CheckpointKind::Detector => {
+            let overrides = ssdlite::Overrides {
+                variant: args.model.variant,
+                ..Default::default()
+            };
+            let (mut detector, labels) =
+                ssdlite::SsdDetector::from_checkpoint(&ckpt, &overrides, &Device::Cpu)
+                    .with_context(|| {
+                        format!("cannot load detector {}", args.model.weights.display())
+                    })?;
+            detector.fuse()?;
+            let tensors = detector.named_tensors();
+            checkpoint::save(
+                &args.out,
+                &tensors,
+                &ssdlite::config::to_metadata(&detector.config, &labels),
+            )?;
+            ("SSDLite detector", tensors)
+        }
+        CheckpointKind::Segmenter => {
+            let overrides = deeplabv3::Overrides {
+                variant: args.model.variant,
+                ..Default::default()
+            };
+            let (mut model, spec) = deeplabv3::load(&args.model.weights, &overrides, &Device::Cpu)?;
+            model.fuse()?;
+            deeplabv3::checkpoint::save(&args.out, &model, &spec)?;
+            ("DeepLabV3 segmenter", model.named_tensors())
+        }
+    };
     let params: usize = tensors.iter().map(|(_, t)| t.elem_count()).sum();
     println!(
-        "fused MobileOne-{} ({:.2} M parameters) from {} → {}",
-        args.model.variant,
+        "fused {what} ({:.2} M parameters): {} → {}",
         params as f64 / 1e6,
         args.model.weights.display(),
         args.out.display()
     );
     Ok(())
+}
+
+fn fuse_backbone(
+    args: &FuseArgs,
+    ckpt: &Checkpoint,
+) -> Result<(&'static str, Vec<(String, Tensor)>)> {
+    let (variant, mut model) = build_backbone(&args.model, ckpt, 32)?;
+    if model.is_fused() {
+        eprintln!(
+            "note: {} is already fused; writing it with timm's names",
+            args.model.weights.display()
+        );
+    }
+    model.reparameterize()?;
+    let mut metadata = ckpt.metadata.clone();
+    metadata.insert("variant".into(), variant.to_string());
+    metadata.insert("fused".into(), "true".into());
+    let tensors = model.named_tensors();
+    checkpoint::save(&args.out, &tensors, &metadata)?;
+    Ok(("MobileOne backbone", tensors))
 }
 
 const IMAGENET_CLASSES: &str = include_str!("../../assets/imagenet_classes.txt");
@@ -185,7 +295,11 @@ fn timm_eval_input(path: &Path) -> Result<Tensor> {
     const RESIZE: u32 = 256;
     let image = imageio::load_rgb(path)?;
     let (w, h) = image.dimensions();
-    let (nw, nh) = if w <= h { (RESIZE, (RESIZE as u64 * h as u64 / w as u64) as u32) } else { ((RESIZE as u64 * w as u64 / h as u64) as u32, RESIZE) };
+    let (nw, nh) = if w <= h {
+        (RESIZE, (RESIZE as u64 * h as u64 / w as u64) as u32)
+    } else {
+        ((RESIZE as u64 * w as u64 / h as u64) as u32, RESIZE)
+    };
     let resized = image::imageops::resize(&image, nw, nh, FilterType::Triangle);
     let (left, top) = ((nw - SIZE + 1) / 2, (nh - SIZE + 1) / 2);
     let cropped = image::imageops::crop_imm(&resized, left, top, SIZE, SIZE).to_image();
@@ -194,20 +308,36 @@ fn timm_eval_input(path: &Path) -> Result<Tensor> {
 
 fn classify(args: &ClassifyArgs) -> Result<()> {
     let x = timm_eval_input(&args.image)?;
-    let (_, mut model) = load_model(&args.model, 32)?;
+    let ckpt = read_checkpoint(&args.model)?;
+    let (_, mut model) = build_backbone(&args.model, &ckpt, 32)?;
     model.reparameterize()?;
     let feats = model.forward_features(&x, false)?;
     let Some(logits) = model.forward_head(&feats[4])? else {
-        bail!("{} has no classifier (`head.fc`); it is a backbone-only checkpoint", args.model.weights.display());
+        bail!(
+            "{} has no classifier (`head.fc`); it is a backbone-only checkpoint",
+            args.model.weights.display()
+        );
     };
-    let probs = candle_nn::ops::softmax_last_dim(&logits)?.squeeze(0)?.to_vec1::<f32>()?;
+    let probs = candle_nn::ops::softmax_last_dim(&logits)?
+        .squeeze(0)?
+        .to_vec1::<f32>()?;
     let names: Vec<&str> = IMAGENET_CLASSES.lines().collect();
     let mut order: Vec<usize> = (0..probs.len()).collect();
     order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
     println!("{}", args.image.display());
     for (rank, &i) in order.iter().take(args.top).enumerate() {
-        let name = if probs.len() == names.len() { names[i] } else { "" };
-        println!("{:>2}. {:>6.2}%  {:>4}  {}", rank + 1, probs[i] * 100.0, i, name);
+        let name = if probs.len() == names.len() {
+            names[i]
+        } else {
+            ""
+        };
+        println!(
+            "{:>2}. {:>6.2}%  {:>4}  {}",
+            rank + 1,
+            probs[i] * 100.0,
+            i,
+            name
+        );
     }
     Ok(())
 }

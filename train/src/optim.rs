@@ -132,10 +132,13 @@ impl Optimizer {
             let Some(grad) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
+            // Gradients of custom ops can carry autograd history (they are computed from tracked
+            // inputs); state kept across steps must not, or it holds every step's graph alive.
+            let grad = grad.detach();
             let grad = if grad_scale != 1.0 {
                 (grad * grad_scale)?
             } else {
-                grad.clone()
+                grad
             };
             let value = p.var.as_tensor().detach();
             let wd = if p.decay { weight_decay } else { 0.0 };

@@ -113,6 +113,13 @@ struct Cli {
 
 fn run() -> Result<i32> {
     let cli = Cli::parse();
+    // candle parallelises element-wise ops on its own spin-waiting thread pool; beside the native
+    // kernels' pool that oversubscribes small machines (3x slower training measured on 2 cores), so
+    // element-wise ops stay on the calling thread unless CANDLE_NUM_THREADS says otherwise. Set before
+    // any candle op, while the process is single-threaded.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     if let Some(n) = cli.threads {
         mobileone::ops::set_threads(n).context("cannot set the number of threads")?;
     }

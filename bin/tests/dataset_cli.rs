@@ -1,5 +1,8 @@
 //! End-to-end checks of the `dataset` binary: synth then stats on the result and on the real
 //! samples, and malformed input ending with a clear message and exit code 1.
+mod common;
+
+use common::{run_err, scratch, stdout_ok};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -7,38 +10,9 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_dataset"))
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("dataset-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn stdout_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-fn stderr_err(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{cmd:?} should fail cleanly: {stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    stderr
-}
-
 #[test]
 fn synth_then_stats_reads_all_three_layouts() {
-    let dir = scratch("synth");
+    let dir = scratch("dataset", "synth");
     let out = stdout_ok(
         bin()
             .args([
@@ -79,18 +53,18 @@ fn stats_on_the_real_coco_sample() {
 
 #[test]
 fn malformed_json_names_the_field() {
-    let dir = scratch("bad");
+    let dir = scratch("dataset", "bad");
     let file = dir.join("instances_bad.json");
     std::fs::write(&file, r#"{"images": [{"id": 1, "file_name": "a.jpg", "width": "640", "height": 480}], "categories": []}"#).unwrap();
-    let stderr = stderr_err(bin().arg("stats").arg(&file));
+    let stderr = run_err(bin().arg("stats").arg(&file));
     assert!(stderr.starts_with("error: "), "{stderr}");
     assert!(
         stderr.contains("instances_bad.json: at `images[0].width`"),
         "{stderr}"
     );
-    let stderr = stderr_err(bin().arg("stats").arg(dir.join("missing")));
+    let stderr = run_err(bin().arg("stats").arg(dir.join("missing")));
     assert!(stderr.contains("no such file or folder"), "{stderr}");
-    let stderr = stderr_err(bin().args(["synth", "--images", "0", "--out"]).arg(&dir));
+    let stderr = run_err(bin().args(["synth", "--images", "0", "--out"]).arg(&dir));
     assert!(stderr.contains("at least one image"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,5 +1,8 @@
 //! End-to-end checks of the `detect` binary with the tiny torchvision-made detector of
 //! heads/ssdlite/tests/fixtures, on real photos and the COCO val2017 samples (MOBILEONE_DATA).
+mod common;
+
+use common::{scratch, shared_data};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -21,20 +24,6 @@ fn weights() -> String {
         .to_string()
 }
 
-fn data() -> PathBuf {
-    let dir = std::env::var_os("MOBILEONE_DATA")
-        .map(PathBuf::from)
-        .expect(
-        "MOBILEONE_DATA must point at the shared sample data (../shared/data from the repo root)",
-    );
-    assert!(
-        dir.is_dir(),
-        "MOBILEONE_DATA={} is not a directory",
-        dir.display()
-    );
-    dir
-}
-
 fn detect(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_detect"))
         .args(args)
@@ -46,21 +35,15 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("detect-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn results(path: &Path) -> Vec<serde_json::Value> {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
 #[test]
 fn photos_give_tables_coco_json_and_drawings() {
-    let dir = scratch("photos");
+    let dir = scratch("detect", "photos");
     let json = dir.join("results.json");
-    let photo = data().join("photos/pets.jpg");
+    let photo = shared_data().join("photos/pets.jpg");
     let png = fixtures().join("pets_213x160.png");
     let w = weights();
     let out = detect(&[
@@ -111,7 +94,7 @@ fn photos_give_tables_coco_json_and_drawings() {
 
 #[test]
 fn fused_detector_gives_the_same_detections() {
-    let dir = scratch("fused");
+    let dir = scratch("detect", "fused");
     let png = fixtures().join("pets_213x160.png");
     let w = weights();
     let mut runs = Vec::new();
@@ -160,7 +143,7 @@ fn fused_detector_gives_the_same_detections() {
 
 #[test]
 fn bad_inputs_fail_clearly_and_keep_results() {
-    let dir = scratch("bad");
+    let dir = scratch("detect", "bad");
     let w = weights();
     let png = fixtures().join("pets_213x160.png");
     let not_image = dir.join("notes.jpg");
@@ -185,7 +168,7 @@ fn bad_inputs_fail_clearly_and_keep_results() {
         "results of the readable image are kept"
     );
 
-    let empty = scratch("empty");
+    let empty = scratch("detect", "empty");
     let out = detect(&[empty.to_str().unwrap(), "--weights", &w]);
     assert!(
         !out.status.success() && stderr(&out).contains("has no images"),
@@ -226,7 +209,7 @@ fn bad_inputs_fail_clearly_and_keep_results() {
 
 #[test]
 fn coco_samples_are_evaluated() {
-    let root = data().join("coco-val2017-samples");
+    let root = shared_data().join("coco-val2017-samples");
     let annotations = root.join("instances_val2017_5.json");
     let images = root.join("images");
     let w = weights();

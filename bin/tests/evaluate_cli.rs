@@ -1,6 +1,10 @@
 //! The `evaluate` binary's output contract: `--json` prints only the JSON document.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::scratch;
+
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
@@ -92,15 +96,9 @@ fn write_map(dir: &Path, name: &str, width: u32, pixels: &[u8]) {
     img.save(dir.join(name)).unwrap();
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("evaluate_cli_{}_{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[test]
 fn seg_json_reports_nan_classes_as_null() {
-    let (pred, gt) = (temp_dir("pred"), temp_dir("gt"));
+    let (pred, gt) = (scratch("evaluate", "pred"), scratch("evaluate", "gt"));
     write_map(&gt, "a.png", 3, &[0, 0, 1, 1, 255, 1]);
     write_map(&pred, "a.png", 3, &[0, 1, 1, 1, 2, 1]);
     let out = evaluate(&[

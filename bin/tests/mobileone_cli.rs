@@ -1,7 +1,10 @@
 //! End-to-end checks of the `mobileone` binary: features and fuse on a random-weight S0, and bad
 //! weights ending with a clear message and a non-zero exit, never a panic.
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use common::{run_err, run_ok, scratch, shared_data};
+use std::path::Path;
+use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -9,35 +12,6 @@ use mobileone::{checkpoint, MobileOne, MobileOneConfig};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mobileone"))
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mobileone-cli-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn run_err(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{cmd:?} should fail cleanly: {stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(stderr.starts_with("error: "), "{stderr}");
-    stderr
 }
 
 /// Random-weight S0 with a classifier, written in timm naming.
@@ -73,7 +47,7 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn features_of_fused_checkpoint_match_unfused() {
-    let dir = scratch("fuse");
+    let dir = scratch("mobileone", "fuse");
     let (weights, fused, input) = (
         dir.join("s0.safetensors"),
         dir.join("s0_fused.safetensors"),
@@ -136,7 +110,7 @@ fn features_of_fused_checkpoint_match_unfused() {
 
 #[test]
 fn bad_weights_exit_cleanly() {
-    let dir = scratch("bad");
+    let dir = scratch("mobileone", "bad");
     let input = dir.join("x.npy");
     write_input(&input);
     let weights = dir.join("s0.safetensors");
@@ -180,23 +154,9 @@ fn bad_weights_exit_cleanly() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-fn shared_data() -> PathBuf {
-    let dir = std::env::var_os("MOBILEONE_DATA")
-        .map(PathBuf::from)
-        .expect(
-        "MOBILEONE_DATA must point at the shared sample data (../shared/data from the repo root)",
-    );
-    assert!(
-        dir.is_dir(),
-        "MOBILEONE_DATA={} is not a directory",
-        dir.display()
-    );
-    dir
-}
-
 #[test]
 fn classify_prints_top_k_for_a_real_photo() {
-    let dir = scratch("classify");
+    let dir = scratch("mobileone", "classify");
     let weights = dir.join("s0.safetensors");
     write_random_s0(&weights);
     let photo = shared_data().join("photos/grace_hopper.jpg");
@@ -230,7 +190,7 @@ fn classify_prints_top_k_for_a_real_photo() {
 
 #[test]
 fn fuse_handles_detector_checkpoints_and_names_unknown_trunks() {
-    let dir = scratch("fuse-heads");
+    let dir = scratch("mobileone", "fuse-heads");
     let detector = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../heads/ssdlite/tests/fixtures/tiny_ssdlite.safetensors");
     let out = dir.join("fused_detector.safetensors");

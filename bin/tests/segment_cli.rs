@@ -1,54 +1,19 @@
 //! End-to-end checks of the `segment` binary on real photos and the VOC/ADE20K samples (MOBILEONE_DATA),
 //! with random-weight MobileOne-S0 segmenters written to a scratch folder; bad inputs must end with a
 //! clear `error: ...` and exit code 1 or a counted skip, never a panic.
+mod common;
+
+use common::{run_err, run_ok, scratch, shared_data};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use deeplabv3::{DeepLabV3, SegmenterSpec};
 use mobileone::Variant;
 
-fn data() -> PathBuf {
-    PathBuf::from(
-        std::env::var("MOBILEONE_DATA").expect(
-            "MOBILEONE_DATA must point at the real sample data (shared/data); .ci/run sets it",
-        ),
-    )
-}
-
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_segment"))
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("segment-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn run_err(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{cmd:?} should fail cleanly: {stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(stderr.lines().any(|l| l.starts_with("error: ")), "{stderr}");
-    stderr
 }
 
 /// Random-weight DeepLabV3-MobileOne-S0 (narrow 32-channel head to keep the test fast) with metadata.
@@ -67,10 +32,10 @@ fn png_size(path: &Path) -> (u32, u32) {
 
 #[test]
 fn segments_a_photo_and_writes_mask_overlay_and_logits() {
-    let dir = scratch("photo");
+    let dir = scratch("segment", "photo");
     let weights = dir.join("voc.safetensors");
     write_random_segmenter(&weights, 21);
-    let photo = data().join("photos/pets.jpg");
+    let photo = shared_data().join("photos/pets.jpg");
     let (w, h) = png_size(&photo);
     let out = run_ok(
         bin()
@@ -131,13 +96,13 @@ fn segments_a_photo_and_writes_mask_overlay_and_logits() {
 
 #[test]
 fn evaluates_the_voc_and_ade20k_samples() {
-    let dir = scratch("datasets");
+    let dir = scratch("segment", "datasets");
     let voc = dir.join("voc.safetensors");
     write_random_segmenter(&voc, 21);
     let out = run_ok(
         bin()
             .args(["--dataset", "voc", "--data-root"])
-            .arg(data().join("voc2012-sample"))
+            .arg(shared_data().join("voc2012-sample"))
             .arg("--weights")
             .arg(&voc)
             .args(["--size", "64", "--out-dir"])
@@ -158,7 +123,7 @@ fn evaluates_the_voc_and_ade20k_samples() {
     let err = run_err(
         bin()
             .args(["--dataset", "ade20k", "--data-root"])
-            .arg(data().join("ade20k-samples"))
+            .arg(shared_data().join("ade20k-samples"))
             .arg("--weights")
             .arg(&voc),
     );
@@ -168,7 +133,7 @@ fn evaluates_the_voc_and_ade20k_samples() {
     let out = run_ok(
         bin()
             .args(["--dataset", "ade20k", "--data-root"])
-            .arg(data().join("ade20k-samples"))
+            .arg(shared_data().join("ade20k-samples"))
             .arg("--weights")
             .arg(&ade)
             .args(["--size", "64", "--out-dir"])
@@ -181,13 +146,13 @@ fn evaluates_the_voc_and_ade20k_samples() {
 
 #[test]
 fn unusable_annotations_are_counted_skips() {
-    let dir = scratch("skip");
+    let dir = scratch("segment", "skip");
     let weights = dir.join("voc.safetensors");
     write_random_segmenter(&weights, 21);
     let root = dir.join("VOC2012");
     std::fs::create_dir_all(root.join("JPEGImages")).unwrap();
     std::fs::create_dir_all(root.join("SegmentationClass")).unwrap();
-    let sample = data().join("voc2012-sample");
+    let sample = shared_data().join("voc2012-sample");
     std::fs::copy(
         sample.join("JPEGImages/2007_000063.jpg"),
         root.join("JPEGImages/good.jpg"),
@@ -239,8 +204,8 @@ fn unusable_annotations_are_counted_skips() {
 
 #[test]
 fn bad_inputs_give_clear_errors() {
-    let dir = scratch("errors");
-    let photo = data().join("photos/owl.jpg");
+    let dir = scratch("segment", "errors");
+    let photo = shared_data().join("photos/owl.jpg");
     let err = run_err(bin().arg(&photo));
     assert!(err.contains("--weights"), "{err}");
 

@@ -254,3 +254,90 @@ pub fn fold_bn(conv: &Conv2d, bn: &BatchNorm2d) -> Result<Conv2d> {
         config: conv.config,
     })
 }
+
+/// Conv without bias → BatchNorm → activation (torchvision's `Conv2dNormActivation`), as the heads use
+/// it; after [`ConvBnAct::fuse`] a single conv with bias and the activation fused into it.
+#[derive(Debug, Clone)]
+pub struct ConvBnAct {
+    pub conv: Conv2d,
+    pub bn: Option<BatchNorm2d>,
+    pub act: Activation,
+}
+
+/// BatchNorm hyper-parameters of a [`ConvBnAct`].
+#[derive(Debug, Clone, Copy)]
+pub struct BnConfig {
+    pub eps: f64,
+    pub momentum: f64,
+}
+
+impl ConvBnAct {
+    /// Reads the conv below `conv_vb` and, unless `fused`, the BatchNorm below `bn_vb`; a fused layer
+    /// reads a conv bias instead.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        conv_vb: VarBuilder,
+        bn_vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        config: ConvConfig,
+        bn: BnConfig,
+        act: Activation,
+        fused: bool,
+    ) -> Result<Self> {
+        let conv = Conv2d::new(conv_vb, in_channels, out_channels, kernel, config, fused)?;
+        let bn = if fused {
+            None
+        } else {
+            Some(BatchNorm2d::new(bn_vb, out_channels, bn.eps, bn.momentum)?)
+        };
+        Ok(Self { conv, bn, act })
+    }
+
+    /// Folds the BatchNorm into the conv (exact in eval mode).
+    pub fn fuse(&mut self) -> Result<()> {
+        if let Some(bn) = self.bn.take() {
+            self.conv = fold_bn(&self.conv, &bn)?;
+        }
+        Ok(())
+    }
+
+    pub fn is_fused(&self) -> bool {
+        self.bn.is_none()
+    }
+
+    /// The layer with `conv` standing in for its own (same output channels), e.g. a cheaper equivalent.
+    pub fn forward_with(&self, conv: &Conv2d, x: &Tensor, train: bool) -> Result<Tensor> {
+        match &self.bn {
+            None => conv.forward_act(x, self.act),
+            Some(bn) => self.act.apply(&bn.forward_t(&conv.forward(x)?, train)?),
+        }
+    }
+
+    /// Tensors under PyTorch's names: `{conv_key}.weight` (and `.bias` once fused), `{bn_key}.*`.
+    pub fn push_named_tensors(
+        &self,
+        conv_key: &str,
+        bn_key: &str,
+        out: &mut Vec<(String, Tensor)>,
+    ) {
+        out.push((format!("{conv_key}.weight"), self.conv.weight.clone()));
+        if let Some(bias) = &self.conv.bias {
+            out.push((format!("{conv_key}.bias"), bias.clone()));
+        }
+        if let Some(bn) = &self.bn {
+            out.extend(
+                bn.named_tensors()
+                    .into_iter()
+                    .map(|(k, t)| (format!("{bn_key}.{k}"), t)),
+            );
+        }
+    }
+}
+
+impl ModuleT for ConvBnAct {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_with(&self.conv, x, train)
+    }
+}

@@ -3,7 +3,7 @@
 
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
-use mobileone::layers::{fold_bn, Activation, BatchNorm2d, Conv2d, ConvConfig};
+use mobileone::layers::{Activation, BnConfig, Conv2d, ConvBnAct, ConvConfig};
 
 use crate::resize::resize_bilinear;
 
@@ -12,11 +12,9 @@ const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
 
 /// Conv (no bias) → BatchNorm → ReLU; after [`ConvBnRelu::fuse`] a single conv with bias and fused ReLU.
+/// Runs dilated 3x3 convs whose taps all fall in the padding as their centre tap.
 #[derive(Debug, Clone)]
-pub struct ConvBnRelu {
-    conv: Conv2d,
-    bn: Option<BatchNorm2d>,
-}
+pub struct ConvBnRelu(ConvBnAct);
 
 impl ConvBnRelu {
     /// Reads the conv below `vb.pp(conv_key)` and the BatchNorm below `vb.pp(bn_key)`.
@@ -36,73 +34,57 @@ impl ConvBnRelu {
             dilation,
             ..ConvConfig::default()
         };
-        let conv = Conv2d::new(
+        let bn = BnConfig {
+            eps: BN_EPS,
+            momentum: BN_MOMENTUM,
+        };
+        Ok(Self(ConvBnAct::new(
             vb.pp(conv_key),
+            vb.pp(bn_key),
             in_channels,
             out_channels,
             kernel,
             config,
+            bn,
+            Activation::Relu,
             fused,
-        )?;
-        let bn = if fused {
-            None
-        } else {
-            Some(BatchNorm2d::new(
-                vb.pp(bn_key),
-                out_channels,
-                BN_EPS,
-                BN_MOMENTUM,
-            )?)
-        };
-        Ok(Self { conv, bn })
+        )?))
     }
 
     /// Folds the BatchNorm into the conv (exact in eval mode).
     pub fn fuse(&mut self) -> Result<()> {
-        if let Some(bn) = self.bn.take() {
-            self.conv = fold_bn(&self.conv, &bn)?;
-        }
-        Ok(())
+        self.0.fuse()
     }
 
     pub fn is_fused(&self) -> bool {
-        self.bn.is_none()
+        self.0.is_fused()
     }
 
     /// Tensors under PyTorch's names: `{conv_key}.weight` (and `.bias` once fused), `{bn_key}.*`.
     pub fn named_tensors(&self, conv_key: &str, bn_key: &str, out: &mut Vec<(String, Tensor)>) {
-        push_conv(out, conv_key, &self.conv);
-        if let Some(bn) = &self.bn {
-            out.extend(
-                bn.named_tensors()
-                    .into_iter()
-                    .map(|(k, t)| (format!("{bn_key}.{k}"), t)),
-            );
-        }
+        self.0.push_named_tensors(conv_key, bn_key, out)
     }
-}
 
-impl ConvBnRelu {
     /// The conv to run on an `height`×`width` map: when the dilation reaches past the map in both
     /// directions every off-centre tap reads zero padding, so the centre tap alone (a 1x1 conv) gives the
     /// same result at a ninth of the cost; ASPP's rate-24/36 branches often are in that case.
     fn conv_for(&self, height: usize, width: usize) -> Result<std::borrow::Cow<'_, Conv2d>> {
-        let config = self.conv.config;
-        let kernel = self.conv.kernel_size();
+        let conv = &self.0.conv;
+        let config = conv.config;
+        let kernel = conv.kernel_size();
         let reach = config.dilation * (kernel / 2);
         if kernel == 1 || config.stride != 1 || config.padding != reach || reach < height.max(width)
         {
-            return Ok(std::borrow::Cow::Borrowed(&self.conv));
+            return Ok(std::borrow::Cow::Borrowed(conv));
         }
         let centre = kernel / 2;
         Ok(std::borrow::Cow::Owned(Conv2d {
-            weight: self
-                .conv
+            weight: conv
                 .weight
                 .narrow(2, centre, 1)?
                 .narrow(3, centre, 1)?
                 .contiguous()?,
-            bias: self.conv.bias.clone(),
+            bias: conv.bias.clone(),
             config: ConvConfig {
                 groups: config.groups,
                 ..ConvConfig::default()
@@ -115,10 +97,7 @@ impl ModuleT for ConvBnRelu {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (_, _, height, width) = x.dims4()?;
         let conv = self.conv_for(height, width)?;
-        match &self.bn {
-            None => conv.forward_act(x, Activation::Relu),
-            Some(bn) => bn.forward_t(&conv.forward(x)?, train)?.relu(),
-        }
+        self.0.forward_with(&conv, x, train)
     }
 }
 

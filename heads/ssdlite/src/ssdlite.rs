@@ -3,85 +3,54 @@
 
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
-use mobileone::layers::{fold_bn, Activation, BatchNorm2d, Conv2d, ConvConfig};
+use mobileone::layers::{Activation, BnConfig, Conv2d, ConvBnAct, ConvConfig};
 
 /// BatchNorm of SSDLite's heads and extra blocks: `partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)`.
 pub const BN_EPS: f64 = 0.001;
 pub const BN_MOMENTUM: f64 = 0.03;
 
-/// torchvision's `Conv2dNormActivation` (keys `0` conv without bias, `1` BN) with ReLU6; after
-/// [`ConvBnRelu6::fuse`] the BN lives in the conv's bias (keys `0.weight`, `0.bias`).
-#[derive(Debug, Clone)]
-pub struct ConvBnRelu6 {
-    pub conv: Conv2d,
-    pub bn: Option<BatchNorm2d>,
+/// torchvision's `Conv2dNormActivation` with ReLU6 (keys `0` conv without bias, `1` BN; once fused,
+/// `0.weight` and `0.bias`).
+fn conv_bn_relu6(
+    vb: VarBuilder,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    groups: usize,
+    fused: bool,
+) -> Result<ConvBnAct> {
+    let config = ConvConfig {
+        stride,
+        padding: (kernel - 1) / 2,
+        dilation: 1,
+        groups,
+    };
+    let bn = BnConfig {
+        eps: BN_EPS,
+        momentum: BN_MOMENTUM,
+    };
+    ConvBnAct::new(
+        vb.pp("0"),
+        vb.pp("1"),
+        in_channels,
+        out_channels,
+        kernel,
+        config,
+        bn,
+        Activation::Relu6,
+        fused,
+    )
 }
 
-impl ConvBnRelu6 {
-    pub fn new(
-        vb: VarBuilder,
-        in_channels: usize,
-        out_channels: usize,
-        kernel: usize,
-        stride: usize,
-        groups: usize,
-        fused: bool,
-    ) -> Result<Self> {
-        let config = ConvConfig {
-            stride,
-            padding: (kernel - 1) / 2,
-            dilation: 1,
-            groups,
-        };
-        let conv = Conv2d::new(vb.pp("0"), in_channels, out_channels, kernel, config, fused)?;
-        let bn = if fused {
-            None
-        } else {
-            Some(BatchNorm2d::new(
-                vb.pp("1"),
-                out_channels,
-                BN_EPS,
-                BN_MOMENTUM,
-            )?)
-        };
-        Ok(Self { conv, bn })
-    }
-
-    pub fn fuse(&mut self) -> Result<()> {
-        if let Some(bn) = self.bn.take() {
-            self.conv = fold_bn(&self.conv, &bn)?;
-        }
-        Ok(())
-    }
-
-    fn push_named_tensors(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
-        out.push((format!("{prefix}.0.weight"), self.conv.weight.clone()));
-        if let Some(b) = &self.conv.bias {
-            out.push((format!("{prefix}.0.bias"), b.clone()));
-        }
-        if let Some(bn) = &self.bn {
-            out.extend(
-                bn.named_tensors()
-                    .into_iter()
-                    .map(|(k, t)| (format!("{prefix}.1.{k}"), t)),
-            );
-        }
-    }
-}
-
-impl ModuleT for ConvBnRelu6 {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        match &self.bn {
-            Some(bn) => Activation::Relu6.apply(&bn.forward_t(&self.conv.forward(x)?, train)?),
-            None => self.conv.forward_act(x, Activation::Relu6),
-        }
-    }
+fn push_conv_bn(layer: &ConvBnAct, prefix: &str, out: &mut Vec<(String, Tensor)>) {
+    layer.push_named_tensors(&format!("{prefix}.0"), &format!("{prefix}.1"), out);
 }
 
 /// `_extra_block`: 1x1 to half the output width, depthwise 3x3 stride 2, 1x1 to the output width.
 #[derive(Debug, Clone)]
 pub struct ExtraBlock {
-    pub layers: [ConvBnRelu6; 3],
+    pub layers: [ConvBnAct; 3],
 }
 
 impl ExtraBlock {
@@ -94,20 +63,20 @@ impl ExtraBlock {
         let mid = out_channels / 2;
         Ok(Self {
             layers: [
-                ConvBnRelu6::new(vb.pp("0"), in_channels, mid, 1, 1, 1, fused)?,
-                ConvBnRelu6::new(vb.pp("1"), mid, mid, 3, 2, mid, fused)?,
-                ConvBnRelu6::new(vb.pp("2"), mid, out_channels, 1, 1, 1, fused)?,
+                conv_bn_relu6(vb.pp("0"), in_channels, mid, 1, 1, 1, fused)?,
+                conv_bn_relu6(vb.pp("1"), mid, mid, 3, 2, mid, fused)?,
+                conv_bn_relu6(vb.pp("2"), mid, out_channels, 1, 1, 1, fused)?,
             ],
         })
     }
 
     pub fn fuse(&mut self) -> Result<()> {
-        self.layers.iter_mut().try_for_each(ConvBnRelu6::fuse)
+        self.layers.iter_mut().try_for_each(ConvBnAct::fuse)
     }
 
     pub fn push_named_tensors(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
         for (i, layer) in self.layers.iter().enumerate() {
-            layer.push_named_tensors(&format!("{prefix}.{i}"), out);
+            push_conv_bn(layer, &format!("{prefix}.{i}"), out);
         }
     }
 }
@@ -123,7 +92,7 @@ impl ModuleT for ExtraBlock {
 /// `_prediction_block`: depthwise 3x3 + BN + ReLU6 (key `0`), then a 1x1 conv with bias (key `1`).
 #[derive(Debug, Clone)]
 pub struct PredictionBlock {
-    pub depthwise: ConvBnRelu6,
+    pub depthwise: ConvBnAct,
     pub projection: Conv2d,
 }
 
@@ -135,7 +104,7 @@ impl PredictionBlock {
         fused: bool,
     ) -> Result<Self> {
         Ok(Self {
-            depthwise: ConvBnRelu6::new(
+            depthwise: conv_bn_relu6(
                 vb.pp("0"),
                 in_channels,
                 in_channels,
@@ -216,9 +185,11 @@ impl ScoringHead {
 
     pub fn push_named_tensors(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
         for (i, block) in self.module_list.iter().enumerate() {
-            block
-                .depthwise
-                .push_named_tensors(&format!("{prefix}.module_list.{i}.0"), out);
+            push_conv_bn(
+                &block.depthwise,
+                &format!("{prefix}.module_list.{i}.0"),
+                out,
+            );
             out.push((
                 format!("{prefix}.module_list.{i}.1.weight"),
                 block.projection.weight.clone(),

@@ -74,9 +74,7 @@ impl SimpleBackend for RandomWeights {
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
-    if let Some(n) = args.threads {
-        mobileone::ops::set_threads(n).context("setting the thread count")?;
-    }
+    mobileone::ops::set_threads(args.threads.unwrap_or(0)).context("setting the thread count")?;
     anyhow::ensure!(args.iters > 0, "--iters must be at least 1");
     anyhow::ensure!(
         args.batch > 0 && args.size >= 32,

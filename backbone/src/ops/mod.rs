@@ -77,9 +77,8 @@ pub fn reference_conv2d(
     }
 }
 
-/// Sets the number of threads of the global rayon pool every kernel runs on. Call it once, at
-/// start-up, before any other rayon or candle work; without it rayon follows `RAYON_NUM_THREADS`
-/// (default: one per core).
+/// Sets the number of threads of the global rayon pool every kernel runs on (0: `RAYON_NUM_THREADS`,
+/// else one per core). Call it once, at start-up, before any other rayon or candle work.
 ///
 /// Unless `CANDLE_NUM_THREADS` is set, this also makes candle's own elementwise ops (the few left
 /// outside the native kernels, e.g. squeeze-excitation's scaling) run on the calling thread: candle

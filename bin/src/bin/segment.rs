@@ -100,9 +100,8 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    if let Some(n) = cli.threads {
-        mobileone::ops::set_threads(n).context("cannot start the worker threads")?;
-    }
+    // Always: it also keeps candle's spinning elementwise pool out of the kernels' way.
+    mobileone::ops::set_threads(cli.threads.unwrap_or(0)).context("cannot start the worker threads")?;
     if cli.dataset.is_none() && cli.images.is_empty() {
         bail!("give one or more images, or --dataset voc|ade20k --data-root DIR (see --help)");
     }

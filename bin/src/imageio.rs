@@ -15,7 +15,9 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
         .with_context(|| format!("cannot open image {}", path.display()))?
         .with_guessed_format()
         .with_context(|| format!("cannot read image {}", path.display()))?;
-    let decoded = reader.decode().with_context(|| format!("{} is not a readable image", path.display()))?;
+    let decoded = reader
+        .decode()
+        .with_context(|| format!("{} is not a readable image", path.display()))?;
     Ok(decoded.to_rgb8())
 }
 

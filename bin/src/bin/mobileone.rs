@@ -159,7 +159,8 @@ fn resolve_variant(args: &ModelArgs, ckpt: &Checkpoint) -> Result<Variant> {
 
 fn read_checkpoint(args: &ModelArgs) -> Result<Checkpoint> {
     // Always: it also keeps candle's spinning elementwise pool out of the kernels' way.
-    mobileone::ops::set_threads(args.threads.unwrap_or(0)).context("cannot start the worker threads")?;
+    mobileone::ops::set_threads(args.threads.unwrap_or(0))
+        .context("cannot start the worker threads")?;
     Ok(checkpoint::load(&args.weights)?)
 }
 

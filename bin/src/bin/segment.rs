@@ -101,7 +101,8 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     // Always: it also keeps candle's spinning elementwise pool out of the kernels' way.
-    mobileone::ops::set_threads(cli.threads.unwrap_or(0)).context("cannot start the worker threads")?;
+    mobileone::ops::set_threads(cli.threads.unwrap_or(0))
+        .context("cannot start the worker threads")?;
     if cli.dataset.is_none() && cli.images.is_empty() {
         bail!("give one or more images, or --dataset voc|ade20k --data-root DIR (see --help)");
     }

@@ -82,7 +82,7 @@ struct Cli {
     /// Seed of the initialisation, data order, augmentation and dropout: same seed, same run.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Compute threads (default: all cores).
+    /// Compute threads of the native kernels (default: RAYON_NUM_THREADS, else one per core).
     #[arg(long)]
     threads: Option<usize>,
     /// Data-loading threads.
@@ -113,16 +113,10 @@ struct Cli {
 
 fn run() -> Result<i32> {
     let cli = Cli::parse();
-    // candle parallelises element-wise ops on its own spin-waiting thread pool; beside the native
-    // kernels' pool that oversubscribes small machines (3x slower training measured on 2 cores), so
-    // element-wise ops stay on the calling thread unless CANDLE_NUM_THREADS says otherwise. Set before
-    // any candle op, while the process is single-threaded.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
-    if let Some(n) = cli.threads {
-        mobileone::ops::set_threads(n).context("cannot set the number of threads")?;
-    }
+    // Always: it also keeps candle's spin-waiting element-wise pool out of the kernels' way (3x
+    // slower training measured on 2 cores with both pools).
+    mobileone::ops::set_threads(cli.threads.unwrap_or(0))
+        .context("cannot start the worker threads")?;
     let sgd = matches!(cli.optimizer, OptimizerKind::Sgd { .. });
     let settings = RunSettings {
         task: match cli.command {

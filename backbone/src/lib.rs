@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod layers;
 pub mod mobileone;
 pub mod ops;
+pub mod parity;
 
 pub use checkpoint::{Checkpoint, CheckpointError, Naming};
 pub use mobileone::{MobileOne, MobileOneBlock, MobileOneConfig, Variant};

@@ -3,6 +3,7 @@
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use mobileone::layers::{Activation, ConvConfig};
 use mobileone::ops::{conv2d, reference_conv2d};
+use mobileone::parity::max_relative_error;
 
 /// Largest tolerated max|native - reference| / max|reference|.
 const TOLERANCE: f32 = 1e-5;
@@ -25,15 +26,7 @@ fn tensor(shape: &[usize], seed: u64) -> Tensor {
 }
 
 fn relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
-    assert_eq!(actual.dims(), expected.dims());
-    let diff = (actual - expected)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap();
-    let scale = expected.abs().unwrap().max_all().unwrap();
-    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(f32::MIN_POSITIVE)
+    max_relative_error(actual, expected).unwrap()
 }
 
 struct Case {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use mobileone::checkpoint::{self, apple_to_timm, load_mobileone, CheckpointError};
+use mobileone::parity::max_relative_error;
 use mobileone::{MobileOne, MobileOneConfig, Variant};
 
 const PARITY_TOL: f32 = 1e-4;
@@ -33,25 +34,8 @@ fn reference() -> HashMap<String, Tensor> {
         .unwrap()
 }
 
-/// max |a - b| / max |b|
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    diff / scale
+    max_relative_error(a, b).unwrap()
 }
 
 fn load_tiny(file: &str, output_stride: usize) -> MobileOne {

@@ -8,6 +8,7 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use mobileone::parity::max_relative_error;
 use mobileone::{checkpoint, MobileOne, MobileOneConfig};
 
 fn bin() -> Command {
@@ -28,21 +29,7 @@ fn write_input(path: &Path) {
 }
 
 fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    d / b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    max_relative_error(a, b).unwrap()
 }
 
 #[test]

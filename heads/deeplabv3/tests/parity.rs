@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use deeplabv3::checkpoint::{build, resolve_spec, save, Overrides};
 use deeplabv3::{resize_bilinear, DeepLabConfig, DeepLabV3, SegmenterSpec};
+use mobileone::parity::max_relative_error;
 use mobileone::{checkpoint, MobileOneConfig};
 
 /// Required by the issue: max |ours − torchvision| / max |torchvision| of the logits.
@@ -96,23 +97,7 @@ fn normalise(image: &Tensor) -> Tensor {
 }
 
 fn rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
-    assert_eq!(ours.dims(), reference.dims());
-    let diff = (ours - reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = reference
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    diff / scale
+    max_relative_error(ours, reference).unwrap()
 }
 
 fn argmax_agreement(ours: &Tensor, reference: &Tensor) -> f64 {

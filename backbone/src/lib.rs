@@ -6,6 +6,7 @@ pub mod layers;
 pub mod mobileone;
 pub mod ops;
 pub mod parity;
+pub mod resize;
 
 pub use checkpoint::{Checkpoint, CheckpointError, Naming};
 pub use mobileone::{MobileOne, MobileOneBlock, MobileOneConfig, Variant};

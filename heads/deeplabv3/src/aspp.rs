@@ -5,7 +5,7 @@ use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 use mobileone::layers::{Activation, BnConfig, Conv2d, ConvBnAct, ConvConfig};
 
-use crate::resize::resize_bilinear;
+use mobileone::resize::resize_bilinear;
 
 /// PyTorch's `nn.BatchNorm2d` defaults, which torchvision's segmentation heads keep.
 const BN_EPS: f64 = 1e-5;

@@ -4,7 +4,7 @@
 use candle_core::{Device, Result, Tensor};
 
 use crate::model::DeepLabV3;
-use crate::resize::resize_bilinear;
+use mobileone::resize::resize_bilinear;
 
 /// Size (height, width) that makes the shorter side `shorter` and keeps the aspect ratio.
 pub fn shorter_side_size(height: usize, width: usize, shorter: usize) -> (usize, usize) {

@@ -9,7 +9,6 @@ pub mod dropout;
 pub mod inference;
 pub mod loss;
 pub mod model;
-pub mod resize;
 
 use std::path::PathBuf;
 
@@ -18,8 +17,8 @@ pub use config::{DeepLabConfig, SegmenterSpec};
 pub use dropout::seed_dropout;
 pub use inference::{predict_logits, InferenceOptions};
 pub use loss::{cross_entropy, segmentation_loss, IGNORE_INDEX};
+pub use mobileone::resize::resize_bilinear;
 pub use model::{DeepLabV3, SegmentationOutput};
-pub use resize::resize_bilinear;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeepLabError {

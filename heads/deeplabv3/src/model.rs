@@ -7,7 +7,7 @@ use mobileone::MobileOne;
 
 use crate::aspp::{DeepLabHead, FcnHead};
 use crate::config::DeepLabConfig;
-use crate::resize::resize_bilinear;
+use mobileone::resize::resize_bilinear;
 
 /// Logits at the input's resolution, (N, classes, H, W).
 #[derive(Debug, Clone)]

@@ -153,7 +153,7 @@ impl SsdDetector {
         let s = self.config.image_size;
         let mut data = Vec::with_capacity(images.len() * 3 * s * s);
         for image in images {
-            data.extend(transform.apply(image.pixels, image.height, image.width));
+            data.extend(transform.apply(image.pixels, image.height, image.width)?);
         }
         Tensor::from_vec(data, (images.len(), 3, s, s), device)
     }

@@ -2,73 +2,20 @@
 //! normalise, then resize with `F.interpolate(mode="bilinear", align_corners=False)` (no antialias).
 //! Plain f32 CHW buffers; the arithmetic follows PyTorch's CPU kernel so results agree to rounding.
 
-/// Source indices and weights of one output coordinate (PyTorch's `compute_source_index_and_lambda`).
-#[derive(Debug, Clone, Copy)]
-struct Tap {
-    i0: usize,
-    i1: usize,
-    w0: f32,
-    w1: f32,
-}
-
-fn linear_taps(input_size: usize, output_size: usize) -> Vec<Tap> {
-    if input_size == output_size {
-        return (0..output_size)
-            .map(|i| Tap {
-                i0: i,
-                i1: i,
-                w0: 1.0,
-                w1: 0.0,
-            })
-            .collect();
-    }
-    let scale = input_size as f32 / output_size as f32;
-    (0..output_size)
-        .map(|o| {
-            let real = (scale * (o as f32 + 0.5) - 0.5).max(0.0);
-            let i0 = (real.floor() as usize).min(input_size - 1);
-            let w1 = (real - i0 as f32).clamp(0.0, 1.0);
-            let i1 = if i0 < input_size - 1 { i0 + 1 } else { i0 };
-            Tap {
-                i0,
-                i1,
-                w0: 1.0 - w1,
-                w1,
-            }
-        })
-        .collect()
-}
+use candle_core::{Device, Result, Tensor};
 
 /// Bilinear resize of a CHW buffer, `F.interpolate(x, size=(out_h, out_w), mode="bilinear",
-/// align_corners=False)`.
+/// align_corners=False)`, through the project's one implementation ([`mobileone::resize`]).
 pub fn resize_bilinear(
     src: &[f32],
     channels: usize,
     in_size: (usize, usize),
     out_size: (usize, usize),
-) -> Vec<f32> {
-    let (in_h, in_w) = in_size;
-    let (out_h, out_w) = out_size;
-    assert_eq!(
-        src.len(),
-        channels * in_h * in_w,
-        "buffer must be channels × height × width"
-    );
-    let ys = linear_taps(in_h, out_h);
-    let xs = linear_taps(in_w, out_w);
-    let mut out = Vec::with_capacity(channels * out_h * out_w);
-    for plane in src.chunks_exact(in_h * in_w) {
-        for ty in &ys {
-            let row0 = &plane[ty.i0 * in_w..(ty.i0 + 1) * in_w];
-            let row1 = &plane[ty.i1 * in_w..(ty.i1 + 1) * in_w];
-            for tx in &xs {
-                let top = row0[tx.i0] * tx.w0 + row0[tx.i1] * tx.w1;
-                let bottom = row1[tx.i0] * tx.w0 + row1[tx.i1] * tx.w1;
-                out.push(top * ty.w0 + bottom * ty.w1);
-            }
-        }
-    }
-    out
+) -> Result<Vec<f32>> {
+    let x = Tensor::from_slice(src, (1, channels, in_size.0, in_size.1), &Device::Cpu)?;
+    mobileone::resize::resize_bilinear(&x, out_size.0, out_size.1)?
+        .flatten_all()?
+        .to_vec1()
 }
 
 /// `(x - mean[c]) / std[c]` per channel of a CHW buffer.
@@ -117,7 +64,7 @@ pub struct Transform {
 
 impl Transform {
     /// Interleaved RGB8 image → normalised, resized CHW buffer of `3 × size.0 × size.1`.
-    pub fn apply(&self, pixels: &[u8], height: usize, width: usize) -> Vec<f32> {
+    pub fn apply(&self, pixels: &[u8], height: usize, width: usize) -> Result<Vec<f32>> {
         let mut chw = rgb8_to_chw(pixels, height, width);
         normalize(&mut chw, &self.mean, &self.std);
         resize_bilinear(&chw, 3, (height, width), self.size)
@@ -131,13 +78,13 @@ mod tests {
     #[test]
     fn same_size_is_identity() {
         let x: Vec<f32> = (0..2 * 3 * 5).map(|v| v as f32 * 0.37).collect();
-        assert_eq!(resize_bilinear(&x, 2, (3, 5), (3, 5)), x);
+        assert_eq!(resize_bilinear(&x, 2, (3, 5), (3, 5)).unwrap(), x);
     }
 
     #[test]
     fn upsample_two_pixels() {
         // torch: F.interpolate(tensor([[[[0., 1.]]]]), size=(1, 4), mode="bilinear") = [0, .25, .75, 1]
-        let out = resize_bilinear(&[0.0, 1.0], 1, (1, 2), (1, 4));
+        let out = resize_bilinear(&[0.0, 1.0], 1, (1, 2), (1, 4)).unwrap();
         assert_eq!(out, vec![0.0, 0.25, 0.75, 1.0]);
     }
 }

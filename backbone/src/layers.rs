@@ -1,8 +1,9 @@
 //! Building blocks shared by the backbone and the heads: convolution with fused bias and activation,
 //! BatchNorm with PyTorch's key names and semantics, and BN folding.
-use candle_core::{CpuStorage, DType, Module, ModuleT, Result, Storage, Tensor};
+use candle_core::{DType, Module, ModuleT, Result, Storage, Tensor};
 
-use crate::batch_norm::{channel_stats, BatchNormTrain};
+use crate::ops::batch_norm::{channel_stats, BatchNormTrain};
+use crate::ops::cpu_slice;
 use candle_nn::VarBuilder;
 
 /// Geometry of a 2-D convolution (square kernels, symmetric padding, as in the reference models).
@@ -179,12 +180,10 @@ impl BatchNorm2d {
         }
         let (mean, var) = {
             let (storage, layout) = x.storage_and_layout();
-            let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =
-                (&*storage, layout.contiguous_offsets())
-            else {
-                candle_core::bail!("batch-norm: expected a contiguous f32 CPU tensor");
+            let Storage::Cpu(cpu) = &*storage else {
+                candle_core::bail!("batch-norm: expected a CPU tensor");
             };
-            channel_stats(&data[start..end], n, c, h * w)
+            channel_stats(cpu_slice(cpu, layout, "batch-norm")?, n, c, h * w)
         };
         let count = (n * h * w) as f64;
         let m = self.inner.momentum();

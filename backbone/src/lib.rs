@@ -1,6 +1,5 @@
 //! MobileOne backbone (S0–S4) on candle: the train-time multi-branch form, its exact reparameterisation
 //! into one conv per layer, timm / Apple / own checkpoints, multi-scale features and dilation.
-mod batch_norm;
 pub mod checkpoint;
 pub mod layers;
 pub mod mobileone;

@@ -7,6 +7,7 @@
 //! to candle's convolution for everything else (other dtypes and devices, grouped non-depthwise
 //! convolutions). Tensors stay NCHW at the op boundary.
 
+pub(crate) mod batch_norm;
 mod depthwise;
 mod gemm_conv;
 
@@ -151,7 +152,7 @@ fn activation_grad_mask(y: f32, act: Activation) -> f32 {
 }
 
 /// Contiguous f32 slice of a CPU storage, or an error naming the op.
-fn cpu_slice<'a>(
+pub(crate) fn cpu_slice<'a>(
     storage: &'a candle_core::CpuStorage,
     layout: &candle_core::Layout,
     op: &str,

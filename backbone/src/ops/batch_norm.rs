@@ -8,6 +8,8 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu_slice;
+
 /// Per-channel mean and biased variance of an NCHW slice.
 pub(crate) fn channel_stats(x: &[f32], n: usize, c: usize, plane: usize) -> (Vec<f64>, Vec<f64>) {
     (0..c)
@@ -37,13 +39,6 @@ pub(crate) struct BatchNormTrain {
     pub invstd: Vec<f32>,
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("batch-norm-train expects contiguous f32 tensors"),
-    }
-}
-
 impl CustomOp3 for BatchNormTrain {
     fn name(&self) -> &'static str {
         "batch-norm-train"
@@ -58,7 +53,11 @@ impl CustomOp3 for BatchNormTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, gamma, beta) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (x, gamma, beta) = (
+            cpu_slice(s1, l1, self.name())?,
+            cpu_slice(s2, l2, self.name())?,
+            cpu_slice(s3, l3, self.name())?,
+        );
         let (_, c, h, w) = l1.shape().dims4()?;
         let plane = h * w;
         let mut out = vec![0f32; x.len()];

@@ -91,14 +91,6 @@ impl Conv2d {
         })
     }
 
-    pub fn in_channels(&self) -> usize {
-        self.weight.dims()[1] * self.config.groups
-    }
-
-    pub fn out_channels(&self) -> usize {
-        self.weight.dims()[0]
-    }
-
     pub fn kernel_size(&self) -> usize {
         self.weight.dims()[2]
     }

@@ -65,3 +65,24 @@ fn unknown_optimizer_is_rejected_by_the_parser() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("unknown optimizer `lamb`"), "{stderr}");
 }
+
+#[test]
+fn head_flags_belong_to_segmentation() {
+    let out = train(&[
+        "det",
+        "--dataset",
+        "synth",
+        "--data-root",
+        "/nonexistent/shapes",
+        "--head-channels",
+        "64",
+        "--out",
+        &out_dir("head"),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--head-channels") && stderr.contains("train seg"),
+        "{stderr}"
+    );
+}

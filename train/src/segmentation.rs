@@ -68,6 +68,9 @@ impl SegmentationTask {
             settings.output_stride,
         );
         spec.class_names = train.class_names.clone();
+        spec.config.head_channels = settings.head_channels;
+        spec.config.atrous_rates = settings.atrous_rates.clone();
+        spec.config.validate().map_err(TrainError::Config)?;
         if settings.aux_loss {
             spec.config.aux_stride = Some(16);
         }

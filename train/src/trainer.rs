@@ -77,6 +77,21 @@ pub struct RunSettings {
     pub aux_loss: bool,
     /// Segmentation: output stride of the trunk (16 or 8 by dilation).
     pub output_stride: usize,
+    /// Segmentation: width of the ASPP branches and the layers after them (torchvision: 256).
+    /// Checkpoints written before this setting existed were trained with the default.
+    #[serde(default = "default_head_channels")]
+    pub head_channels: usize,
+    /// Segmentation: dilations of the three 3x3 ASPP branches (torchvision: 12, 24, 36).
+    #[serde(default = "default_atrous_rates")]
+    pub atrous_rates: Vec<usize>,
+}
+
+fn default_head_channels() -> usize {
+    deeplabv3::config::DEFAULT_HEAD_CHANNELS
+}
+
+fn default_atrous_rates() -> Vec<usize> {
+    deeplabv3::config::DEFAULT_ATROUS_RATES.to_vec()
 }
 
 impl RunSettings {
@@ -600,5 +615,45 @@ impl Trainer {
             self.save(&self.out_dir.join(BEST))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_saved_before_the_head_flags_read_as_torchvision_defaults() {
+        let mut value = serde_json::to_value(RunSettings {
+            task: TaskKind::Seg,
+            dataset: DatasetKind::Synth,
+            data_root: "shapes".into(),
+            variant: Variant::S0,
+            init_backbone: None,
+            epochs: 1,
+            batch_size: 2,
+            image_size: 64,
+            lr: 0.1,
+            optimizer: OptimizerKind::SGD,
+            weight_decay: 0.0,
+            weight_decay_end: None,
+            warmup_epochs: 0.0,
+            clip_grad: None,
+            seed: 0,
+            workers: 1,
+            val_every: 1,
+            augment: Augment::None,
+            aux_loss: false,
+            output_stride: 16,
+            head_channels: 64,
+            atrous_rates: vec![1, 2, 3],
+        })
+        .unwrap();
+        let map = value.as_object_mut().unwrap();
+        map.remove("head_channels");
+        map.remove("atrous_rates");
+        let old: RunSettings = serde_json::from_value(value).unwrap();
+        assert_eq!(old.head_channels, 256);
+        assert_eq!(old.atrous_rates, vec![12, 24, 36]);
     }
 }

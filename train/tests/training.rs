@@ -51,6 +51,9 @@ fn settings(task: TaskKind, root: &Path) -> RunSettings {
         augment: Augment::Flip,
         aux_loss: task == TaskKind::Seg,
         output_stride: 16,
+        // A narrow head keeps the segmentation tests fast.
+        head_channels: 32,
+        atrous_rates: vec![12, 24, 36],
     }
 }
 
@@ -184,4 +187,56 @@ fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     assert!(message.contains("last good checkpoint"), "{message}");
     assert!(message.contains("last.safetensors"), "{message}");
     assert_eq!(std::fs::read(&last).unwrap(), before);
+}
+
+#[test]
+fn seg_head_settings_reach_the_checkpoints_and_guard_resume() {
+    single_threaded_elementwise();
+    let data = tempfile::tempdir().unwrap();
+    synth(data.path());
+    let mut run = settings(TaskKind::Seg, data.path());
+    run.head_channels = 16;
+    run.atrous_rates = vec![1, 2, 3];
+    let out = tempfile::tempdir().unwrap();
+    let trainer = Trainer::new(run.clone(), out.path(), None).unwrap();
+    let (last, fused) = (
+        out.path().join("last.safetensors"),
+        out.path().join("fused.safetensors"),
+    );
+    trainer.save(&last).unwrap();
+    trainer.export_fused(&fused).unwrap();
+
+    // `segment` rebuilds the same head from either file.
+    for path in [&last, &fused] {
+        let (_, spec) = deeplabv3::load(
+            path,
+            &deeplabv3::Overrides::default(),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(spec.config.head_channels, 16, "{}", path.display());
+        assert_eq!(
+            spec.config.atrous_rates,
+            vec![1, 2, 3],
+            "{}",
+            path.display()
+        );
+    }
+
+    // A resume with another head is refused, naming the setting.
+    let mut wider = run.clone();
+    wider.head_channels = 24;
+    let err = Trainer::new(wider, out.path(), Some(&last)).err().unwrap();
+    assert!(err.to_string().contains("head_channels"), "{err}");
+    let mut rates = run.clone();
+    rates.atrous_rates = vec![2, 4, 6];
+    let err = Trainer::new(rates, out.path(), Some(&last)).err().unwrap();
+    assert!(err.to_string().contains("atrous_rates"), "{err}");
+    Trainer::new(run, out.path(), Some(&last)).unwrap();
+
+    // Bad rates are a configuration error, not a panic.
+    let mut bad = settings(TaskKind::Seg, data.path());
+    bad.atrous_rates = vec![6, 12];
+    let err = Trainer::new(bad, out.path(), None).err().unwrap();
+    assert!(err.to_string().contains("atrous rates"), "{err}");
 }

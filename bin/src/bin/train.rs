@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use mobileone::Variant;
 use mobileone_train::{
@@ -106,6 +106,13 @@ struct Cli {
     /// seg: output stride of the trunk, 16 or 8 (dilation).
     #[arg(long, default_value_t = 16)]
     output_stride: usize,
+    /// seg: width of the ASPP branches, projection and 3x3 refinement conv [default: 256, as
+    /// torchvision]; a narrower head (e.g. 64) makes a much smaller model.
+    #[arg(long, value_name = "N")]
+    head_channels: Option<usize>,
+    /// seg: dilations of the three 3x3 ASPP branches [default: 12,24,36].
+    #[arg(long, value_delimiter = ',', num_args = 1, value_name = "A,B,C")]
+    atrous_rates: Option<Vec<usize>>,
     /// Without a terminal (logs), print a progress line every N steps.
     #[arg(long, default_value_t = 50, value_name = "N")]
     log_every: u64,
@@ -117,6 +124,16 @@ fn run() -> Result<i32> {
     // slower training measured on 2 cores with both pools).
     mobileone::ops::set_threads(cli.threads.unwrap_or(0))
         .context("cannot start the worker threads")?;
+    if matches!(cli.command, Command::Det) {
+        for (given, flag) in [
+            (cli.head_channels.is_some(), "--head-channels"),
+            (cli.atrous_rates.is_some(), "--atrous-rates"),
+        ] {
+            if given {
+                bail!("{flag} sets the DeepLabV3 head: it applies to `train seg` only");
+            }
+        }
+    }
     let sgd = matches!(cli.optimizer, OptimizerKind::Sgd { .. });
     let settings = RunSettings {
         task: match cli.command {
@@ -142,6 +159,12 @@ fn run() -> Result<i32> {
         augment: cli.augment,
         aux_loss: cli.aux_loss,
         output_stride: cli.output_stride,
+        head_channels: cli
+            .head_channels
+            .unwrap_or(deeplabv3::config::DEFAULT_HEAD_CHANNELS),
+        atrous_rates: cli
+            .atrous_rates
+            .unwrap_or_else(|| deeplabv3::config::DEFAULT_ATROUS_RATES.to_vec()),
     };
     let mut trainer = Trainer::new(settings.clone(), &cli.out, cli.resume.as_deref())?;
     trainer.log_every = cli.log_every;

@@ -1,9 +1,8 @@
 //! Building blocks shared by the backbone and the heads: convolution with fused bias and activation,
 //! BatchNorm with PyTorch's key names and semantics, and BN folding.
-use candle_core::{DType, Module, ModuleT, Result, Storage, Tensor};
+use candle_core::{DType, Module, ModuleT, Result, Tensor};
 
-use crate::ops::batch_norm::{channel_stats, BatchNormTrain};
-use crate::ops::cpu_slice;
+use crate::ops::batch_norm::{tensor_channel_stats, BatchNormTrain};
 use candle_nn::VarBuilder;
 
 /// Geometry of a 2-D convolution (square kernels, symmetric padding, as in the reference models).
@@ -159,39 +158,47 @@ impl BatchNorm2d {
 }
 
 impl BatchNorm2d {
-    /// Training mode on CPU f32: batch statistics computed natively, one native normalisation op with
-    /// its backward pass, running statistics updated as PyTorch does (unbiased variance).
-    fn forward_train_native(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.contiguous()?;
-        let (n, c, h, w) = x.dims4()?;
-        if n * h * w < 2 {
-            candle_core::bail!(
-                "batch-norm in training mode needs more than one value per channel, got input {:?}",
-                x.dims()
-            );
-        }
-        let (mean, var) = {
-            let (storage, layout) = x.storage_and_layout();
-            let Storage::Cpu(cpu) = &*storage else {
-                candle_core::bail!("batch-norm: expected a CPU tensor");
-            };
-            channel_stats(cpu_slice(cpu, layout, "batch-norm")?, n, c, h * w)
-        };
-        let count = (n * h * w) as f64;
+    pub(crate) fn gamma_beta(&self) -> (&Tensor, &Tensor) {
+        self.inner
+            .weight_and_bias()
+            .expect("BatchNorm2d is always affine")
+    }
+
+    pub(crate) fn eps(&self) -> f64 {
+        self.inner.eps()
+    }
+
+    /// Moves the running statistics towards a batch's (biased) mean and variance over `count`
+    /// values per channel, as PyTorch does: momentum-weighted, with the unbiased variance.
+    pub(crate) fn update_running_stats(&self, mean: &[f64], var: &[f64], count: f64) -> Result<()> {
         let m = self.inner.momentum();
-        let update = |running: &Tensor, batch: Vec<f64>| -> Result<()> {
-            let old = running.to_vec1::<f32>()?;
-            let new: Vec<f32> = old
+        let update = |running: &Tensor, batch: &mut dyn Iterator<Item = f64>| -> Result<()> {
+            let new: Vec<f32> = running
+                .to_vec1::<f32>()?
                 .iter()
                 .zip(batch)
                 .map(|(&o, b)| ((1.0 - m) * o as f64 + m * b) as f32)
                 .collect();
+            let len = new.len();
             candle_core::Var::from_tensor(running)?.set(&Tensor::from_vec(
                 new,
-                c,
+                len,
                 running.device(),
             )?)
         };
+        update(self.inner.running_mean(), &mut mean.iter().copied())?;
+        update(
+            self.inner.running_var(),
+            &mut var.iter().map(|v| v * count / (count - 1.0)),
+        )
+    }
+
+    /// Training mode on CPU f32: batch statistics computed natively, one native normalisation op with
+    /// its backward pass, running statistics updated as PyTorch does (unbiased variance).
+    fn forward_train_native(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let (n, _, h, w) = x.dims4()?;
+        let (mean, var) = tensor_channel_stats(&x)?;
         let eps = self.inner.eps();
         let op = BatchNormTrain {
             mean: mean.iter().map(|&v| v as f32).collect(),
@@ -200,15 +207,8 @@ impl BatchNorm2d {
                 .map(|&v| (1.0 / (v + eps).sqrt()) as f32)
                 .collect(),
         };
-        update(self.inner.running_mean(), mean)?;
-        update(
-            self.inner.running_var(),
-            var.iter().map(|v| v * count / (count - 1.0)).collect(),
-        )?;
-        let (gamma, beta) = self
-            .inner
-            .weight_and_bias()
-            .expect("BatchNorm2d is always affine");
+        self.update_running_stats(&mean, &var, (n * h * w) as f64)?;
+        let (gamma, beta) = self.gamma_beta();
         x.apply_op3(gamma, beta, op)
     }
 }

@@ -177,6 +177,20 @@ fn depthwise_matches_reference() {
         };
         worst = worst.max(case.check());
     }
+    // Channel multiplier 2 and 5 (the train-time MobileOne block runs its branches as one such conv).
+    for (multiplier, stride) in [(2, 1), (5, 2)] {
+        for act in ACTS {
+            let case = Case {
+                input: [2, 3, 9, 11],
+                out_channels: 3 * multiplier,
+                kernel: 3,
+                config: config(stride, 1, 1, 3),
+                bias: true,
+                act,
+            };
+            worst = worst.max(case.check());
+        }
+    }
     eprintln!("depthwise: worst relative error {worst:e}");
 }
 

@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_slice;
+use super::{cpu_slice, with_cpu_slices};
 
 /// Per-channel mean and biased variance of an NCHW slice.
 pub(crate) fn channel_stats(x: &[f32], n: usize, c: usize, plane: usize) -> (Vec<f64>, Vec<f64>) {
@@ -30,6 +30,19 @@ pub(crate) fn channel_stats(x: &[f32], n: usize, c: usize, plane: usize) -> (Vec
             (mean, var)
         })
         .unzip()
+}
+
+/// Per-channel mean and biased variance of an NCHW f32 CPU tensor, with an error when a channel has
+/// fewer than two values (training-mode BN is undefined there).
+pub(crate) fn tensor_channel_stats(x: &Tensor) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (n, c, h, w) = x.dims4()?;
+    if n * h * w < 2 {
+        candle_core::bail!(
+            "batch-norm in training mode needs more than one value per channel, got input {:?}",
+            x.dims()
+        );
+    }
+    with_cpu_slices(&[x], "batch-norm", |s| Ok(channel_stats(s[0], n, c, h * w)))
 }
 
 /// `(x - mean) * invstd * gamma + beta` with the batch's own statistics, which the op carries so the
@@ -86,37 +99,38 @@ impl CustomOp3 for BatchNormTrain {
         let (n, c, h, w) = x.dims4()?;
         let plane = h * w;
         let count = (n * plane) as f64;
-        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let gs = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let gamma_v = gamma.to_vec1::<f32>()?;
-        // Per channel: Σ dy and Σ dy·x̂.
-        let (dbeta, dgamma): (Vec<f64>, Vec<f64>) = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let (mut sum, mut dot) = (0f64, 0f64);
-                for b in 0..n {
-                    let range = (b * c + ch) * plane..(b * c + ch + 1) * plane;
-                    for (&g, &v) in gs[range.clone()].iter().zip(&xs[range]) {
-                        sum += g as f64;
-                        dot += g as f64 * ((v - self.mean[ch]) * self.invstd[ch]) as f64;
+        let (dx, dgamma, dbeta) = with_cpu_slices(&[x, grad, gamma], self.name(), |s| {
+            let (xs, gs, gamma_v) = (s[0], s[1], s[2]);
+            // Per channel: Σ dy and Σ dy·x̂.
+            let (dbeta, dgamma): (Vec<f64>, Vec<f64>) = (0..c)
+                .into_par_iter()
+                .map(|ch| {
+                    let (mut sum, mut dot) = (0f64, 0f64);
+                    for b in 0..n {
+                        let range = (b * c + ch) * plane..(b * c + ch + 1) * plane;
+                        for (&g, &v) in gs[range.clone()].iter().zip(&xs[range]) {
+                            sum += g as f64;
+                            dot += g as f64 * ((v - self.mean[ch]) * self.invstd[ch]) as f64;
+                        }
                     }
+                    (sum, dot)
+                })
+                .unzip();
+            // dx = γ·invstd·(dy − mean(dy) − x̂·mean(dy·x̂))
+            let mut dx = super::output_buffer(xs.len());
+            dx.par_chunks_mut(plane).enumerate().for_each(|(p, out)| {
+                let ch = p % c;
+                let range = p * plane..(p + 1) * plane;
+                let k = gamma_v[ch] * self.invstd[ch];
+                let mean_dy = (dbeta[ch] / count) as f32;
+                let mean_dyx = (dgamma[ch] / count) as f32;
+                for ((o, &g), &v) in out.iter_mut().zip(&gs[range.clone()]).zip(&xs[range]) {
+                    let xhat = (v - self.mean[ch]) * self.invstd[ch];
+                    *o = k * (g - mean_dy - xhat * mean_dyx);
                 }
-                (sum, dot)
-            })
-            .unzip();
-        // dx = γ·invstd·(dy − mean(dy) − x̂·mean(dy·x̂))
-        let mut dx = vec![0f32; xs.len()];
-        dx.par_chunks_mut(plane).enumerate().for_each(|(p, out)| {
-            let ch = p % c;
-            let range = p * plane..(p + 1) * plane;
-            let k = gamma_v[ch] * self.invstd[ch];
-            let mean_dy = (dbeta[ch] / count) as f32;
-            let mean_dyx = (dgamma[ch] / count) as f32;
-            for ((o, &g), &v) in out.iter_mut().zip(&gs[range.clone()]).zip(&xs[range]) {
-                let xhat = (v - self.mean[ch]) * self.invstd[ch];
-                *o = k * (g - mean_dy - xhat * mean_dyx);
-            }
-        });
+            });
+            Ok((dx, dgamma, dbeta))
+        })?;
         let device = x.device();
         let to_tensor = |v: Vec<f64>| {
             Tensor::from_vec(

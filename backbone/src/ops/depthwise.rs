@@ -1,5 +1,5 @@
-//! Depthwise KxK convolution (one filter per channel, channel multiplier 1) with fused bias and
-//! activation, and its backward pass.
+//! Depthwise KxK convolution (groups = input channels, each input channel feeding `multiplier`
+//! consecutive output channels) with fused bias and activation, and its backward pass.
 //!
 //! Forward, stride 1 or 2 with K in {1, 3, 5} on AVX2: each output row is computed straight from
 //! the input rows, 8 outputs per vector, one FMA per tap; rows in the vertical padding read a zero
@@ -9,10 +9,10 @@
 //! reads a contiguous run of the buffer for consecutive outputs of a row.
 
 use super::{
-    activate, activation_grad_mask, cpu_slice, has_avx2_fma, output_size, Activation, Geometry,
-    SendPtr,
+    activate, activation_grad_mask, cpu_slice, has_avx2_fma, output_size, with_cpu_slices,
+    Activation, Geometry, SendPtr,
 };
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -30,7 +30,8 @@ thread_local! {
     static BUFFERS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Depthwise convolution of x (N, C, H, W) with weight (C, 1, K, K) and bias (C).
+/// Depthwise convolution of x (N, C, H, W) with weight (C·M, 1, K, K) and bias (C·M): output channel
+/// o reads input channel o / M.
 pub(super) struct DepthwiseConv(pub(super) Geometry);
 
 /// Where each input value of a plane lands in the padded, phase-split buffer.
@@ -521,15 +522,16 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 impl DepthwiseConv {
-    fn check_shapes(&self, x: &Shape, w: &Shape, b: &Shape) -> Result<(usize, PlaneLayout)> {
+    /// Kernel size, channel multiplier and plane layout, or an error naming the shapes.
+    fn check_shapes(&self, x: &Shape, w: &Shape, b: &Shape) -> Result<(usize, usize, PlaneLayout)> {
         let (_, c, h, wd) = x.dims4()?;
         let (wc, one, k, k2) = w.dims4()?;
-        if wc != c || one != 1 || k != k2 || b.elem_count() != c {
+        if wc == 0 || wc % c != 0 || one != 1 || k != k2 || b.elem_count() != wc {
             candle_core::bail!(
-                "depthwise conv2d: input {x:?} needs weight ({c}, 1, K, K) and bias ({c}), got {w:?} and {b:?}"
+                "depthwise conv2d: input {x:?} needs weight ({c}·M, 1, K, K) and bias ({c}·M), got {w:?} and {b:?}"
             );
         }
-        Ok((k, PlaneLayout::new(h, wd, k, &self.0)?))
+        Ok((k, wc / c, PlaneLayout::new(h, wd, k, &self.0)?))
     }
 }
 
@@ -552,29 +554,31 @@ impl CustomOp3 for DepthwiseConv {
             cpu_slice(s2, l2, self.name())?,
             cpu_slice(s3, l3, self.name())?,
         );
-        let (k, layout) = self.check_shapes(l1.shape(), l2.shape(), l3.shape())?;
+        let (k, multiplier, layout) = self.check_shapes(l1.shape(), l2.shape(), l3.shape())?;
         let (n, c, h, wd) = l1.shape().dims4()?;
+        let c_out = c * multiplier;
         let (taps, plane_in) = (k * k, h * wd);
         let plane_out = layout.out_height * layout.out_width;
         let act = self.0.act;
-        let mut out = super::output_buffer(n * c * plane_out);
+        let mut out = super::output_buffer(n * c_out * plane_out);
         out.par_chunks_mut(plane_out)
             .with_min_len(MIN_TASK_OUTPUTS.div_ceil(plane_out))
             .enumerate()
             .for_each(|(p, out_plane)| {
-                let ci = p % c;
-                let plane = &x[p * plane_in..(p + 1) * plane_in];
-                let weights = &w[ci * taps..(ci + 1) * taps];
-                if forward_plane_direct(&layout, plane, weights, b[ci], act, out_plane) {
+                let (image, co) = (p / c_out, p % c_out);
+                let input = image * c + co / multiplier;
+                let plane = &x[input * plane_in..(input + 1) * plane_in];
+                let weights = &w[co * taps..(co + 1) * taps];
+                if forward_plane_direct(&layout, plane, weights, b[co], act, out_plane) {
                     return;
                 }
                 BUFFERS.with_borrow_mut(|(buf, _)| {
                     buf.resize(layout.buffer_len(), 0.0);
                     layout.scatter(plane, buf);
-                    forward_plane(&layout, buf, weights, b[ci], act, out_plane);
+                    forward_plane(&layout, buf, weights, b[co], act, out_plane);
                 })
             });
-        let shape = Shape::from((n, c, layout.out_height, layout.out_width));
+        let shape = Shape::from((n, c_out, layout.out_height, layout.out_width));
         Ok((CpuStorage::F32(out), shape))
     }
 
@@ -586,62 +590,78 @@ impl CustomOp3 for DepthwiseConv {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (k, layout) = self.check_shapes(x.shape(), w.shape(), b.shape())?;
+        let (k, multiplier, layout) = self.check_shapes(x.shape(), w.shape(), b.shape())?;
         let (n, c, h, wd) = x.dims4()?;
+        let c_out = c * multiplier;
         let (taps, plane_in) = (k * k, h * wd);
         let plane_out = layout.out_height * layout.out_width;
-        let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-        let (xv, wv, rv, gv) = (flat(x)?, flat(w)?, flat(res)?, flat(grad_res)?);
         let act = self.0.act;
 
         let mut grad_x = vec![0f32; n * c * plane_in];
         let grad_x_ptr = SendPtr(grad_x.as_mut_ptr());
-        let per_channel: Vec<(Vec<f64>, f64)> = (0..c)
-            .into_par_iter()
-            .map(|ci| {
-                let backward = ChannelBackward {
-                    layout: &layout,
-                    weights: &wv[ci * taps..(ci + 1) * taps],
-                };
-                let mut grad_w = vec![0f64; taps];
-                let mut grad_b = 0f64;
-                let mut grad_pre = vec![0f32; plane_out];
-                BUFFERS.with_borrow_mut(|(input_buf, grad_buf)| {
-                    input_buf.resize(layout.buffer_len(), 0.0);
-                    grad_buf.resize(layout.buffer_len(), 0.0);
-                    for img in 0..n {
-                        let p = img * c + ci;
-                        let out_range = p * plane_out..(p + 1) * plane_out;
-                        for ((d, &g), &y) in grad_pre
-                            .iter_mut()
-                            .zip(&gv[out_range.clone()])
-                            .zip(&rv[out_range])
-                        {
-                            *d = g * activation_grad_mask(y, act);
-                        }
-                        grad_b += grad_pre.iter().map(|&g| g as f64).sum::<f64>();
-                        layout.scatter(&xv[p * plane_in..(p + 1) * plane_in], input_buf);
-                        grad_buf.fill(0.0);
-                        backward.plane_dispatch(input_buf, &grad_pre, &mut grad_w, grad_buf);
-                        // SAFETY: plane p of grad_x is written by this task only.
-                        let grad_plane = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                grad_x_ptr.get().add(p * plane_in),
-                                plane_in,
-                            )
-                        };
-                        layout.gather(grad_buf, grad_plane);
-                    }
-                });
-                (grad_w, grad_b)
-            })
-            .collect();
+        // Per input channel: the weight and bias gradients of its `multiplier` output channels.
+        let per_channel: Vec<(Vec<f64>, Vec<f64>)> =
+            with_cpu_slices(&[x, w, res, grad_res], self.name(), |s| {
+                let (xv, wv, rv, gv) = (s[0], s[1], s[2], s[3]);
+                Ok((0..c)
+                    .into_par_iter()
+                    .map(|ci| {
+                        let mut grad_w = vec![0f64; multiplier * taps];
+                        let mut grad_b = vec![0f64; multiplier];
+                        let mut grad_pre = vec![0f32; plane_out];
+                        BUFFERS.with_borrow_mut(|(input_buf, grad_buf)| {
+                            input_buf.resize(layout.buffer_len(), 0.0);
+                            grad_buf.resize(layout.buffer_len(), 0.0);
+                            for img in 0..n {
+                                let p = img * c + ci;
+                                layout.scatter(&xv[p * plane_in..(p + 1) * plane_in], input_buf);
+                                grad_buf.fill(0.0);
+                                for j in 0..multiplier {
+                                    let co = ci * multiplier + j;
+                                    let start = (img * c_out + co) * plane_out;
+                                    let out_range = start..start + plane_out;
+                                    for ((d, &g), &y) in grad_pre
+                                        .iter_mut()
+                                        .zip(&gv[out_range.clone()])
+                                        .zip(&rv[out_range])
+                                    {
+                                        *d = g * activation_grad_mask(y, act);
+                                    }
+                                    grad_b[j] += grad_pre.iter().map(|&g| g as f64).sum::<f64>();
+                                    let backward = ChannelBackward {
+                                        layout: &layout,
+                                        weights: &wv[co * taps..(co + 1) * taps],
+                                    };
+                                    backward.plane_dispatch(
+                                        input_buf,
+                                        &grad_pre,
+                                        &mut grad_w[j * taps..(j + 1) * taps],
+                                        grad_buf,
+                                    );
+                                }
+                                // SAFETY: plane p of grad_x is written by this task only.
+                                let grad_plane = unsafe {
+                                    std::slice::from_raw_parts_mut(
+                                        grad_x_ptr.get().add(p * plane_in),
+                                        plane_in,
+                                    )
+                                };
+                                layout.gather(grad_buf, grad_plane);
+                            }
+                        });
+                        (grad_w, grad_b)
+                    })
+                    .collect())
+            })?;
 
         let grad_w: Vec<f32> = per_channel
             .iter()
             .flat_map(|(gw, _)| gw.iter().map(|&v| v as f32))
             .collect();
-        let grad_b: Vec<f32> = per_channel.iter().map(|(_, gb)| *gb as f32).collect();
+        let grad_b: Vec<f32> = per_channel
+            .iter()
+            .flat_map(|(_, gb)| gb.iter().map(|&v| v as f32))
+            .collect();
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(grad_x, x.shape(), dev)?),

@@ -5,8 +5,8 @@
 //! rayon runs in parallel; each tile gets its bias and activation right after its GEMM, while it
 //! is still in cache.
 
-use super::{activate, cpu_slice, output_size, Activation, Geometry, SendPtr};
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use super::{activate, cpu_slice, output_size, with_cpu_slices, Activation, Geometry, SendPtr};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::borrow::Cow;
 
@@ -197,48 +197,201 @@ impl CustomOp3 for GemmConv {
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = &self.0;
-        let grad = match g.act {
-            Activation::None => grad_res.clone(),
-            Activation::Relu => (grad_res * res.gt(0f32)?.to_dtype(DType::F32)?)?,
-            Activation::Relu6 => {
-                let inside =
-                    (res.gt(0f32)?.to_dtype(DType::F32)? * res.lt(6f32)?.to_dtype(DType::F32)?)?;
-                (grad_res * inside)?
-            }
+        let (n, c_in, h, wd) = x.dims4()?;
+        let (c_out, _, k, _) = w.dims4()?;
+        let (_, _, oh, ow) = res.dims4()?;
+        let shape = GemmShape {
+            m: c_out,
+            n: oh * ow,
+            k: c_in * k * k,
         };
-        let grad_b = grad.sum((0, 2, 3))?;
-        let (n, c_out, oh, ow) = grad.dims4()?;
-        let (_, c_in, k, _) = w.dims4()?;
-        let (grad_x, grad_w) = if k == 1 && g.stride == 1 && g.padding == 0 {
-            let grad = grad.reshape((n, c_out, oh * ow))?;
-            let x = x.reshape((n, c_in, oh * ow))?;
-            let w = w.reshape((c_out, c_in))?;
-            let grad_x = w.t()?.broadcast_matmul(&grad)?;
-            let grad_w = grad.matmul(&x.t()?)?.sum(0)?;
-            (grad_x, grad_w)
-        } else {
-            // candle's own conv2d backward formulas, except that input rows and columns no window
-            // reaches (bottom/right, each axis on its own) get their zero gradient by padding.
-            let grad_x = grad.conv_transpose2d(w, g.padding, 0, g.stride, g.dilation)?;
-            let (_, _, h, wd) = x.dims4()?;
-            let (_, _, gh, gw) = grad_x.dims4()?;
-            let grad_x = grad_x
-                .pad_with_zeros(2, 0, h - gh)?
-                .pad_with_zeros(3, 0, wd - gw)?;
-            let grad_w = x
-                .transpose(0, 1)?
-                .conv2d(&grad.transpose(0, 1)?, g.padding, g.dilation, g.stride, 1)?
-                .transpose(0, 1)?
-                .narrow(2, 0, k)?
-                .narrow(3, 0, k)?;
-            (grad_x, grad_w)
-        };
+        let pointwise = k == 1 && g.stride == 1 && g.padding == 0;
+        let (grad_x, grad_w, grad_b) = with_cpu_slices(&[x, w, res, grad_res], self.name(), |s| {
+            let (x, w, res, grad_res) = (s[0], s[1], s[2], s[3]);
+            let grad = pre_activation_grad(grad_res, res, g.act);
+            let grad_b = channel_sums(&grad, n, c_out, shape.n);
+            let cols: Cow<[f32]> = if pointwise {
+                Cow::Borrowed(x)
+            } else {
+                Cow::Owned(im2col(x, (n, c_in, h, wd), k, (oh, ow), g))
+            };
+            let grad_w = weight_grad(&grad, &cols, n, shape);
+            let grad_cols = cols_grad(&grad, w, n, shape);
+            let grad_x = if pointwise {
+                grad_cols
+            } else {
+                col2im(&grad_cols, (n, c_in, h, wd), k, (oh, ow), g)
+            };
+            Ok((grad_x, grad_w, grad_b))
+        })?;
+        let dev = x.device();
         Ok((
-            Some(grad_x.reshape(x.shape())?),
-            Some(grad_w.reshape(w.shape())?),
-            Some(grad_b),
+            Some(Tensor::from_vec(grad_x, x.shape(), dev)?),
+            Some(Tensor::from_vec(grad_w, w.shape(), dev)?),
+            Some(Tensor::from_vec(grad_b, c_out, dev)?),
         ))
     }
+}
+
+/// dL/d(pre-activation): the incoming gradient where the activation let its input through.
+fn pre_activation_grad<'a>(grad: &'a [f32], out: &[f32], act: Activation) -> Cow<'a, [f32]> {
+    if act == Activation::None {
+        return Cow::Borrowed(grad);
+    }
+    let mut pre = super::output_buffer(grad.len());
+    pre.par_chunks_mut(1 << 14)
+        .zip(grad.par_chunks(1 << 14))
+        .zip(out.par_chunks(1 << 14))
+        .for_each(|((d, g), y)| {
+            for ((d, &g), &y) in d.iter_mut().zip(g).zip(y) {
+                *d = g * super::activation_grad_mask(y, act);
+            }
+        });
+    Cow::Owned(pre)
+}
+
+/// Per-channel sums of an NCHW buffer (the bias gradient), accumulated in f64.
+fn channel_sums(v: &[f32], n: usize, c: usize, plane: usize) -> Vec<f32> {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            (0..n)
+                .map(|img| {
+                    v[(img * c + ch) * plane..][..plane]
+                        .iter()
+                        .map(|&e| e as f64)
+                        .sum::<f64>()
+                })
+                .sum::<f64>() as f32
+        })
+        .collect()
+}
+
+/// dL/dW (m, k) = Σ over images of grad (m, n) × colsᵀ (n, k); tiles of dW run in parallel, each
+/// accumulating over the images.
+fn weight_grad(grad: &[f32], cols: &[f32], images: usize, s: GemmShape) -> Vec<f32> {
+    let mut grad_w = vec![0f32; s.m * s.k];
+    let dst = SendPtr(grad_w.as_mut_ptr());
+    // The tiles of one "image" of the (m, k) output: columns of dW are taps.
+    let tiles = plan_tiles(
+        1,
+        GemmShape {
+            m: s.m,
+            n: s.k,
+            k: s.n,
+        },
+    );
+    tiles.par_iter().for_each(|tile| {
+        for image in 0..images {
+            let g = &grad[image * s.m * s.n..][..s.m * s.n];
+            let c = &cols[image * s.k * s.n..][..s.k * s.n];
+            // SAFETY: tiles are disjoint; every pointer stays inside its buffer.
+            unsafe {
+                gemm::gemm(
+                    tile.rows.len(),
+                    tile.cols.len(),
+                    s.n,
+                    dst.get().add(tile.rows.start * s.k + tile.cols.start),
+                    1,
+                    s.k as isize,
+                    image > 0,
+                    g.as_ptr().add(tile.rows.start * s.n),
+                    1,
+                    s.n as isize,
+                    // colsᵀ: element (p, tap) is cols[tap * n + p].
+                    c.as_ptr().add(tile.cols.start * s.n),
+                    s.n as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+    });
+    grad_w
+}
+
+/// dL/dcols (k, n) = Wᵀ (k, m) × grad (m, n) for every image.
+fn cols_grad(grad: &[f32], w: &[f32], images: usize, s: GemmShape) -> Vec<f32> {
+    let mut grad_cols = super::output_buffer(images * s.k * s.n);
+    let dst = SendPtr(grad_cols.as_mut_ptr());
+    let transposed = GemmShape {
+        m: s.k,
+        n: s.n,
+        k: s.m,
+    };
+    plan_tiles(images, transposed).par_iter().for_each(|tile| {
+        let g = &grad[tile.image * s.m * s.n..][..s.m * s.n];
+        // SAFETY: tiles are disjoint; every pointer stays inside its buffer.
+        unsafe {
+            gemm::gemm(
+                tile.rows.len(),
+                tile.cols.len(),
+                s.m,
+                dst.get()
+                    .add(tile.image * s.k * s.n + tile.rows.start * s.n + tile.cols.start),
+                1,
+                s.n as isize,
+                false,
+                // Wᵀ: element (tap, co) is w[co * k + tap].
+                w.as_ptr().add(tile.rows.start),
+                s.k as isize,
+                1,
+                g.as_ptr().add(tile.cols.start),
+                1,
+                s.n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
+    grad_cols
+}
+
+/// The adjoint of [`im2col`]: sums every column entry back onto the input value it was read from.
+fn col2im(
+    cols: &[f32],
+    (n, c_in, h, w): (usize, usize, usize, usize),
+    k: usize,
+    (oh, ow): (usize, usize),
+    g: &Geometry,
+) -> Vec<f32> {
+    let ohw = oh * ow;
+    let mut x = vec![0f32; n * c_in * h * w];
+    let (s, p, d) = (g.stride, g.padding as isize, g.dilation);
+    x.par_chunks_mut(h * w)
+        .enumerate()
+        .for_each(|(plane_index, plane)| {
+            for ky in 0..k {
+                for kx in 0..k {
+                    let row = (plane_index * k + ky) * k + kx;
+                    let src = &cols[row * ohw..][..ohw];
+                    let shift = (kx * d) as isize - p;
+                    for oy in 0..oh {
+                        let iy = (oy * s + ky * d) as isize - p;
+                        if iy < 0 || iy >= h as isize {
+                            continue;
+                        }
+                        let dst = &mut plane[iy as usize * w..][..w];
+                        for (ox, &v) in src[oy * ow..(oy + 1) * ow].iter().enumerate() {
+                            let ix = (ox * s) as isize + shift;
+                            if ix >= 0 && ix < w as isize {
+                                dst[ix as usize] += v;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    x
 }
 
 /// `row[i] = act(row[i] + bias)`.

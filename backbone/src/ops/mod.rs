@@ -8,6 +8,7 @@
 //! convolutions). Tensors stay NCHW at the op boundary.
 
 pub(crate) mod batch_norm;
+pub(crate) mod branch_merge;
 mod depthwise;
 mod gemm_conv;
 
@@ -33,7 +34,7 @@ pub fn conv2d(
         && kh == kw
         && x.rank() == 4;
     if native {
-        let depthwise = cfg.groups == c_in && c_out == c_in && c_in_per_group == 1;
+        let depthwise = cfg.groups == c_in && c_in_per_group == 1 && c_out % c_in == 0;
         if depthwise || cfg.groups == 1 {
             let x = x.contiguous()?;
             let weight = weight.contiguous()?;
@@ -165,6 +166,28 @@ pub(crate) fn cpu_slice<'a>(
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{op}: expected a contiguous tensor"),
     }
+}
+
+/// Runs `f` on the f32 CPU values of `tensors` (made contiguous first where needed), read in place:
+/// backward passes get their inputs without the copies `to_vec1` would make.
+pub(crate) fn with_cpu_slices<R>(
+    tensors: &[&Tensor],
+    op: &str,
+    f: impl FnOnce(&[&[f32]]) -> Result<R>,
+) -> Result<R> {
+    let contiguous = tensors
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = contiguous.iter().map(|t| t.storage_and_layout()).collect();
+    let slices = guards
+        .iter()
+        .map(|(storage, layout)| match &**storage {
+            candle_core::Storage::Cpu(cpu) => cpu_slice(cpu, layout, op),
+            _ => candle_core::bail!("{op}: expected a CPU tensor"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    f(&slices)
 }
 
 /// Whether the AVX2+FMA kernels can run on this CPU (detected once, then cached by std).

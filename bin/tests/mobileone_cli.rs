@@ -212,3 +212,154 @@ fn fuse_handles_detector_checkpoints_and_names_unknown_trunks() {
     assert!(stderr.contains("pass --variant"), "{stderr}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The safetensors dtype of every tensor in a file.
+fn stored_dtypes(path: &Path) -> std::collections::HashSet<String> {
+    let bytes = std::fs::read(path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    file.tensors()
+        .iter()
+        .map(|(_, view)| format!("{:?}", view.dtype()))
+        .collect()
+}
+
+/// Every tensor of `half` is its `full` counterpart rounded to float16: the same keys, and each
+/// value within half a float16 step (2^-11 relative; 2^-25 absolute below float16's normal range).
+fn assert_rounded_to_half(full: &Path, half: &Path) {
+    let (full, half) = (
+        checkpoint::load(full).unwrap().tensors,
+        checkpoint::load(half).unwrap().tensors,
+    );
+    assert_eq!(
+        full.keys().collect::<std::collections::BTreeSet<_>>(),
+        half.keys().collect()
+    );
+    for (key, a) in &full {
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = half[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (x, y) in a.iter().zip(&b) {
+            let step = (x.abs() * 2f32.powi(-11)).max(2f32.powi(-25));
+            assert!((x - y).abs() <= step, "{key}: {x} stored as {y}");
+        }
+    }
+}
+
+#[test]
+fn half_fused_checkpoints_round_trip_with_their_metadata() {
+    let dir = scratch("mobileone", "half");
+    let fuse = |input: &Path, out: &Path, half: bool| {
+        let mut cmd = bin();
+        cmd.arg("fuse")
+            .arg("--weights")
+            .arg(input)
+            .arg("--out")
+            .arg(out);
+        if half {
+            cmd.arg("--half");
+        }
+        run_ok(&mut cmd);
+    };
+    // A real photo (deterministic, unlike random noise, which also exaggerates the error).
+    use mobileone_cli::imageio;
+    let photo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../heads/ssdlite/tests/fixtures/pets_213x160.png");
+    let x = imageio::to_tensor(
+        &imageio::load_rgb(&photo).unwrap(),
+        imageio::IMAGENET_MEAN,
+        imageio::IMAGENET_STD,
+    )
+    .unwrap();
+
+    // Detector: fp32 fused, then its fp16 copy (fusing an already fused model changes nothing).
+    let detector = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../heads/ssdlite/tests/fixtures/tiny_ssdlite.safetensors");
+    let (full, half) = (dir.join("det32.safetensors"), dir.join("det16.safetensors"));
+    fuse(&detector, &full, false);
+    fuse(&full, &half, true);
+    assert_eq!(stored_dtypes(&half), ["F16".to_string()].into());
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len() as f64;
+    assert!(size(&half) < 0.55 * size(&full), "fp16 halves the file");
+    let load = |p: &Path| {
+        let ckpt = checkpoint::load(p).unwrap();
+        let (model, labels) =
+            ssdlite::SsdDetector::from_checkpoint(&ckpt, &Default::default(), &Device::Cpu)
+                .unwrap();
+        assert!(model.is_fused());
+        let out = model.head_outputs(&x, false).unwrap();
+        (
+            ckpt.metadata,
+            labels.names,
+            out.cls_logits,
+            out.bbox_regression,
+        )
+    };
+    let (meta32, names32, cls32, box32) = load(&full);
+    let (meta16, names16, cls16, box16) = load(&half);
+    assert_eq!(meta16, meta32);
+    assert_eq!(names16, names32);
+    assert_rounded_to_half(&full, &half);
+    // Each weight is off by at most 2^-11 of itself; through the tiny random detector's ~20 layers
+    // that grows to 6.9e-3 of the largest logit on this photo (1.4e-3 for the segmenter below).
+    let (e_cls, e_box) = (max_rel(&cls16, &cls32), max_rel(&box16, &box32));
+    println!("detector fp16 vs fp32: logits {e_cls:.2e}, boxes {e_box:.2e}");
+    assert!(e_cls < 2e-2 && e_box < 2e-2, "{e_cls} {e_box}");
+
+    // Segmenter, straight from a train-time checkpoint with a training run's metadata: the model
+    // description and summary stay, the resume state goes.
+    let mut spec = deeplabv3::SegmenterSpec::new(mobileone::Variant::S0, 8, 16);
+    spec.config.head_channels = 24;
+    spec.config.atrous_rates = vec![2, 4, 6];
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let model = deeplabv3::DeepLabV3::new(&spec.config, vb).unwrap();
+    let mut metadata = spec.to_metadata();
+    metadata.insert("epoch".into(), "7".into());
+    metadata.insert("train_state".into(), "{}".into());
+    let trained = dir.join("seg.safetensors");
+    checkpoint::save(&trained, &model.named_tensors(), &metadata).unwrap();
+    let (full, half) = (dir.join("seg32.safetensors"), dir.join("seg16.safetensors"));
+    fuse(&trained, &full, false);
+    fuse(&trained, &half, true);
+    assert_eq!(stored_dtypes(&half), ["F16".to_string()].into());
+    let load = |p: &Path| {
+        let (model, spec) = deeplabv3::load(p, &Default::default(), &Device::Cpu).unwrap();
+        assert!(model.is_fused());
+        let meta = checkpoint::load(p).unwrap().metadata;
+        (meta, spec, model.forward_t(&x, false).unwrap().logits)
+    };
+    let (meta32, spec32, logits32) = load(&full);
+    let (meta16, spec16, logits16) = load(&half);
+    assert_eq!(meta16, meta32);
+    assert_eq!(meta16["epoch"], "7");
+    assert!(!meta16.contains_key("train_state"));
+    assert_eq!(spec16, spec32);
+    assert_eq!(spec16.config.head_channels, 24);
+    assert_eq!(spec16.config.atrous_rates, vec![2, 4, 6]);
+    assert_rounded_to_half(&full, &half);
+    let e = max_rel(&logits16, &logits32);
+    println!("segmenter fp16 vs fp32: logits {e:.2e}");
+    assert!(e < 2e-2, "{e}");
+
+    // A weight beyond float16's range is named instead of silently becoming infinity.
+    let backbone = dir.join("s0.safetensors");
+    write_random_s0(&backbone);
+    let mut ckpt = checkpoint::load(&backbone).unwrap();
+    let fc = ckpt.tensors["head.fc.weight"].affine(1e6, 0.0).unwrap();
+    ckpt.tensors.insert("head.fc.weight".into(), fc);
+    let tensors: Vec<(String, Tensor)> = ckpt.tensors.into_iter().collect();
+    checkpoint::save(&backbone, &tensors, &Default::default()).unwrap();
+    let out = dir.join("s0_half.safetensors");
+    let stderr = run_err(
+        bin()
+            .args(["fuse", "--half", "--weights"])
+            .arg(&backbone)
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(
+        stderr.contains("head.fc.weight") && stderr.contains("float16"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -3,12 +3,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
 use image::imageops::FilterType;
 use mobileone::checkpoint::{self, load_mobileone, Checkpoint};
 use mobileone::{MobileOne, MobileOneConfig, Variant};
 use mobileone_cli::{bench, imageio, npy};
+use mobileone_train::trainer::TRAIN_STATE_KEY;
 
 #[derive(Parser)]
 #[command(
@@ -29,7 +30,8 @@ enum Command {
     /// Writes the features at strides 2, 4, 8, 16, 32 (and logits, if the weights have a classifier).
     Features(FeaturesArgs),
     /// Reparameterises a train-time checkpoint into one conv per layer, with timm's fused key names;
-    /// detector and segmenter checkpoints also get their head BatchNorms folded.
+    /// detector and segmenter checkpoints also get their head BatchNorms folded. The metadata is
+    /// kept (bar a training run's resume state); --half stores float16.
     Fuse(FuseArgs),
     /// Top-k ImageNet classes of an image, with timm's eval preprocessing.
     Classify(ClassifyArgs),
@@ -76,6 +78,10 @@ struct FuseArgs {
     /// Output safetensors (timm's `reparam_conv` names, variant in the metadata).
     #[arg(long)]
     out: PathBuf,
+    /// Store the weights as float16: half the file size, outputs within float16 rounding of the
+    /// float32 model (every loader computes in float32).
+    #[arg(long)]
+    half: bool,
 }
 
 #[derive(clap::Args)]
@@ -224,7 +230,7 @@ fn features(args: &FeaturesArgs) -> Result<()> {
 
 fn fuse(args: &FuseArgs) -> Result<()> {
     let ckpt = read_checkpoint(&args.model)?;
-    let (what, tensors) = match checkpoint_kind(&ckpt) {
+    let (what, tensors, model_metadata) = match checkpoint_kind(&ckpt) {
         CheckpointKind::Backbone => fuse_backbone(args, &ckpt)?,
         CheckpointKind::Detector => {
             let overrides = ssdlite::Overrides {
@@ -237,39 +243,79 @@ fn fuse(args: &FuseArgs) -> Result<()> {
                         format!("cannot load detector {}", args.model.weights.display())
                     })?;
             detector.fuse()?;
-            let tensors = detector.named_tensors();
-            checkpoint::save(
-                &args.out,
-                &tensors,
-                &ssdlite::config::to_metadata(&detector.config, &labels),
-            )?;
-            ("SSDLite detector", tensors)
+            let metadata = ssdlite::config::to_metadata(&detector.config, &labels);
+            ("SSDLite detector", detector.named_tensors(), metadata)
         }
         CheckpointKind::Segmenter => {
             let overrides = deeplabv3::Overrides {
                 variant: args.model.variant,
                 ..Default::default()
             };
-            let (mut model, spec) = deeplabv3::load(&args.model.weights, &overrides, &Device::Cpu)?;
+            let spec = deeplabv3::checkpoint::resolve_spec(&ckpt, &overrides)?;
+            let mut model =
+                deeplabv3::checkpoint::build(&ckpt.tensors, &spec.config, &Device::Cpu)?;
             model.fuse()?;
-            deeplabv3::checkpoint::save(&args.out, &model, &spec)?;
-            ("DeepLabV3 segmenter", model.named_tensors())
+            (
+                "DeepLabV3 segmenter",
+                model.named_tensors(),
+                spec.to_metadata(),
+            )
         }
     };
+    // What the input says about itself (e.g. a training run's epoch and metric) stays, under the
+    // model's own description; the resumable run state does not describe a fused model.
+    let mut metadata: HashMap<String, String> = ckpt
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.as_str() != TRAIN_STATE_KEY)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    metadata.extend(model_metadata);
+    let tensors = if args.half {
+        to_half(tensors)?
+    } else {
+        tensors
+    };
+    checkpoint::save(&args.out, &tensors, &metadata)?;
     let params: usize = tensors.iter().map(|(_, t)| t.elem_count()).sum();
+    let bytes = std::fs::metadata(&args.out).map_or(0, |m| m.len());
     println!(
-        "fused {what} ({:.2} M parameters): {} → {}",
+        "fused {what} ({:.2} M parameters, {}, {:.1} MB): {} → {}",
         params as f64 / 1e6,
+        if args.half { "float16" } else { "float32" },
+        bytes as f64 / 1e6,
         args.model.weights.display(),
         args.out.display()
     );
     Ok(())
 }
 
-fn fuse_backbone(
-    args: &FuseArgs,
-    ckpt: &Checkpoint,
-) -> Result<(&'static str, Vec<(String, Tensor)>)> {
+/// Float tensors as float16; a value beyond float16's range is an error naming its tensor.
+fn to_half(tensors: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+    const F16_MAX: f32 = 65504.0;
+    tensors
+        .into_iter()
+        .map(|(key, t)| {
+            if !t.dtype().is_float() || t.elem_count() == 0 {
+                return Ok((key, t));
+            }
+            let largest = t
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?;
+            if largest > F16_MAX {
+                bail!("`{key}` holds {largest:e}, beyond float16's range: save it without --half");
+            }
+            Ok((key.clone(), t.to_dtype(DType::F16)?))
+        })
+        .collect()
+}
+
+type Fused = (&'static str, Vec<(String, Tensor)>, HashMap<String, String>);
+
+fn fuse_backbone(args: &FuseArgs, ckpt: &Checkpoint) -> Result<Fused> {
     let (variant, mut model) = build_backbone(&args.model, ckpt, 32)?;
     if model.is_fused() {
         eprintln!(
@@ -278,12 +324,11 @@ fn fuse_backbone(
         );
     }
     model.reparameterize()?;
-    let mut metadata = ckpt.metadata.clone();
-    metadata.insert("variant".into(), variant.to_string());
-    metadata.insert("fused".into(), "true".into());
-    let tensors = model.named_tensors();
-    checkpoint::save(&args.out, &tensors, &metadata)?;
-    Ok(("MobileOne backbone", tensors))
+    let metadata = HashMap::from([
+        ("variant".to_string(), variant.to_string()),
+        ("fused".to_string(), "true".to_string()),
+    ]);
+    Ok(("MobileOne backbone", model.named_tensors(), metadata))
 }
 
 const IMAGENET_CLASSES: &str = include_str!("../../assets/imagenet_classes.txt");

@@ -2,7 +2,8 @@
 //! heads/ssdlite/tests/fixtures, on real photos and the COCO val2017 samples (MOBILEONE_DATA).
 mod common;
 
-use common::{scratch, shared_data};
+use common::{run_ok, scratch, shared_data};
+use mobileone_cli::bundled;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -176,11 +177,19 @@ fn bad_inputs_fail_clearly_and_keep_results() {
         stderr(&out)
     );
 
-    let out = detect(&[png.to_str().unwrap()]);
+    // No --weights and no bundled model: the missing file and the way around it are named.
+    let no_models = scratch("detect", "no-models");
+    let out = Command::new(env!("CARGO_BIN_EXE_detect"))
+        .arg(&png)
+        .env(bundled::MODELS_DIR_ENV, &no_models)
+        .output()
+        .unwrap();
+    let message = stderr(&out);
+    assert!(!out.status.success(), "{message}");
     assert!(
-        !out.status.success() && stderr(&out).contains("no --weights"),
-        "{}",
-        stderr(&out)
+        message.contains(&no_models.join(bundled::DETECTOR).display().to_string())
+            && message.contains("pass --weights"),
+        "{message}"
     );
 
     let backbone = repo().join("backbone/tests/fixtures/tiny/unfused.safetensors");
@@ -239,4 +248,64 @@ fn coco_samples_are_evaluated() {
             .count(),
         12
     );
+}
+
+/// Without --weights and images, `detect` runs the bundled model on the bundled demo image and draws
+/// into the current folder. The bundled model here is the tiny test detector stored the way the demo
+/// model is (fused, float16, by `mobileone fuse --half`); the image is the committed models/demo.png.
+#[test]
+fn without_weights_or_images_runs_the_bundled_demo() {
+    let models = scratch("detect", "bundled");
+    let cwd = scratch("detect", "bundled-cwd");
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_mobileone"))
+            .args(["fuse", "--half", "--weights", &weights(), "--out"])
+            .arg(models.join(bundled::DETECTOR)),
+    );
+    std::fs::copy(
+        repo().join("models").join(bundled::DEMO_IMAGE),
+        models.join(bundled::DEMO_IMAGE),
+    )
+    .unwrap();
+    let demo = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_detect"));
+        cmd.env(bundled::MODELS_DIR_ENV, &models).current_dir(&cwd);
+        cmd
+    };
+    let out = run_ok(&mut demo());
+    let (stdout, message) = (String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(message.contains("bundled demo detector"), "{message}");
+    assert!(stdout.contains("demo.png (160x160)"), "{stdout}");
+    assert!(stdout.contains("demo_detections.png"), "{stdout}");
+    assert_eq!(
+        image::image_dimensions(cwd.join("demo_detections.png")).unwrap(),
+        (160, 160)
+    );
+
+    // --out-dir still decides where the drawing goes; the bundled model also serves given images.
+    let elsewhere = cwd.join("drawings");
+    run_ok(demo().arg("--out-dir").arg(&elsewhere));
+    assert!(elsewhere.join("demo_detections.png").is_file());
+    let png = fixtures().join("pets_213x160.png");
+    let stdout = String::from_utf8_lossy(&run_ok(demo().arg(&png)).stdout).into_owned();
+    assert!(stdout.contains("pets_213x160.png (213x160)"), "{stdout}");
+
+    // Given weights, the images are the user's to name.
+    let out = demo().args(["--weights", &weights()]).output().unwrap();
+    assert!(
+        !out.status.success() && stderr(&out).contains("give one or more images"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A missing demo image is named.
+    std::fs::remove_file(models.join(bundled::DEMO_IMAGE)).unwrap();
+    let out = demo().output().unwrap();
+    assert!(
+        !out.status.success() && stderr(&out).contains("demo.png is missing"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::remove_dir_all(&models).unwrap();
+    std::fs::remove_dir_all(&cwd).unwrap();
 }

@@ -4,6 +4,7 @@
 mod common;
 
 use common::{run_err, run_ok, scratch, shared_data};
+use mobileone_cli::bundled;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -206,8 +207,13 @@ fn unusable_annotations_are_counted_skips() {
 fn bad_inputs_give_clear_errors() {
     let dir = scratch("segment", "errors");
     let photo = shared_data().join("photos/owl.jpg");
-    let err = run_err(bin().arg(&photo));
-    assert!(err.contains("--weights"), "{err}");
+    // No --weights and no bundled model: the missing file and the way around it are named.
+    let err = run_err(bin().arg(&photo).env(bundled::MODELS_DIR_ENV, &dir));
+    assert!(
+        err.contains(&dir.join(bundled::SEGMENTER).display().to_string())
+            && err.contains("pass --weights"),
+        "{err}"
+    );
 
     let weights = dir.join("voc.safetensors");
     write_random_segmenter(&weights, 21);
@@ -255,4 +261,52 @@ fn bad_inputs_give_clear_errors() {
     );
     assert!(err.contains("single image"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Without --weights and images, `segment` runs the bundled model on the bundled demo image and writes
+/// the mask and overlay into the current folder. The bundled model here is a random S0 segmenter stored
+/// the way the demo model is (fused, float16, by `mobileone fuse --half`); the image is the committed
+/// models/demo.png.
+#[test]
+fn without_weights_or_images_runs_the_bundled_demo() {
+    let models = scratch("segment", "bundled");
+    let cwd = scratch("segment", "bundled-cwd");
+    let trained = cwd.join("trained.safetensors");
+    write_random_segmenter(&trained, 8);
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_mobileone"))
+            .args(["fuse", "--half", "--weights"])
+            .arg(&trained)
+            .arg("--out")
+            .arg(models.join(bundled::SEGMENTER)),
+    );
+    let demo_image = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models")
+        .join(bundled::DEMO_IMAGE);
+    std::fs::copy(demo_image, models.join(bundled::DEMO_IMAGE)).unwrap();
+    let demo = || {
+        let mut cmd = bin();
+        cmd.env(bundled::MODELS_DIR_ENV, &models).current_dir(&cwd);
+        cmd
+    };
+    let out = run_ok(&mut demo());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bundled demo segmenter"), "{stderr}");
+    assert!(stderr.contains("fused"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("demo.png: 160x160"), "{stdout}");
+    assert_eq!(png_size(&cwd.join("demo_mask.png")), (160, 160));
+    let (ow, oh) = png_size(&cwd.join("demo_overlay.png"));
+    assert!(ow > 160 && oh >= 160, "overlay has a legend panel");
+
+    // Given weights, the images are the user's to name.
+    let err = run_err(demo().arg("--weights").arg(&trained));
+    assert!(err.contains("give one or more images"), "{err}");
+
+    // A missing demo image is named.
+    std::fs::remove_file(models.join(bundled::DEMO_IMAGE)).unwrap();
+    let err = run_err(&mut demo());
+    assert!(err.contains("demo.png is missing"), "{err}");
+    std::fs::remove_dir_all(&models).unwrap();
+    std::fs::remove_dir_all(&cwd).unwrap();
 }

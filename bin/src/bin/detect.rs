@@ -8,8 +8,8 @@ use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use mobileone::Variant;
 use mobileone_cli::detections::{coco_results, draw, table, CocoResult};
-use mobileone_cli::imageio;
 use mobileone_cli::segment_render::write_rgb_png;
+use mobileone_cli::{bundled, imageio};
 use mobileone_datasets::CocoDataset;
 use mobileone_eval::coco::{evaluate_bbox, Detection as EvalDetection, GroundTruth};
 use ssdlite::{Detection, ImageView, Labels, Overrides, SsdDetector};
@@ -31,12 +31,18 @@ enum DatasetKind {
                   With --dataset coco: runs over a COCO layout (<data-root>/annotations/instances_<split>.json, \
                   <data-root>/<split>/*.jpg) and prints the 12 COCO box statistics (pycocotools-exact).\n\n\
                   Architecture, classes and normalisation come from the checkpoint's metadata; the flags \
-                  below override them for checkpoints without metadata (e.g. trained with torchvision)."
+                  below override them for checkpoints without metadata (e.g. trained with torchvision).\n\n\
+                  Without --weights it runs the bundled demo detector (models/ssdlite_mobileone_s0_synth.safetensors, \
+                  trained on the synthetic shapes of `dataset synth` only); with no image either, on \
+                  models/demo.png, drawn to ./demo_detections.png. MOBILEONE_MODELS_DIR names another \
+                  folder holding those files."
 )]
 struct Cli {
-    /// Images or folders of images (JPEG, PNG).
+    /// Images or folders of images (JPEG, PNG) [default without --weights: the bundled
+    /// models/demo.png].
     images: Vec<PathBuf>,
-    /// Detector weights (.safetensors with torchvision SSD key names).
+    /// Detector weights (.safetensors with torchvision SSD key names) [default: the bundled demo
+    /// detector, models/ssdlite_mobileone_s0_synth.safetensors].
     #[arg(long)]
     weights: Option<PathBuf>,
     /// MobileOne variant of the trunk (default: metadata, else guessed from the weights).
@@ -60,7 +66,8 @@ struct Cli {
     /// Write the detections as a COCO results JSON (category_id, bbox [x, y, w, h], score, image_id, file_name).
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Write each image with its labelled boxes to DIR/<name>_detections.png.
+    /// Write each image with its labelled boxes to DIR/<name>_detections.png [default for the demo
+    /// image: the current folder].
     #[arg(long, value_name = "DIR")]
     out_dir: Option<PathBuf>,
     /// Reparameterise the trunk and fold the heads' BatchNorms before running (same detections, faster).
@@ -98,12 +105,19 @@ fn main() {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(mut cli: Cli) -> Result<()> {
     // Always: it also keeps candle's spinning elementwise pool out of the kernels' way.
     mobileone::ops::set_threads(cli.threads.unwrap_or(0))
         .context("cannot start the worker threads")?;
     if cli.dataset.is_none() && cli.images.is_empty() {
-        bail!("give one or more images or folders, or --dataset coco --data-root DIR (see --help)");
+        if cli.weights.is_some() {
+            bail!(
+                "give one or more images or folders, or --dataset coco --data-root DIR (see --help)"
+            );
+        }
+        // The out-of-the-box demo: bundled model, bundled image, drawing in the current folder.
+        cli.images = vec![bundled::demo_image()?];
+        cli.out_dir.get_or_insert_with(|| PathBuf::from("."));
     }
     let (detector, labels) = load_detector(&cli)?;
     if let Some(dir) = &cli.out_dir {
@@ -116,18 +130,23 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn load_detector(cli: &Cli) -> Result<(SsdDetector, Labels)> {
-    let Some(weights) = &cli.weights else {
-        bail!(
-            "no --weights given: pass an SSDLite-MobileOne .safetensors checkpoint \
-             (bundled demo weights are not available yet)"
-        );
+    let weights = match &cli.weights {
+        Some(path) => path.clone(),
+        None => {
+            let path = bundled::weights(bundled::DETECTOR)?;
+            eprintln!(
+                "no --weights: using the bundled demo detector {} (synthetic shapes only)",
+                path.display()
+            );
+            path
+        }
     };
     let overrides = Overrides {
         variant: cli.variant,
         num_classes: cli.num_classes,
         image_size: cli.image_size,
     };
-    let (mut detector, labels) = SsdDetector::load(weights, &overrides, &Device::Cpu)
+    let (mut detector, labels) = SsdDetector::load(&weights, &overrides, &Device::Cpu)
         .with_context(|| format!("cannot load detector weights {}", weights.display()))?;
     if cli.fuse && !detector.is_fused() {
         detector.fuse().context("cannot fuse the detector")?;
@@ -210,7 +229,9 @@ fn detect_images(cli: &Cli, detector: &SsdDetector, labels: &Labels) -> Result<(
                 let stem = path
                     .file_stem()
                     .map_or("image".into(), |s| s.to_string_lossy().into_owned());
-                write_rgb_png(&dir.join(format!("{stem}_detections.png")), &image)?;
+                let drawing = dir.join(format!("{stem}_detections.png"));
+                write_rgb_png(&drawing, &image)?;
+                bar.suspend(|| println!("  wrote {}", drawing.display()));
             }
             Ok(())
         })();

@@ -11,7 +11,7 @@ use mobileone::Variant;
 use mobileone_cli::segment_render::{
     overlay_with_legend, write_class_png, write_rgb_png, ClassMap,
 };
-use mobileone_cli::{imageio, npy};
+use mobileone_cli::{bundled, imageio, npy};
 use mobileone_datasets::segmentation::VOC_CLASSES;
 use mobileone_datasets::{SegmentationDataset, IGNORE_INDEX};
 use mobileone_eval::seg::{SegMetric, SegMetrics};
@@ -29,12 +29,18 @@ use mobileone_eval::seg::{SegMetric, SegMetrics};
                   With --dataset: runs over a VOC 2012 or ADE20K folder and prints mIoU, mAcc, aAcc and \
                   per-class IoU (mmsegmentation's IoUMetric).\n\n\
                   Architecture settings come from the checkpoint's metadata; the flags below override them \
-                  for checkpoints without metadata."
+                  for checkpoints without metadata.\n\n\
+                  Without --weights it runs the bundled demo segmenter \
+                  (models/deeplabv3_mobileone_s0_synth.safetensors, trained on the synthetic shapes of \
+                  `dataset synth` only); with no image either, on models/demo.png, written to \
+                  ./demo_mask.png and ./demo_overlay.png. MOBILEONE_MODELS_DIR names another folder \
+                  holding those files."
 )]
 struct Cli {
-    /// Images to segment (JPEG or PNG).
+    /// Images to segment (JPEG or PNG) [default without --weights: the bundled models/demo.png].
     images: Vec<PathBuf>,
-    /// Segmenter weights (.safetensors with torchvision DeepLabV3 key names).
+    /// Segmenter weights (.safetensors with torchvision DeepLabV3 key names) [default: the bundled
+    /// demo segmenter, models/deeplabv3_mobileone_s0_synth.safetensors].
     #[arg(long)]
     weights: Option<PathBuf>,
     /// MobileOne variant of the trunk (default: metadata, else guessed from the weights).
@@ -99,12 +105,16 @@ fn main() {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(mut cli: Cli) -> Result<()> {
     // Always: it also keeps candle's spinning elementwise pool out of the kernels' way.
     mobileone::ops::set_threads(cli.threads.unwrap_or(0))
         .context("cannot start the worker threads")?;
     if cli.dataset.is_none() && cli.images.is_empty() {
-        bail!("give one or more images, or --dataset voc|ade20k --data-root DIR (see --help)");
+        if cli.weights.is_some() {
+            bail!("give one or more images, or --dataset voc|ade20k --data-root DIR (see --help)");
+        }
+        // The out-of-the-box demo: bundled model on the bundled image.
+        cli.images = vec![bundled::demo_image()?];
     }
     if cli.size == Some(0) || cli.tile == Some(0) {
         bail!("--size and --tile must be at least 1 pixel");
@@ -122,8 +132,16 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn load_model(cli: &Cli) -> Result<(DeepLabV3, SegmenterSpec)> {
-    let Some(weights) = &cli.weights else {
-        bail!("no --weights given: pass a DeepLabV3-MobileOne .safetensors checkpoint (bundled demo weights are not available yet)");
+    let weights = match &cli.weights {
+        Some(path) => path.clone(),
+        None => {
+            let path = bundled::weights(bundled::SEGMENTER)?;
+            eprintln!(
+                "no --weights: using the bundled demo segmenter {} (synthetic shapes only)",
+                path.display()
+            );
+            path
+        }
     };
     let overrides = Overrides {
         variant: cli.variant,
@@ -131,7 +149,7 @@ fn load_model(cli: &Cli) -> Result<(DeepLabV3, SegmenterSpec)> {
         output_stride: cli.output_stride,
         atrous_rates: cli.atrous_rates.clone(),
     };
-    let (mut model, mut spec) = deeplabv3::load(weights, &overrides, &candle_core::Device::Cpu)
+    let (mut model, mut spec) = deeplabv3::load(&weights, &overrides, &candle_core::Device::Cpu)
         .with_context(|| format!("cannot load segmenter weights {}", weights.display()))?;
     if spec.class_names.is_empty() && spec.config.num_classes == VOC_CLASSES.len() {
         spec.class_names = VOC_CLASSES.iter().map(|s| s.to_string()).collect();

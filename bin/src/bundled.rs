@@ -1,0 +1,50 @@
+//! The demo models and image of the repository's `models/` folder, which `detect` and `segment` use
+//! when given no weights (and no image).
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+
+/// Environment variable naming another folder to take the bundled files from.
+pub const MODELS_DIR_ENV: &str = "MOBILEONE_MODELS_DIR";
+/// The demo detector: SSDLite on MobileOne-S0, fused, float16, trained on `dataset synth`.
+pub const DETECTOR: &str = "ssdlite_mobileone_s0_synth.safetensors";
+/// The demo segmenter: DeepLabV3 on MobileOne-S0, fused, float16, trained on `dataset synth`.
+pub const SEGMENTER: &str = "deeplabv3_mobileone_s0_synth.safetensors";
+/// An image from `dataset synth` to run the demo models on.
+pub const DEMO_IMAGE: &str = "demo.png";
+
+/// `$MOBILEONE_MODELS_DIR`, else `<repository>/models` (found from where this crate was built).
+pub fn models_dir() -> PathBuf {
+    match std::env::var_os(MODELS_DIR_ENV) {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("the CLI crate lives inside the workspace")
+            .join("models"),
+    }
+}
+
+/// The bundled weights `name`, or an error that names the missing file and the way around it.
+pub fn weights(name: &str) -> Result<PathBuf> {
+    let path = models_dir().join(name);
+    if !path.is_file() {
+        bail!(
+            "no --weights given and the bundled demo model {} is missing: pass --weights FILE \
+             (or set {MODELS_DIR_ENV} to a folder holding {name})",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The bundled demo image, or an error that names the missing file and the way around it.
+pub fn demo_image() -> Result<PathBuf> {
+    let path = models_dir().join(DEMO_IMAGE);
+    if !path.is_file() {
+        bail!(
+            "no image given and the demo image {} is missing: name one or more images (see --help)",
+            path.display()
+        );
+    }
+    Ok(path)
+}

@@ -489,27 +489,26 @@ impl MobileOneBlock {
             BranchLayout::ChannelMajor => c * branches + b,
         };
         let (mut mean, mut invstd) = (Vec::new(), Vec::new());
-        for (b, bn) in norms.iter().enumerate() {
-            let batch_mean: Vec<f64> = (0..channels).map(|c| z_mean[z_channel(b, c)]).collect();
-            let batch_var: Vec<f64> = (0..channels).map(|c| z_var[z_channel(b, c)]).collect();
-            bn.update_running_stats(&batch_mean, &batch_var, count)?;
+        // Each BN moves its running statistics and hands the op its batch mean and 1/std.
+        let mut record = |bn: &BatchNorm2d, batch_mean: &[f64], batch_var: &[f64]| -> Result<()> {
+            bn.update_running_stats(batch_mean, batch_var, count)?;
             mean.extend(batch_mean.iter().map(|&m| m as f32));
             invstd.extend(
                 batch_var
                     .iter()
                     .map(|&v| (1.0 / (v + bn.eps()).sqrt()) as f32),
             );
+            Ok(())
+        };
+        for (b, bn) in norms.iter().enumerate() {
+            let batch_mean: Vec<f64> = (0..channels).map(|c| z_mean[z_channel(b, c)]).collect();
+            let batch_var: Vec<f64> = (0..channels).map(|c| z_var[z_channel(b, c)]).collect();
+            record(bn, &batch_mean, &batch_var)?;
         }
         let x = x.contiguous()?;
         if let Some(bn) = &self.identity {
             let (batch_mean, batch_var) = tensor_channel_stats(&x)?;
-            bn.update_running_stats(&batch_mean, &batch_var, count)?;
-            mean.extend(batch_mean.iter().map(|&m| m as f32));
-            invstd.extend(
-                batch_var
-                    .iter()
-                    .map(|&v| (1.0 / (v + bn.eps()).sqrt()) as f32),
-            );
+            record(bn, &batch_mean, &batch_var)?;
             norms.push(bn);
         }
         let (gammas, betas): (Vec<Tensor>, Vec<Tensor>) = norms

@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{activation_grad_mask, cpu_slice, with_cpu_slices, Activation, SendPtr};
+use super::{cpu_slice, pre_activation_grad, with_cpu_slices, Activation, SendPtr};
 
 /// How the branches sit in the channels of `z`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,7 +151,7 @@ impl BranchMerge {
                 let mut dots = vec![0f64; norms];
                 for img in 0..n {
                     let at = (img * c_count + c) * plane;
-                    masked_grad(
+                    pre_activation_grad(
                         &grad_y[at..at + plane],
                         &y[at..at + plane],
                         self.act,
@@ -172,7 +172,7 @@ impl BranchMerge {
                 let mean_dy = (sum / count) as f32;
                 for img in 0..n {
                     let at = (img * c_count + c) * plane;
-                    masked_grad(
+                    pre_activation_grad(
                         &grad_y[at..at + plane],
                         &y[at..at + plane],
                         self.act,
@@ -210,13 +210,6 @@ impl BranchMerge {
             }
         }
         (grad_z, grad_x, grad_params)
-    }
-}
-
-/// `g = grad · act'(y)`.
-fn masked_grad(grad: &[f32], y: &[f32], act: Activation, g: &mut [f32]) {
-    for ((d, &gv), &yv) in g.iter_mut().zip(grad).zip(y) {
-        *d = gv * activation_grad_mask(yv, act);
     }
 }
 

@@ -9,7 +9,7 @@
 //! reads a contiguous run of the buffer for consecutive outputs of a row.
 
 use super::{
-    activate, activation_grad_mask, cpu_slice, has_avx2_fma, output_size, with_cpu_slices,
+    activate, cpu_slice, has_avx2_fma, output_size, pre_activation_grad, with_cpu_slices,
     Activation, Geometry, SendPtr,
 };
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -620,13 +620,12 @@ impl CustomOp3 for DepthwiseConv {
                                     let co = ci * multiplier + j;
                                     let start = (img * c_out + co) * plane_out;
                                     let out_range = start..start + plane_out;
-                                    for ((d, &g), &y) in grad_pre
-                                        .iter_mut()
-                                        .zip(&gv[out_range.clone()])
-                                        .zip(&rv[out_range])
-                                    {
-                                        *d = g * activation_grad_mask(y, act);
-                                    }
+                                    pre_activation_grad(
+                                        &gv[out_range.clone()],
+                                        &rv[out_range],
+                                        act,
+                                        &mut grad_pre,
+                                    );
                                     grad_b[j] += grad_pre.iter().map(|&g| g as f64).sum::<f64>();
                                     let backward = ChannelBackward {
                                         layout: &layout,

@@ -208,7 +208,7 @@ impl CustomOp3 for GemmConv {
         let pointwise = k == 1 && g.stride == 1 && g.padding == 0;
         let (grad_x, grad_w, grad_b) = with_cpu_slices(&[x, w, res, grad_res], self.name(), |s| {
             let (x, w, res, grad_res) = (s[0], s[1], s[2], s[3]);
-            let grad = pre_activation_grad(grad_res, res, g.act);
+            let grad = pre_activation_grads(grad_res, res, g.act);
             let grad_b = channel_sums(&grad, n, c_out, shape.n);
             let cols: Cow<[f32]> = if pointwise {
                 Cow::Borrowed(x)
@@ -233,8 +233,8 @@ impl CustomOp3 for GemmConv {
     }
 }
 
-/// dL/d(pre-activation): the incoming gradient where the activation let its input through.
-fn pre_activation_grad<'a>(grad: &'a [f32], out: &[f32], act: Activation) -> Cow<'a, [f32]> {
+/// dL/d(pre-activation) of the whole output, in parallel; borrowed when there is no activation.
+fn pre_activation_grads<'a>(grad: &'a [f32], out: &[f32], act: Activation) -> Cow<'a, [f32]> {
     if act == Activation::None {
         return Cow::Borrowed(grad);
     }
@@ -242,11 +242,7 @@ fn pre_activation_grad<'a>(grad: &'a [f32], out: &[f32], act: Activation) -> Cow
     pre.par_chunks_mut(1 << 14)
         .zip(grad.par_chunks(1 << 14))
         .zip(out.par_chunks(1 << 14))
-        .for_each(|((d, g), y)| {
-            for ((d, &g), &y) in d.iter_mut().zip(g).zip(y) {
-                *d = g * super::activation_grad_mask(y, act);
-            }
-        });
+        .for_each(|((d, g), y)| super::pre_activation_grad(g, y, act, d));
     Cow::Owned(pre)
 }
 

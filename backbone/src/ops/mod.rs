@@ -152,6 +152,14 @@ fn activation_grad_mask(y: f32, act: Activation) -> f32 {
     }
 }
 
+/// `pre = grad · act'(out)`: dL/d(pre-activation) from the gradient at the activation's output.
+#[inline(always)]
+fn pre_activation_grad(grad: &[f32], out: &[f32], act: Activation, pre: &mut [f32]) {
+    for ((d, &g), &y) in pre.iter_mut().zip(grad).zip(out) {
+        *d = g * activation_grad_mask(y, act);
+    }
+}
+
 /// Contiguous f32 slice of a CPU storage, or an error naming the op.
 pub(crate) fn cpu_slice<'a>(
     storage: &'a candle_core::CpuStorage,

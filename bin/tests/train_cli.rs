@@ -3,11 +3,15 @@
 
 use std::process::Command;
 
-fn train(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_train"))
+/// Runs `train` with `args`, expects it to fail and returns its stderr.
+fn train_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_train"))
         .args(args)
         .output()
-        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "train {args:?} succeeded: {stderr}");
+    stderr
 }
 
 fn out_dir(name: &str) -> String {
@@ -19,40 +23,39 @@ fn out_dir(name: &str) -> String {
 
 #[test]
 fn missing_annotations_are_named() {
-    let out = train(&[
+    let out = out_dir("missing");
+    let stderr = train_fails(&[
         "det",
         "--dataset",
         "synth",
         "--data-root",
         "/nonexistent/shapes",
         "--out",
-        &out_dir("missing"),
+        &out,
     ]);
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.starts_with("error: "), "{stderr}");
     assert!(stderr.contains("/nonexistent/shapes"), "{stderr}");
 }
 
 #[test]
 fn detection_needs_coco_style_boxes() {
-    let out = train(&[
+    let out = out_dir("voc");
+    let root = env!("CARGO_MANIFEST_DIR");
+    let stderr = train_fails(&[
         "det",
         "--dataset",
         "voc",
         "--data-root",
-        env!("CARGO_MANIFEST_DIR"),
+        root,
         "--out",
-        &out_dir("voc"),
+        &out,
     ]);
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("COCO format"), "{stderr}");
 }
 
 #[test]
 fn unknown_optimizer_is_rejected_by_the_parser() {
-    let out = train(&[
+    let stderr = train_fails(&[
         "seg",
         "--dataset",
         "voc",
@@ -61,14 +64,13 @@ fn unknown_optimizer_is_rejected_by_the_parser() {
         "--optimizer",
         "lamb",
     ]);
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("unknown optimizer `lamb`"), "{stderr}");
 }
 
 #[test]
 fn head_flags_belong_to_segmentation() {
-    let out = train(&[
+    let out = out_dir("head");
+    let stderr = train_fails(&[
         "det",
         "--dataset",
         "synth",
@@ -77,10 +79,8 @@ fn head_flags_belong_to_segmentation() {
         "--head-channels",
         "64",
         "--out",
-        &out_dir("head"),
+        &out,
     ]);
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("--head-channels") && stderr.contains("train seg"),
         "{stderr}"

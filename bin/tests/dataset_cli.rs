@@ -1,5 +1,6 @@
 //! End-to-end checks of the `dataset` binary: synth then stats on the result and on the real
-//! samples, and malformed input ending with a clear message and exit code 1.
+//! samples, malformed input ending with a clear message and exit code 1, and a closed stdout
+//! ending the tool quietly.
 mod common;
 
 use common::{run_err, scratch, stdout_ok};
@@ -67,4 +68,25 @@ fn malformed_json_names_the_field() {
     let stderr = run_err(bin().args(["synth", "--images", "0", "--out"]).arg(&dir));
     assert!(stderr.contains("at least one image"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[cfg(unix)]
+#[test]
+fn closed_stdout_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let data = PathBuf::from(std::env::var_os("MOBILEONE_DATA").expect(
+        "MOBILEONE_DATA is not set: point it at the shared sample data (../shared/data from the repository root)",
+    ));
+    // The reader is gone before the tool writes, as with `dataset stats ... | head -0`.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = bin()
+        .arg("stats")
+        .arg(data.join("coco-val2014-100/instances_val2014_100.json"))
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
 }

@@ -56,10 +56,7 @@ struct SynthArgs {
 }
 
 fn main() {
-    if let Err(error) = run(Cli::parse()) {
-        eprintln!("error: {error:#}");
-        std::process::exit(1);
-    }
+    mobileone_cli::cli_main(run);
 }
 
 fn run(cli: Cli) -> Result<()> {

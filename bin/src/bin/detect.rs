@@ -99,10 +99,7 @@ struct Cli {
 const IMAGE_EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "bmp", "webp"];
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    mobileone_cli::cli_main(run);
 }
 
 fn run(mut cli: Cli) -> Result<()> {

@@ -103,10 +103,7 @@ fn parse_output_stride(s: &str) -> Result<usize, String> {
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    mobileone_cli::cli_main(run);
 }
 
 fn run(cli: Cli) -> Result<()> {

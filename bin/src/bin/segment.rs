@@ -99,10 +99,7 @@ enum DatasetKind {
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    mobileone_cli::cli_main(run);
 }
 
 fn run(mut cli: Cli) -> Result<()> {

@@ -24,8 +24,12 @@ pub fn models_dir() -> PathBuf {
     }
 }
 
-/// The bundled weights `name`, or an error that names the missing file and the way around it.
-pub fn weights(name: &str) -> Result<PathBuf> {
+/// `given`, else the bundled weights `name` (saying so on stderr, as the demo `what`), or an error
+/// that names the missing file and the way around it.
+pub fn weights_or_bundled(given: Option<&Path>, name: &str, what: &str) -> Result<PathBuf> {
+    if let Some(path) = given {
+        return Ok(path.to_path_buf());
+    }
     let path = models_dir().join(name);
     if !path.is_file() {
         bail!(
@@ -34,6 +38,10 @@ pub fn weights(name: &str) -> Result<PathBuf> {
             path.display()
         );
     }
+    eprintln!(
+        "no --weights: using the bundled demo {what} {} (synthetic shapes only)",
+        path.display()
+    );
     Ok(path)
 }
 

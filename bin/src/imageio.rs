@@ -1,13 +1,49 @@
 //! Image loading and conversion to normalised NCHW tensors, shared by the command-line tools.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 
 /// ImageNet mean and standard deviation (RGB), the default normalisation of MobileOne checkpoints.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// File extensions taken as images when a folder is named.
+pub const IMAGE_EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "bmp", "webp"];
+
+/// Files named on the command line, and the images inside named folders (sorted by name).
+pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(input)
+                .with_context(|| format!("cannot list folder {}", input.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.is_file()
+                        && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                            IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())
+                        })
+                })
+                .collect();
+            if found.is_empty() {
+                bail!(
+                    "folder {} has no images ({})",
+                    input.display(),
+                    IMAGE_EXTENSIONS.join(", ")
+                );
+            }
+            found.sort();
+            files.extend(found);
+        } else if input.exists() {
+            files.push(input.clone());
+        } else {
+            bail!("{} does not exist", input.display());
+        }
+    }
+    Ok(files)
+}
 
 /// Decodes an image file (by content, not extension) into 8-bit RGB.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {

@@ -299,6 +299,13 @@ fn without_weights_or_images_runs_the_bundled_demo() {
     let (ow, oh) = png_size(&cwd.join("demo_overlay.png"));
     assert!(ow > 160 && oh >= 160, "overlay has a legend panel");
 
+    // A named folder stands for the images in it (here demo.png beside the model file).
+    std::fs::remove_file(cwd.join("demo_mask.png")).unwrap();
+    let out = run_ok(demo().arg(&models));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("demo.png: 160x160"), "{stdout}");
+    assert_eq!(png_size(&cwd.join("demo_mask.png")), (160, 160));
+
     // Given weights, the images are the user's to name.
     let err = run_err(demo().arg("--weights").arg(&trained));
     assert!(err.contains("give one or more images"), "{err}");

@@ -96,8 +96,6 @@ struct Cli {
     image_dir: Option<PathBuf>,
 }
 
-const IMAGE_EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "bmp", "webp"];
-
 fn main() {
     mobileone_cli::cli_main(run);
 }
@@ -127,17 +125,8 @@ fn run(mut cli: Cli) -> Result<()> {
 }
 
 fn load_detector(cli: &Cli) -> Result<(SsdDetector, Labels)> {
-    let weights = match &cli.weights {
-        Some(path) => path.clone(),
-        None => {
-            let path = bundled::weights(bundled::DETECTOR)?;
-            eprintln!(
-                "no --weights: using the bundled demo detector {} (synthetic shapes only)",
-                path.display()
-            );
-            path
-        }
-    };
+    let weights =
+        bundled::weights_or_bundled(cli.weights.as_deref(), bundled::DETECTOR, "detector")?;
     let overrides = Overrides {
         variant: cli.variant,
         num_classes: cli.num_classes,
@@ -153,39 +142,6 @@ fn load_detector(cli: &Cli) -> Result<(SsdDetector, Labels)> {
     detector.postprocess.nms_thresh = cli.nms_thresh;
     detector.postprocess.detections_per_img = cli.max_dets;
     Ok((detector, labels))
-}
-
-/// Files named on the command line, and the images inside named folders (sorted by name).
-fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for input in inputs {
-        if input.is_dir() {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(input)
-                .with_context(|| format!("cannot list folder {}", input.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.is_file()
-                        && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-                            IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())
-                        })
-                })
-                .collect();
-            if found.is_empty() {
-                bail!(
-                    "folder {} has no images ({})",
-                    input.display(),
-                    IMAGE_EXTENSIONS.join(", ")
-                );
-            }
-            found.sort();
-            files.extend(found);
-        } else if input.exists() {
-            files.push(input.clone());
-        } else {
-            bail!("{} does not exist", input.display());
-        }
-    }
-    Ok(files)
 }
 
 fn file_name(path: &Path) -> String {
@@ -205,7 +161,7 @@ fn detect_one(detector: &SsdDetector, image: &image::RgbImage) -> Result<Vec<Det
 }
 
 fn detect_images(cli: &Cli, detector: &SsdDetector, labels: &Labels) -> Result<()> {
-    let files = expand_inputs(&cli.images)?;
+    let files = imageio::expand_inputs(&cli.images)?;
     let bar = progress_bar(files.len(), files.len() > 1);
     let mut results: Vec<CocoResult> = Vec::new();
     let mut failures = Vec::new();

@@ -37,7 +37,8 @@ use mobileone_eval::seg::{SegMetric, SegMetrics};
                   holding those files."
 )]
 struct Cli {
-    /// Images to segment (JPEG or PNG) [default without --weights: the bundled models/demo.png].
+    /// Images or folders of images (JPEG, PNG) [default without --weights: the bundled
+    /// models/demo.png].
     images: Vec<PathBuf>,
     /// Segmenter weights (.safetensors with torchvision DeepLabV3 key names) [default: the bundled
     /// demo segmenter, models/deeplabv3_mobileone_s0_synth.safetensors].
@@ -113,6 +114,7 @@ fn run(mut cli: Cli) -> Result<()> {
         // The out-of-the-box demo: bundled model on the bundled image.
         cli.images = vec![bundled::demo_image()?];
     }
+    cli.images = imageio::expand_inputs(&cli.images)?;
     if cli.size == Some(0) || cli.tile == Some(0) {
         bail!("--size and --tile must be at least 1 pixel");
     }
@@ -129,17 +131,8 @@ fn run(mut cli: Cli) -> Result<()> {
 }
 
 fn load_model(cli: &Cli) -> Result<(DeepLabV3, SegmenterSpec)> {
-    let weights = match &cli.weights {
-        Some(path) => path.clone(),
-        None => {
-            let path = bundled::weights(bundled::SEGMENTER)?;
-            eprintln!(
-                "no --weights: using the bundled demo segmenter {} (synthetic shapes only)",
-                path.display()
-            );
-            path
-        }
-    };
+    let weights =
+        bundled::weights_or_bundled(cli.weights.as_deref(), bundled::SEGMENTER, "segmenter")?;
     let overrides = Overrides {
         variant: cli.variant,
         num_classes: cli.num_classes,

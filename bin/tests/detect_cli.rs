@@ -309,3 +309,28 @@ fn without_weights_or_images_runs_the_bundled_demo() {
     std::fs::remove_dir_all(&models).unwrap();
     std::fs::remove_dir_all(&cwd).unwrap();
 }
+
+/// The committed demo detector (models/, found from where the binary was built) loads and runs on the
+/// demo image as on a fresh clone, and says what it was trained on and how well it does.
+#[test]
+fn the_committed_demo_detector_runs_out_of_the_box() {
+    let cwd = scratch("detect", "committed");
+    let out = run_ok(
+        Command::new(env!("CARGO_BIN_EXE_detect"))
+            .env_remove(bundled::MODELS_DIR_ENV)
+            .args(["--score-thresh", "0.05"])
+            .current_dir(&cwd),
+    );
+    let message = stderr(&out);
+    assert!(
+        message.contains("synthetic shapes only; held-out mAP"),
+        "{message}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("demo.png (160x160)"), "{stdout}");
+    assert_eq!(
+        image::image_dimensions(cwd.join("demo_detections.png")).unwrap(),
+        (160, 160)
+    );
+    std::fs::remove_dir_all(&cwd).unwrap();
+}

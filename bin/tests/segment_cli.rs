@@ -317,3 +317,24 @@ fn without_weights_or_images_runs_the_bundled_demo() {
     std::fs::remove_dir_all(&models).unwrap();
     std::fs::remove_dir_all(&cwd).unwrap();
 }
+
+/// The committed demo segmenter (models/, found from where the binary was built) loads and runs on the
+/// demo image as on a fresh clone, says what it was trained on, and tells shapes from background.
+#[test]
+fn the_committed_demo_segmenter_runs_out_of_the_box() {
+    let cwd = scratch("segment", "committed");
+    let out = run_ok(bin().env_remove(bundled::MODELS_DIR_ENV).current_dir(&cwd));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("synthetic shapes only; held-out aAcc"),
+        "{stderr}"
+    );
+    let mask = image::open(cwd.join("demo_mask.png")).unwrap().to_luma8();
+    assert_eq!(mask.dimensions(), (160, 160));
+    let background = mask.pixels().filter(|p| p[0] == 0).count() as f64 / (160.0 * 160.0);
+    assert!(
+        (0.3..0.95).contains(&background),
+        "background share {background}"
+    );
+    std::fs::remove_dir_all(&cwd).unwrap();
+}

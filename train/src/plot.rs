@@ -26,6 +26,39 @@ fn register_font() -> Result<()> {
     result
 }
 
+/// plotters 0.3.7 draws ab_glyph text without the glyphs' side bearings, which swallows most of a
+/// plain space ("training loss" reads "trainingloss", plotters-rs/plotters#576); an en space survives.
+fn spaced(text: &str) -> String {
+    text.replace(' ', "\u{2002}")
+}
+
+/// The corner of the validation chart (x in 0..epochs, y in 0..1) whose legend-sized region holds the
+/// fewest curve points, so the legend hides as little of the curves as it can.
+fn legend_corner(points: &[(f64, f64)], epochs: f64) -> SeriesLabelPosition {
+    let (width, height) = (0.3 * epochs, 0.25);
+    let corners = [
+        (SeriesLabelPosition::UpperLeft, 0.0, 1.0 - height),
+        (
+            SeriesLabelPosition::UpperRight,
+            epochs - width,
+            1.0 - height,
+        ),
+        (SeriesLabelPosition::LowerRight, epochs - width, 0.0),
+        (SeriesLabelPosition::LowerLeft, 0.0, 0.0),
+    ];
+    let covered = |x0: f64, y0: f64| {
+        points
+            .iter()
+            .filter(|&&(x, y)| (x0..=x0 + width).contains(&x) && (y0..=y0 + height).contains(&y))
+            .count()
+    };
+    corners
+        .into_iter()
+        .min_by_key(|&(_, x0, y0)| covered(x0, y0))
+        .map(|(corner, _, _)| corner)
+        .expect("four corners")
+}
+
 fn plot_err<E: std::fmt::Display>(e: E) -> TrainError {
     TrainError::Plot(e.to_string())
 }
@@ -37,9 +70,14 @@ pub fn render(history: &[EpochRecord], title: &str) -> Result<image::RgbImage> {
     {
         let root = BitMapBackend::with_buffer(&mut buffer, (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
-        let root = root.titled(title, (FAMILY, 20)).map_err(plot_err)?;
+        let root = root
+            .titled(&spaced(title), (FAMILY, 20))
+            .map_err(plot_err)?;
         let (left, right) = root.split_horizontally(WIDTH / 2);
-        let epochs = history.last().map_or(1, |r| r.epoch).max(1) as f64;
+        let last_epoch = history.last().map_or(1, |r| r.epoch).max(1);
+        let epochs = last_epoch as f64;
+        // At most one label per epoch, so whole-number labels never repeat.
+        let epoch_labels = (last_epoch + 1).min(11);
 
         let losses: Vec<(f64, f64)> = history
             .iter()
@@ -48,7 +86,7 @@ pub fn render(history: &[EpochRecord], title: &str) -> Result<image::RgbImage> {
             .collect();
         let max_loss = losses.iter().map(|p| p.1).fold(0.0, f64::max).max(1e-6) * 1.05;
         let mut chart = ChartBuilder::on(&left)
-            .caption("training loss", (FAMILY, 16))
+            .caption(spaced("training loss"), (FAMILY, 16))
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(52)
@@ -57,6 +95,8 @@ pub fn render(history: &[EpochRecord], title: &str) -> Result<image::RgbImage> {
         chart
             .configure_mesh()
             .x_desc("epoch")
+            .x_labels(epoch_labels)
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .label_style((FAMILY, 13))
             .draw()
             .map_err(plot_err)?;
@@ -80,6 +120,8 @@ pub fn render(history: &[EpochRecord], title: &str) -> Result<image::RgbImage> {
         chart
             .configure_mesh()
             .x_desc("epoch")
+            .x_labels(epoch_labels)
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .label_style((FAMILY, 13))
             .draw()
             .map_err(plot_err)?;
@@ -89,6 +131,7 @@ pub fn render(history: &[EpochRecord], title: &str) -> Result<image::RgbImage> {
             .map(|v| v.values.iter().map(|(n, _)| n.clone()).collect())
             .unwrap_or_default();
         let colors = [RED, GREEN, MAGENTA, CYAN];
+        let mut all_points = Vec::new();
         for (i, name) in names.iter().enumerate() {
             let color = colors[i % colors.len()];
             let points: Vec<(f64, f64)> = history
@@ -105,18 +148,19 @@ pub fn render(history: &[EpochRecord], title: &str) -> Result<image::RgbImage> {
                     color.stroke_width(2),
                 ))
                 .map_err(plot_err)?
-                .label(name.as_str())
+                .label(spaced(name))
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
                 });
             chart
                 .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
                 .map_err(plot_err)?;
+            all_points.extend(points);
         }
         if !names.is_empty() {
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::LowerRight)
+                .position(legend_corner(&all_points, epochs))
                 .label_font((FAMILY, 14))
                 .background_style(WHITE.mix(0.8))
                 .border_style(BLACK)
@@ -139,4 +183,59 @@ pub fn write_curves(path: &Path, history: &[EpochRecord], title: &str) -> Result
         path: path.into(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::Validation;
+
+    fn record(epoch: usize, loss: f64, map: f64) -> EpochRecord {
+        EpochRecord {
+            epoch,
+            step: epoch as u64 * 10,
+            lr: 1e-3,
+            train_loss: loss,
+            images_per_s: 8.0,
+            seconds: 60.0,
+            validation: Some(Validation {
+                values: vec![("mAP".into(), map), ("mAP50".into(), 2.0 * map)],
+            }),
+        }
+    }
+
+    #[test]
+    fn the_legend_avoids_the_curves() {
+        // Rising metrics that stay low: the lower corners are taken, the upper left is free.
+        let low_rising: Vec<(f64, f64)> = (1..=10).map(|e| (e as f64, 0.01 * e as f64)).collect();
+        assert!(matches!(
+            legend_corner(&low_rising, 10.0),
+            SeriesLabelPosition::UpperLeft
+        ));
+        // Metrics near 1 from the start: a lower corner.
+        let high: Vec<(f64, f64)> = (1..=10).map(|e| (e as f64, 0.9)).collect();
+        assert!(matches!(
+            legend_corner(&high, 10.0),
+            SeriesLabelPosition::LowerRight
+        ));
+    }
+
+    #[test]
+    fn renders_both_charts() {
+        let history: Vec<EpochRecord> = (1..=10)
+            .map(|e| record(e, 8.0 / e as f64, 0.005 * e as f64))
+            .collect();
+        let image = render(&history, "SSDLite s0 on Synth, 160 px, batch 32").unwrap();
+        assert_eq!(image.dimensions(), (WIDTH, HEIGHT));
+        let colored = |pick: fn(&image::Rgb<u8>) -> bool, x0: u32, x1: u32| {
+            (x0..x1)
+                .flat_map(|x| (0..HEIGHT).map(move |y| (x, y)))
+                .filter(|&(x, y)| pick(image.get_pixel(x, y)))
+                .count()
+        };
+        // The blue loss curve on the left half, the red and green metric curves on the right.
+        assert!(colored(|p| p.0 == [0, 0, 255], 0, WIDTH / 2) > 100);
+        assert!(colored(|p| p.0 == [255, 0, 0], WIDTH / 2, WIDTH) > 100);
+        assert!(colored(|p| p.0 == [0, 255, 0], WIDTH / 2, WIDTH) > 100);
+    }
 }

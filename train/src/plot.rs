@@ -5,6 +5,8 @@
 use std::path::Path;
 use std::sync::Once;
 
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
@@ -63,6 +65,33 @@ fn plot_err<E: std::fmt::Display>(e: E) -> TrainError {
     TrainError::Plot(e.to_string())
 }
 
+/// One of the two charts on `area`: epochs 0..=`last_epoch` along x with whole-number labels,
+/// 0..`y_max` up, its mesh drawn.
+fn epoch_chart<'a, 'b>(
+    area: &'a DrawingArea<BitMapBackend<'b>, Shift>,
+    caption: &str,
+    last_epoch: usize,
+    y_max: f64,
+) -> Result<ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(spaced(caption), (FAMILY, 16))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(52)
+        .build_cartesian_2d(0.0..last_epoch as f64, 0.0..y_max)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("epoch")
+        // At most one label per epoch, so whole-number labels never repeat.
+        .x_labels((last_epoch + 1).min(11))
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .label_style((FAMILY, 13))
+        .draw()
+        .map_err(plot_err)?;
+    Ok(chart)
+}
+
 /// Draws `curves.png`-style charts of `history` into an RGB buffer of `WIDTH` x `HEIGHT`.
 pub fn render(history: &[EpochRecord], title: &str) -> Result<image::RgbImage> {
     register_font()?;
@@ -75,9 +104,6 @@ pub fn render(history: &[EpochRecord], title: &str) -> Result<image::RgbImage> {
             .map_err(plot_err)?;
         let (left, right) = root.split_horizontally(WIDTH / 2);
         let last_epoch = history.last().map_or(1, |r| r.epoch).max(1);
-        let epochs = last_epoch as f64;
-        // At most one label per epoch, so whole-number labels never repeat.
-        let epoch_labels = (last_epoch + 1).min(11);
 
         let losses: Vec<(f64, f64)> = history
             .iter()
@@ -85,21 +111,7 @@ pub fn render(history: &[EpochRecord], title: &str) -> Result<image::RgbImage> {
             .map(|r| (r.epoch as f64, r.train_loss))
             .collect();
         let max_loss = losses.iter().map(|p| p.1).fold(0.0, f64::max).max(1e-6) * 1.05;
-        let mut chart = ChartBuilder::on(&left)
-            .caption(spaced("training loss"), (FAMILY, 16))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(52)
-            .build_cartesian_2d(0.0..epochs, 0.0..max_loss)
-            .map_err(plot_err)?;
-        chart
-            .configure_mesh()
-            .x_desc("epoch")
-            .x_labels(epoch_labels)
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .label_style((FAMILY, 13))
-            .draw()
-            .map_err(plot_err)?;
+        let mut chart = epoch_chart(&left, "training loss", last_epoch, max_loss)?;
         chart
             .draw_series(LineSeries::new(
                 losses.iter().copied(),
@@ -110,21 +122,7 @@ pub fn render(history: &[EpochRecord], title: &str) -> Result<image::RgbImage> {
             .draw_series(losses.iter().map(|&p| Circle::new(p, 3, BLUE.filled())))
             .map_err(plot_err)?;
 
-        let mut chart = ChartBuilder::on(&right)
-            .caption("validation", (FAMILY, 16))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(52)
-            .build_cartesian_2d(0.0..epochs, 0.0..1.0)
-            .map_err(plot_err)?;
-        chart
-            .configure_mesh()
-            .x_desc("epoch")
-            .x_labels(epoch_labels)
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .label_style((FAMILY, 13))
-            .draw()
-            .map_err(plot_err)?;
+        let mut chart = epoch_chart(&right, "validation", last_epoch, 1.0)?;
         let names: Vec<String> = history
             .iter()
             .find_map(|r| r.validation.as_ref())
@@ -160,7 +158,7 @@ pub fn render(history: &[EpochRecord], title: &str) -> Result<image::RgbImage> {
         if !names.is_empty() {
             chart
                 .configure_series_labels()
-                .position(legend_corner(&all_points, epochs))
+                .position(legend_corner(&all_points, last_epoch as f64))
                 .label_font((FAMILY, 14))
                 .background_style(WHITE.mix(0.8))
                 .border_style(BLACK)

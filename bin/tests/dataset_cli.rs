@@ -3,8 +3,7 @@
 //! ending the tool quietly.
 mod common;
 
-use common::{run_err, scratch, stdout_ok};
-use std::path::PathBuf;
+use common::{run_err, scratch, shared_data, stdout_ok};
 use std::process::Command;
 
 fn bin() -> Command {
@@ -37,9 +36,7 @@ fn synth_then_stats_reads_all_three_layouts() {
 
 #[test]
 fn stats_on_the_real_coco_sample() {
-    let data = PathBuf::from(std::env::var_os("MOBILEONE_DATA").expect(
-        "MOBILEONE_DATA is not set: point it at the shared sample data (../shared/data from the repository root)",
-    ));
+    let data = shared_data();
     let stats = stdout_ok(
         bin()
             .arg("stats")
@@ -74,9 +71,7 @@ fn malformed_json_names_the_field() {
 #[test]
 fn closed_stdout_ends_quietly() {
     use std::os::unix::process::ExitStatusExt;
-    let data = PathBuf::from(std::env::var_os("MOBILEONE_DATA").expect(
-        "MOBILEONE_DATA is not set: point it at the shared sample data (../shared/data from the repository root)",
-    ));
+    let data = shared_data();
     // The reader is gone before the tool writes, as with `dataset stats ... | head -0`.
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);

@@ -22,7 +22,7 @@ fn expected_histogram(reference: &serde_json::Value, rel: &str) -> BTreeMap<Stri
 
 #[test]
 fn coco_samples_match_pycocotools() {
-    let data = common::data_dir();
+    let data = common::shared_data();
     let reference = common::fixture("samples_reference.json");
     for rel in [
         "coco-val2017-samples/instances_val2017_5.json",
@@ -85,7 +85,7 @@ fn coco_samples_match_pycocotools() {
 
 #[test]
 fn voc_sample_reads_palette_indices() {
-    let data = common::data_dir();
+    let data = common::shared_data();
     let reference = common::fixture("samples_reference.json");
     let dataset = SegmentationDataset::voc(data.join("voc2012-sample"), None, false).unwrap();
     assert_eq!(dataset.len(), 1);
@@ -107,7 +107,7 @@ fn voc_sample_reads_palette_indices() {
 
 #[test]
 fn ade20k_samples_reduce_zero_label() {
-    let data = common::data_dir();
+    let data = common::shared_data();
     let reference = common::fixture("samples_reference.json");
     let dataset = SegmentationDataset::ade20k(data.join("ade20k-samples"), None).unwrap();
     assert_eq!(dataset.len(), 3);

@@ -10,12 +10,9 @@ use serde_json::Value;
 
 const TOLERANCE: f64 = 1e-12;
 
-fn data_dir() -> PathBuf {
-    let dir = std::env::var("MOBILEONE_DATA").expect(
-        "MOBILEONE_DATA is not set: point it at the shared sample data (../shared/data from the repo root)",
-    );
-    PathBuf::from(dir)
-}
+#[path = "../../testing/shared_data.rs"]
+mod shared_data;
+use shared_data::shared_data;
 
 fn fixture(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -216,7 +213,7 @@ fn non_finite_detections_are_rejected() {
 }
 
 fn val2014_100() -> (PathBuf, PathBuf, Vec<f64>) {
-    let dir = data_dir().join("coco-val2014-100");
+    let dir = shared_data().join("coco-val2014-100");
     let expected: Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("expected_bbox_stats.json")).unwrap(),
     )
@@ -268,7 +265,7 @@ fn val2014_100_masks_match_pycocotools() {
     let case = "val2014_100_segm";
     let want = expected(case);
     let gt =
-        GroundTruth::from_path(&data_dir().join("coco-val2014-100/instances_val2014_100.json"))
+        GroundTruth::from_path(&shared_data().join("coco-val2014-100/instances_val2014_100.json"))
             .unwrap();
     let got = evaluate_file(&gt, &fixture(case).join("dt.json"), IouType::Segm).unwrap();
     assert_close(case, "stats", &got.stats, &floats(&want["stats"]));

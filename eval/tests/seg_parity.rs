@@ -1,17 +1,14 @@
 //! mIoU against the mmsegmentation IoUMetric formula (numpy reference in
 //! tools/reference/eval_fixtures.py), on generated maps and on real ADE20K / VOC annotations.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use mobileone_eval::seg::{reduce_zero_label, LabelMap, SegMetric, SegMetrics};
 use serde_json::Value;
 
-fn data_dir() -> PathBuf {
-    let dir = std::env::var("MOBILEONE_DATA").expect(
-        "MOBILEONE_DATA is not set: point it at the shared sample data (../shared/data from the repo root)",
-    );
-    PathBuf::from(dir)
-}
+#[path = "../../testing/shared_data.rs"]
+mod shared_data;
+use shared_data::shared_data;
 
 fn fixture(name: &str) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -114,7 +111,7 @@ fn real_annotations_match_mmseg_formula() {
         let mut vs_itself = SegMetric::new(num_classes as usize, 255).unwrap();
         let mut vs_perturbed = SegMetric::new(num_classes as usize, 255).unwrap();
         for file in case["files"].as_array().unwrap() {
-            let path = data_dir().join(folder).join(file.as_str().unwrap());
+            let path = shared_data().join(folder).join(file.as_str().unwrap());
             let mut label = LabelMap::read_png(&path).unwrap_or_else(|e| panic!("{e}"));
             if case["reduce_zero_label"].as_bool().unwrap() {
                 reduce_zero_label(&mut label.labels);

@@ -3,20 +3,10 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-/// The real sample data (`../shared/data` from the repository root; `.ci/run` sets the variable).
-pub fn shared_data() -> PathBuf {
-    let dir = std::env::var_os("MOBILEONE_DATA")
-        .map(PathBuf::from)
-        .expect(
-        "MOBILEONE_DATA must point at the shared sample data (../shared/data from the repo root)",
-    );
-    assert!(
-        dir.is_dir(),
-        "MOBILEONE_DATA={} is not a directory",
-        dir.display()
-    );
-    dir
-}
+#[path = "../../../testing/shared_data.rs"]
+mod shared_data;
+#[allow(unused_imports)]
+pub use shared_data::shared_data;
 
 /// A fresh, empty folder for one test.
 pub fn scratch(tool: &str, name: &str) -> PathBuf {

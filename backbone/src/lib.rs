@@ -8,4 +8,4 @@ pub mod parity;
 pub mod resize;
 
 pub use checkpoint::{Checkpoint, CheckpointError, Naming};
-pub use mobileone::{MobileOne, MobileOneBlock, MobileOneConfig, Variant};
+pub use mobileone::{Form, MobileOne, MobileOneBlock, MobileOneConfig, Variant};

@@ -65,6 +65,40 @@ impl fmt::Display for Variant {
     }
 }
 
+/// Which parts of a model are stored in their deployed form: a reparameterised trunk
+/// (`reparam_conv`), and heads whose BatchNorms are folded into conv biases. Decided per module, so a
+/// checkpoint whose trunk was fine-tuned fused but whose heads still carry BatchNorm (what fine-tuning
+/// a reparameterised timm trunk under torchvision's heads produces) loads as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Form {
+    /// The trunk is reparameterised: one conv with bias per block.
+    pub trunk_fused: bool,
+    /// The heads' (and extra blocks') BatchNorms are folded into their convs.
+    pub heads_fused: bool,
+}
+
+impl Form {
+    /// Train-time multi-branch trunk, heads with BatchNorm.
+    pub const TRAIN: Self = Self {
+        trunk_fused: false,
+        heads_fused: false,
+    };
+    /// Everything reparameterised and folded (what `fuse` produces).
+    pub const FUSED: Self = Self {
+        trunk_fused: true,
+        heads_fused: true,
+    };
+    /// Reparameterised trunk (e.g. an ImageNet checkpoint fine-tuned as it is), heads with BatchNorm.
+    pub const FUSED_TRUNK: Self = Self {
+        trunk_fused: true,
+        heads_fused: false,
+    };
+
+    pub fn is_fused(self) -> bool {
+        self.trunk_fused && self.heads_fused
+    }
+}
+
 /// Architecture hyper-parameters; the presets are the published S0–S4, other values build test models.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MobileOneConfig {

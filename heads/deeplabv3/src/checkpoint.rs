@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use mobileone::checkpoint::{self, build_strict, guess_variant, variant_hint, Checkpoint};
-use mobileone::{MobileOneConfig, Variant};
+use mobileone::{Form, MobileOneConfig, Variant};
 
 use crate::config::{
     DeepLabConfig, MetadataFields, SegmenterSpec, DEFAULT_ATROUS_RATES, DEFAULT_HEAD_CHANNELS,
@@ -48,14 +48,19 @@ pub fn build(
     device: &Device,
 ) -> Result<DeepLabV3, DeepLabError> {
     let hint = variant_hint(tensors, BACKBONE_PREFIX, &config.backbone);
-    let fused = tensors.contains_key(&format!("{BACKBONE_PREFIX}stem.reparam_conv.weight"));
+    let form = stored_form(tensors);
     Ok(build_strict(tensors, device, &hint, |vb| {
-        if fused {
-            DeepLabV3::new_fused(config, vb)
-        } else {
-            DeepLabV3::new(config, vb)
-        }
+        DeepLabV3::with_form(config, form, vb)
     })?)
+}
+
+/// The form each module is stored in: the trunk is fused when it has `reparam_conv` tensors, the
+/// heads when the ASPP's first conv carries a bias (a folded BatchNorm) instead of a BN.
+pub fn stored_form(tensors: &HashMap<String, Tensor>) -> Form {
+    Form {
+        trunk_fused: tensors.contains_key(&format!("{BACKBONE_PREFIX}stem.reparam_conv.weight")),
+        heads_fused: tensors.contains_key("classifier.0.convs.0.0.bias"),
+    }
 }
 
 /// Writes the model's tensors with `spec`'s metadata (atomically).

@@ -3,7 +3,7 @@
 
 use candle_core::{ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
-use mobileone::MobileOne;
+use mobileone::{Form, MobileOne};
 
 use crate::aspp::{DeepLabHead, FcnHead};
 use crate::config::DeepLabConfig;
@@ -28,20 +28,23 @@ pub struct DeepLabV3 {
 impl DeepLabV3 {
     /// Train-time form (multi-branch trunk, separate BatchNorms) below the checkpoint root `vb`.
     pub fn new(config: &DeepLabConfig, vb: VarBuilder) -> Result<Self> {
-        Self::build(config, vb, false)
+        Self::with_form(config, Form::TRAIN, vb)
     }
 
     /// Inference form as written by [`DeepLabV3::fuse`] + [`DeepLabV3::named_tensors`]: reparameterised
     /// trunk, BatchNorms folded into conv biases.
     pub fn new_fused(config: &DeepLabConfig, vb: VarBuilder) -> Result<Self> {
-        Self::build(config, vb, true)
+        Self::with_form(config, Form::FUSED, vb)
     }
 
-    fn build(config: &DeepLabConfig, vb: VarBuilder, fused: bool) -> Result<Self> {
+    /// Trunk and heads each in the form `form` gives (e.g. a reparameterised trunk under heads that
+    /// still carry BatchNorm, as fine-tuning a fused ImageNet trunk produces).
+    pub fn with_form(config: &DeepLabConfig, form: Form, vb: VarBuilder) -> Result<Self> {
         config.validate().map_err(candle_core::Error::Msg)?;
         let trunk = config.backbone.clone().with_num_classes(None);
         let body = vb.pp("backbone").pp("body");
-        let backbone = if fused {
+        let fused = form.heads_fused;
+        let backbone = if form.trunk_fused {
             MobileOne::new_fused(&trunk, config.output_stride, body)?
         } else {
             MobileOne::new(&trunk, config.output_stride, body)?

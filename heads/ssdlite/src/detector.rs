@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{Device, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 use mobileone::checkpoint::{self, Checkpoint};
-use mobileone::MobileOne;
+use mobileone::{Form, MobileOne};
 
 use crate::anchors::{Box4, DefaultBoxGenerator};
 use crate::config::{resolve, Labels, Overrides, SsdLiteConfig};
@@ -41,11 +41,13 @@ pub struct SsdDetector {
 
 impl SsdDetector {
     /// Builds the detector from `vb` at the checkpoint root (`backbone.body.*`, `backbone.extra.*`,
-    /// `head.*`); `fused` reads the reparameterised trunk and BN-folded heads.
-    pub fn new(config: &SsdLiteConfig, fused: bool, vb: VarBuilder) -> Result<Self> {
+    /// `head.*`); `form` says whether the trunk is reparameterised and whether the extra blocks' and
+    /// heads' BatchNorms are folded.
+    pub fn new(config: &SsdLiteConfig, form: Form, vb: VarBuilder) -> Result<Self> {
         let trunk = config.trunk.clone().with_num_classes(None);
         let body_vb = vb.pp("backbone").pp("body");
-        let body = if fused {
+        let fused = form.heads_fused;
+        let body = if form.trunk_fused {
             MobileOne::new_fused(&trunk, 32, body_vb)?
         } else {
             MobileOne::new(&trunk, 32, body_vb)?
@@ -88,12 +90,23 @@ impl SsdDetector {
         device: &Device,
     ) -> std::result::Result<(Self, Labels), Error> {
         let (config, labels) = resolve(&checkpoint.tensors, &checkpoint.metadata, overrides)?;
-        let fused = checkpoint.is_fused("backbone.body.");
+        let form = Self::stored_form(checkpoint);
         let hint = checkpoint::variant_hint(&checkpoint.tensors, "backbone.body.", &config.trunk);
         let detector = checkpoint::build_strict(&checkpoint.tensors, device, &hint, |vb| {
-            Self::new(&config, fused, vb)
+            Self::new(&config, form, vb)
         })?;
         Ok((detector, labels))
+    }
+
+    /// The form each module is stored in: the trunk is fused when it has `reparam_conv` tensors, the
+    /// heads when the first extra block's conv carries a bias (a folded BatchNorm) instead of a BN.
+    pub fn stored_form(checkpoint: &Checkpoint) -> Form {
+        Form {
+            trunk_fused: checkpoint.is_fused("backbone.body."),
+            heads_fused: checkpoint
+                .tensors
+                .contains_key("backbone.extra.0.0.0.bias"),
+        }
     }
 
     /// Reads a checkpoint file and builds the detector.
@@ -210,8 +223,9 @@ impl SsdDetector {
         self.head.fuse()
     }
 
+    /// Whether trunk and heads are both in their deployed form.
     pub fn is_fused(&self) -> bool {
-        self.body.is_fused()
+        self.body.is_fused() && self.extra.iter().all(|b| b.layers[0].is_fused())
     }
 
     /// Every tensor under torchvision's key names, ready to be saved as a checkpoint.

@@ -37,7 +37,7 @@ fn small_config() -> SsdLiteConfig {
 fn training_loss_backpropagates_to_trunk_and_heads() {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let detector = SsdDetector::new(&small_config(), false, vb).unwrap();
+    let detector = SsdDetector::new(&small_config(), mobileone::Form::TRAIN, vb).unwrap();
     let images = Tensor::randn(0f32, 1.0, (2, 3, 128, 128), &Device::Cpu).unwrap();
     let targets = vec![
         Target {

@@ -4,6 +4,7 @@
 
 pub mod coco;
 pub mod error;
+pub mod imaging;
 pub mod io;
 pub mod loader;
 pub mod mask;
@@ -11,6 +12,7 @@ pub mod segmentation;
 pub mod stats;
 pub mod synth;
 pub mod transforms;
+pub mod yolo;
 
 pub use coco::{CocoAnnotation, CocoCategory, CocoDataset, CocoFile, CocoImage, Segmentation};
 pub use error::{DatasetError, Result};

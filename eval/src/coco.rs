@@ -147,6 +147,20 @@ impl GroundTruth {
             source_name: source_name.clone(),
             message: e.to_string(),
         })?;
+        Self::validated(coco, source_name)
+    }
+
+    /// Ground truth from an instances JSON held in memory (e.g. a YOLO dataset converted on the fly);
+    /// `source_name` names it in errors. Validated as [`GroundTruth::from_path`].
+    pub fn from_json(json: &[u8], source_name: &str) -> Result<Self, CocoError> {
+        let dataset = serde_json::from_slice(json).map_err(|e| CocoError::Load {
+            source_name: source_name.to_string(),
+            message: e.to_string(),
+        })?;
+        Self::validated(COCO::from_dataset(dataset), source_name.to_string())
+    }
+
+    fn validated(coco: COCO, source_name: String) -> Result<Self, CocoError> {
         let mut first_index: HashMap<u64, usize> = HashMap::new();
         for (index, ann) in coco.dataset.annotations.iter().enumerate() {
             if ann.id == 0 {

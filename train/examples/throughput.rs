@@ -35,7 +35,7 @@ fn main() -> candle_core::Result<()> {
         "det" => {
             let mut cfg = SsdLiteConfig::new(Variant::S0, 8);
             cfg.image_size = size;
-            Model::Det(SsdDetector::new(&cfg, false, vb)?)
+            Model::Det(SsdDetector::new(&cfg, mobileone::Form::TRAIN, vb)?)
         }
         _ => Model::Seg(deeplabv3::DeepLabV3::new(
             &deeplabv3::DeepLabConfig::new(Variant::S0, 8, 16),
@@ -49,7 +49,7 @@ fn main() -> candle_core::Result<()> {
         })
         .collect();
     let labels = Tensor::zeros((batch, size, size), DType::U32, &device)?;
-    let mut opt = Optimizer::new(OptimizerKind::SGD, trainable_params(&vars));
+    let mut opt = Optimizer::new(OptimizerKind::SGD, trainable_params(&vars, "", 1.0));
     for step in 0..steps {
         let t0 = Instant::now();
         let loss = match &model {

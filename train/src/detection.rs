@@ -8,6 +8,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use mobileone::checkpoint::build_strict;
 use mobileone_datasets::transforms::{PhotometricDistort, RandomHorizontalFlip, Resize};
+use mobileone_datasets::yolo::YoloDataset;
 use mobileone_datasets::{
     Batch, CocoDataset, CocoDetection, Compose, LabelMode, Loader, LoaderConfig, Normalize,
     Transform,
@@ -33,16 +34,8 @@ pub struct DetectionTask {
 impl DetectionTask {
     /// Reads the data and builds the train-time detector's variables through `vb`.
     pub fn new(settings: &RunSettings, vb: VarBuilder) -> Result<Self> {
-        if !matches!(settings.dataset, DatasetKind::Coco | DatasetKind::Synth) {
-            return Err(TrainError::Config(format!(
-                "detection needs box annotations in COCO format (--dataset coco or synth); {:?} has none here",
-                settings.dataset
-            )));
-        }
-        let (train_json, train_dir) = coco_split(&settings.data_root, "train")?;
-        let (val_json, val_dir) = coco_split(&settings.data_root, "val")?;
-        let train = CocoDataset::open(&train_json)?;
-        let val = CocoDataset::open(&val_json)?;
+        let [(train, train_dir), (val, val_dir)] = read_splits(settings)?;
+        let (train_json, val_json) = (&train.path, &val.path);
         if train.categories != val.categories {
             return Err(TrainError::Config(format!(
                 "{} and {} list different categories",
@@ -60,14 +53,21 @@ impl DetectionTask {
         };
         let mut config = SsdLiteConfig::new(settings.variant, labels.names.len());
         config.image_size = settings.image_size;
-        let detector = SsdDetector::new(&config, false, vb)?;
+        let form = mobileone::Form {
+            trunk_fused: settings.fused_trunk,
+            heads_fused: false,
+        };
+        let detector = SsdDetector::new(&config, form, vb)?;
         let val_images = val
             .images
             .iter()
             .map(|i| (i.id, val_dir.join(&i.file_name)))
             .collect();
-        let ground_truth =
-            GroundTruth::from_path(&val_json).map_err(|e| TrainError::Eval(e.to_string()))?;
+        let ground_truth = GroundTruth::from_json(
+            &serde_json::to_vec(&val.to_file()).expect("COCO serialises"),
+            &val.path.display().to_string(),
+        )
+        .map_err(|e| TrainError::Eval(e.to_string()))?;
         let normalize = Normalize {
             mean: config.mean,
             std: config.std,
@@ -116,9 +116,39 @@ impl DetectionTask {
         let tensors: HashMap<String, Tensor> = self.fused_tensors()?.into_iter().collect();
         let config = &self.detector.config;
         Ok(build_strict(&tensors, &self.device, "", |vb| {
-            SsdDetector::new(config, true, vb)
+            SsdDetector::new(config, mobileone::Form::FUSED, vb)
         })?)
     }
+}
+
+/// The train and val splits with their image folders: COCO instances JSON, or a YOLO `data.yaml`
+/// read into COCO form.
+fn read_splits(settings: &RunSettings) -> Result<[(CocoDataset, PathBuf); 2]> {
+    let read = |split: &str| -> Result<(CocoDataset, PathBuf)> {
+        match settings.dataset {
+            DatasetKind::Coco | DatasetKind::Synth => {
+                let (json, dir) = coco_split(&settings.data_root, split)?;
+                Ok((CocoDataset::open(&json)?, dir))
+            }
+            DatasetKind::Yolo => {
+                let yolo = YoloDataset::open(&settings.data_root)?;
+                let read = yolo.split(split)?;
+                if read.dropped_empty > 0 {
+                    eprintln!(
+                        "{} {split}: {} box(es) without area left out",
+                        yolo.yaml.display(),
+                        read.dropped_empty
+                    );
+                }
+                let name = yolo.yaml.with_file_name(format!("{split} split"));
+                Ok((CocoDataset::from_file(read.coco, &name)?, read.image_root))
+            }
+            other => Err(TrainError::Config(format!(
+                "detection needs box annotations (--dataset coco, yolo or synth); {other:?} has none"
+            ))),
+        }
+    };
+    Ok([read("train")?, read("val")?])
 }
 
 impl Task for DetectionTask {

@@ -50,18 +50,25 @@ impl FromStr for OptimizerKind {
     }
 }
 
-/// A trainable tensor and whether weight decay applies to it.
+/// A trainable tensor, whether weight decay applies to it, and its learning rate as a multiple of the
+/// schedule's (PyTorch's parameter groups: a pretrained trunk learns slower than fresh heads).
 #[derive(Debug, Clone)]
 pub struct Param {
     pub name: String,
     pub var: Var,
     pub decay: bool,
+    pub lr_scale: f64,
 }
 
 /// Trainable parameters of a `VarMap`, sorted by name: everything but BatchNorm running statistics.
 /// Weight decay applies to conv and linear weights only (rank ≥ 2), not to biases or BN affine
-/// parameters, the usual practice for BN networks (torchvision's `norm_weight_decay=0`).
-pub fn trainable_params(vars: &candle_nn::VarMap) -> Vec<Param> {
+/// parameters, the usual practice for BN networks (torchvision's `norm_weight_decay=0`). Parameters whose
+/// name starts with `slow_prefix` learn at `slow_lr_scale` times the schedule's rate.
+pub fn trainable_params(
+    vars: &candle_nn::VarMap,
+    slow_prefix: &str,
+    slow_lr_scale: f64,
+) -> Vec<Param> {
     let data = vars.data().lock().unwrap();
     let mut params: Vec<Param> = data
         .iter()
@@ -70,6 +77,11 @@ pub fn trainable_params(vars: &candle_nn::VarMap) -> Vec<Param> {
             name: name.clone(),
             var: var.clone(),
             decay: var.rank() >= 2,
+            lr_scale: if name.starts_with(slow_prefix) {
+                slow_lr_scale
+            } else {
+                1.0
+            },
         })
         .collect();
     params.sort_by(|a, b| a.name.cmp(&b.name));
@@ -142,6 +154,7 @@ impl Optimizer {
             };
             let value = p.var.as_tensor().detach();
             let wd = if p.decay { weight_decay } else { 0.0 };
+            let lr = lr * p.lr_scale;
             let updated = match self.kind {
                 OptimizerKind::Sgd { momentum } => {
                     // torch.optim.SGD: g += wd·p; buf = momentum·buf + g (buf = g at first); p -= lr·buf.
@@ -272,6 +285,7 @@ mod tests {
             name: "w".into(),
             var: var.clone(),
             decay: true,
+            lr_scale: 1.0,
         }];
         let mut opt = Optimizer::new(kind, params);
         let mut trace = Vec::new();

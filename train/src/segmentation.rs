@@ -38,10 +38,10 @@ fn open_split(settings: &RunSettings, train: bool) -> Result<SegmentationDataset
         DatasetKind::Ade20k => {
             SegmentationDataset::ade20k(root, Some(if train { "training" } else { "validation" }))?
         }
-        DatasetKind::Coco => return Err(TrainError::Config(
-            "segmentation reads VOC or ADE20K layouts (--dataset voc, ade20k or synth), not COCO"
-                .into(),
-        )),
+        DatasetKind::Coco | DatasetKind::Yolo => return Err(TrainError::Config(format!(
+            "segmentation reads VOC or ADE20K layouts (--dataset voc, ade20k or synth), not {:?}",
+            settings.dataset
+        ))),
     })
 }
 
@@ -74,7 +74,11 @@ impl SegmentationTask {
         if settings.aux_loss {
             spec.config.aux_stride = Some(16);
         }
-        let model = DeepLabV3::new(&spec.config, vb)?;
+        let form = mobileone::Form {
+            trunk_fused: settings.fused_trunk,
+            heads_fused: false,
+        };
+        let model = DeepLabV3::with_form(&spec.config, form, vb)?;
         let size = settings.image_size;
         let resize = Resize {
             width: size,

@@ -28,6 +28,8 @@ pub enum DatasetKind {
     Ade20k,
     /// A folder written by `dataset synth` (COCO layout for detection, VOC layout for segmentation).
     Synth,
+    /// The YOLO detection layout: `data.yaml` with `train` / `val` image folders and `names`.
+    Yolo,
 }
 
 impl FromStr for DatasetKind {
@@ -38,8 +40,9 @@ impl FromStr for DatasetKind {
             "voc" => Ok(Self::Voc),
             "ade20k" => Ok(Self::Ade20k),
             "synth" => Ok(Self::Synth),
+            "yolo" => Ok(Self::Yolo),
             _ => Err(format!(
-                "unknown dataset `{s}` (expected coco, voc, ade20k or synth)"
+                "unknown dataset `{s}` (expected coco, yolo, voc, ade20k or synth)"
             )),
         }
     }

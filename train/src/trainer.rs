@@ -84,6 +84,17 @@ pub struct RunSettings {
     /// Segmentation: dilations of the three 3x3 ASPP branches (torchvision: 12, 24, 36).
     #[serde(default = "default_atrous_rates")]
     pub atrous_rates: Vec<usize>,
+    /// The trunk is trained in its reparameterised form (one conv with bias per block), as an
+    /// ImageNet checkpoint that only exists fused is fine-tuned; decided by `--init-backbone`.
+    #[serde(default)]
+    pub fused_trunk: bool,
+    /// Learning rate of the trunk as a multiple of the heads' (parameter groups).
+    #[serde(default = "default_backbone_lr_mult")]
+    pub backbone_lr_mult: f64,
+}
+
+fn default_backbone_lr_mult() -> f64 {
+    1.0
 }
 
 fn default_head_channels() -> usize {
@@ -162,6 +173,33 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     }
 }
 
+/// Checkpoint prefix of the trunk inside the detectors and segmenters.
+const TRUNK_PREFIX: &str = "backbone.body.";
+
+/// Where a trunk's tensors live in a checkpoint: under `backbone.body.` (a detector or segmenter) or
+/// at the root (an ImageNet classifier).
+fn trunk_prefix(ckpt: &checkpoint::Checkpoint) -> &'static str {
+    if ckpt.tensors.keys().any(|k| k.starts_with(TRUNK_PREFIX)) {
+        TRUNK_PREFIX
+    } else {
+        ""
+    }
+}
+
+/// The run state a training checkpoint stores in its metadata.
+fn stored_state(ckpt: &checkpoint::Checkpoint, path: &Path) -> Result<TrainState> {
+    let resume_err = |message: String| TrainError::Resume {
+        path: path.into(),
+        message,
+    };
+    let raw = ckpt.metadata.get(TRAIN_STATE_KEY).ok_or_else(|| {
+        resume_err(format!(
+            "not a training checkpoint (no `{TRAIN_STATE_KEY}` metadata); to start from pretrained trunk weights use --init-backbone"
+        ))
+    })?;
+    serde_json::from_str(raw).map_err(|e| resume_err(format!("metadata `{TRAIN_STATE_KEY}`: {e}")))
+}
+
 /// Seed of everything random in one step's forward pass.
 fn step_seed(seed: u64, step: u64) -> u64 {
     let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -172,7 +210,7 @@ fn step_seed(seed: u64, step: u64) -> u64 {
 impl Trainer {
     /// Builds the model, data and optimizer; with `resume`, restores weights, optimizer and run state
     /// from a `last` / `best` checkpoint of the same run.
-    pub fn new(settings: RunSettings, out_dir: &Path, resume: Option<&Path>) -> Result<Self> {
+    pub fn new(mut settings: RunSettings, out_dir: &Path, resume: Option<&Path>) -> Result<Self> {
         if settings.epochs == 0 || settings.batch_size == 0 || settings.val_every == 0 {
             return Err(TrainError::Config(
                 "epochs, batch size and --val-every must be at least 1".into(),
@@ -183,6 +221,21 @@ impl Trainer {
                 "segmentation needs a batch of at least 2: the ASPP pooling branch's BatchNorm sees one value per image".into(),
             ));
         }
+        // The trunk's form follows the weights it starts from (a resumed run keeps its own).
+        let init = match (resume, &settings.init_backbone) {
+            (Some(path), _) => {
+                settings.fused_trunk = stored_state(&checkpoint::load(path)?, path)?
+                    .settings
+                    .fused_trunk;
+                None
+            }
+            (None, Some(path)) => {
+                let ckpt = checkpoint::load(path)?;
+                settings.fused_trunk = ckpt.is_fused(trunk_prefix(&ckpt));
+                Some(ckpt)
+            }
+            (None, None) => None,
+        };
         let device = Device::Cpu;
         let vars = VarMap::new();
         let vb = seeded_var_builder(&vars, settings.seed, &device);
@@ -202,7 +255,10 @@ impl Trainer {
             (settings.warmup_epochs * steps_per_epoch as f64).round() as u64,
             settings.epochs as u64 * steps_per_epoch,
         );
-        let optimizer = Optimizer::new(settings.optimizer, trainable_params(&vars));
+        let optimizer = Optimizer::new(
+            settings.optimizer,
+            trainable_params(&vars, TRUNK_PREFIX, settings.backbone_lr_mult),
+        );
         let mut trainer = Self {
             task,
             vars,
@@ -222,13 +278,10 @@ impl Trainer {
             stop_after_steps: None,
             log_every: 50,
         };
-        match resume {
-            Some(path) => trainer.restore(path, &settings)?,
-            None => {
-                if let Some(path) = &settings.init_backbone {
-                    trainer.init_backbone(path)?;
-                }
-            }
+        match (resume, init) {
+            (Some(path), _) => trainer.restore(path, &settings)?,
+            (None, Some(ckpt)) => trainer.init_backbone(&ckpt)?,
+            (None, None) => {}
         }
         Ok(trainer)
     }
@@ -253,26 +306,15 @@ impl Trainer {
         self.task.train_loader().num_batches() as u64
     }
 
-    /// Copies trunk weights (train-time form, timm names, with or without a `backbone.body.` prefix)
-    /// into the model; a classifier head in the file is ignored.
-    fn init_backbone(&mut self, path: &Path) -> Result<()> {
-        let ckpt = checkpoint::load(path)?;
-        let prefix = if ckpt.tensors.keys().any(|k| k.starts_with("backbone.body.")) {
-            "backbone.body."
-        } else {
-            ""
-        };
-        if ckpt.is_fused(prefix) {
-            return Err(TrainError::Config(format!(
-                "{} holds reparameterised (fused) weights; training needs the train-time multi-branch weights",
-                path.display()
-            )));
-        }
+    /// Copies trunk weights (timm names, train-time or reparameterised as the trunk was built, with or
+    /// without a `backbone.body.` prefix) into the model; a classifier head in the file is ignored.
+    fn init_backbone(&mut self, ckpt: &checkpoint::Checkpoint) -> Result<()> {
+        let prefix = trunk_prefix(ckpt);
         let config = mobileone::MobileOneConfig::from_variant(self.state.settings.variant);
         let hint = checkpoint::variant_hint(&ckpt.tensors, prefix, &config);
         let data = self.vars.data().lock().unwrap();
         for (name, var) in data.iter() {
-            let Some(key) = name.strip_prefix("backbone.body.") else {
+            let Some(key) = name.strip_prefix(TRUNK_PREFIX) else {
                 continue;
             };
             let key = format!("{prefix}{key}");
@@ -282,7 +324,7 @@ impl Trainer {
                 .ok_or_else(|| CheckpointError::MissingKey {
                     key: key.clone(),
                     expected: var.dims().to_vec(),
-                    hint: hint.clone(),
+                    hint: format!("{hint} (in {})", ckpt.path.display()),
                 })?;
             if tensor.dims() != var.dims() {
                 return Err(CheckpointError::ShapeMismatch {
@@ -304,13 +346,7 @@ impl Trainer {
             message,
         };
         let ckpt = checkpoint::load(path)?;
-        let raw = ckpt.metadata.get(TRAIN_STATE_KEY).ok_or_else(|| {
-            resume_err(format!(
-                "not a training checkpoint (no `{TRAIN_STATE_KEY}` metadata); to start from pretrained trunk weights use --init-backbone"
-            ))
-        })?;
-        let state: TrainState = serde_json::from_str(raw)
-            .map_err(|e| resume_err(format!("metadata `{TRAIN_STATE_KEY}`: {e}")))?;
+        let state = stored_state(&ckpt, path)?;
         let (stored, given) = (state.settings.resumable_view(), settings.resumable_view());
         if stored != given {
             let differing: Vec<String> = given
@@ -647,6 +683,8 @@ mod tests {
             output_stride: 16,
             head_channels: 64,
             atrous_rates: vec![1, 2, 3],
+            fused_trunk: false,
+            backbone_lr_mult: 1.0,
         })
         .unwrap();
         let map = value.as_object_mut().unwrap();

@@ -82,7 +82,7 @@ fn check<M>(
     let model32 = build(seeded_var_builder(&vars, seed, &Device::Cpu))?;
     let vars64 = to_f64(&vars)?;
     let model64 = build(VarBuilder::from_varmap(&vars64, DType::F64, &Device::Cpu))?;
-    let params = trainable_params(&vars64);
+    let params = trainable_params(&vars64, "", 1.0);
     assert!(!params.is_empty());
     let grads64 = loss(&model64, DType::F64)?.backward()?;
     let grads32 = loss(&model32, DType::F32)?.backward()?;
@@ -176,7 +176,7 @@ fn ssdlite_extra_blocks_and_heads() -> Result<()> {
     check(
         2,
         Some("backbone.body."),
-        |vb| ssdlite::SsdDetector::new(&config, false, vb),
+        |vb| ssdlite::SsdDetector::new(&config, mobileone::Form::TRAIN, vb),
         |detector, dtype| {
             let x = random(&[2, 3, 128, 128], 8, dtype)?;
             let out = detector.head_outputs(&x, true)?;

@@ -54,6 +54,8 @@ fn settings(task: TaskKind, root: &Path) -> RunSettings {
         // A narrow head keeps the segmentation tests fast.
         head_channels: 32,
         atrous_rates: vec![12, 24, 36],
+        fused_trunk: false,
+        backbone_lr_mult: 1.0,
     }
 }
 

@@ -40,7 +40,7 @@ struct Cli {
     /// What to train.
     #[arg(value_enum)]
     command: Command,
-    /// Dataset format: coco, voc, ade20k or synth.
+    /// Dataset format: coco, yolo (data.yaml), voc, ade20k or synth.
     #[arg(long)]
     dataset: DatasetKind,
     /// Dataset folder.
@@ -49,10 +49,15 @@ struct Cli {
     /// MobileOne variant of the trunk.
     #[arg(long, default_value = "s0")]
     variant: Variant,
-    /// Train-time (unfused) trunk weights to start from, e.g. timm's or Apple's ImageNet checkpoint;
-    /// random initialisation without it.
+    /// Trunk weights to start from, e.g. timm's or Apple's ImageNet checkpoint; random initialisation
+    /// without it. A reparameterised (fused) checkpoint is fine-tuned in that form (one conv per
+    /// layer); a train-time one keeps its branches.
     #[arg(long, value_name = "W")]
     init_backbone: Option<PathBuf>,
+    /// Learning rate of the trunk as a multiple of the heads' (parameter groups)
+    /// [default: 0.2 with --init-backbone, else 1].
+    #[arg(long, value_name = "X")]
+    backbone_lr_mult: Option<f64>,
     #[arg(long, default_value_t = 30)]
     epochs: usize,
     /// Images per optimizer step.
@@ -143,6 +148,10 @@ fn run() -> Result<i32> {
         dataset: cli.dataset,
         data_root: cli.data_root,
         variant: cli.variant,
+        backbone_lr_mult: cli
+            .backbone_lr_mult
+            .unwrap_or(if cli.init_backbone.is_some() { 0.2 } else { 1.0 }),
+        fused_trunk: false,
         init_backbone: cli.init_backbone,
         epochs: cli.epochs,
         batch_size: cli.batch,

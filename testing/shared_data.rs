@@ -21,3 +21,14 @@ pub fn shared_data() -> PathBuf {
     );
     dir
 }
+
+/// `../shared/cases/`: inputs that failed before, beside the sample data (`MOBILEONE_DATA/../cases`).
+#[allow(dead_code)] // not every crate's tests read the cases
+pub fn shared_cases() -> PathBuf {
+    let dir = shared_data()
+        .parent()
+        .expect("MOBILEONE_DATA has a parent folder")
+        .join("cases");
+    assert!(dir.is_dir(), "no cases folder beside MOBILEONE_DATA: {}", dir.display());
+    dir
+}

@@ -21,11 +21,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Decodes an image file (JPEG or PNG) to 8-bit RGB.
+/// Decodes an image file to 8-bit RGB exactly as Pillow does; truncated or corrupt files are refused
+/// (see [`crate::imaging`]).
 pub fn read_rgb(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|e| DatasetError::io(path, e))?;
-    let image = image::load_from_memory(&bytes).map_err(|e| DatasetError::image(path, e))?;
-    Ok(image.to_rgb8())
+    crate::imaging::read_rgb(path)
 }
 
 /// Reads the size of an image without decoding its pixels.

@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 #[path = "../../../testing/shared_data.rs"]
 mod shared_data;
 #[allow(unused_imports)]
-pub use shared_data::shared_data;
+pub use shared_data::{shared_cases, shared_data};
 
 /// A fresh, empty folder for one test.
 pub fn scratch(tool: &str, name: &str) -> PathBuf {

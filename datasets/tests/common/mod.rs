@@ -4,7 +4,7 @@ use std::path::PathBuf;
 #[allow(dead_code)]
 mod shared_data;
 #[allow(unused_imports)]
-pub use shared_data::shared_data;
+pub use shared_data::{shared_cases, shared_data};
 
 #[allow(dead_code)]
 pub fn fixture(name: &str) -> serde_json::Value {

@@ -47,6 +47,80 @@ pub enum SegmentationLayout {
     /// `images/<split>/*.jpg` + `annotations/<split>/*.png` (0 other, 1..150), read with
     /// `reduce_zero_label`: 0 -> 255, k -> k - 1.
     Ade20k,
+    /// A generic folder described by a [`FolderConfig`] (mmsegmentation's custom datasets), e.g. CamVid.
+    Folder,
+}
+
+/// How a generic segmentation folder is laid out and labelled (mmsegmentation's `BaseSegDataset`
+/// settings), read from a small JSON file. `{split}` in the paths is replaced by the split name.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FolderConfig {
+    /// Class names, index = label value.
+    pub classes: Vec<String>,
+    /// RGB colour of each class for drawn masks (optional).
+    #[serde(default)]
+    pub palette: Option<Vec<[u8; 3]>>,
+    /// Label value that marks pixels to ignore (mapped to 255 on reading).
+    #[serde(default = "default_ignore")]
+    pub ignore_index: u8,
+    /// mmseg's `reduce_zero_label`: 0 is ignored and every other value shifts down by one.
+    #[serde(default)]
+    pub reduce_zero_label: bool,
+    #[serde(default = "default_img_dir")]
+    pub img_dir: String,
+    #[serde(default = "default_ann_dir")]
+    pub ann_dir: String,
+    /// File listing the split's image stems, one per line; without it every annotation is used.
+    #[serde(default = "default_split_file")]
+    pub split_file: String,
+    #[serde(default = "default_img_suffix")]
+    pub img_suffix: String,
+    #[serde(default = "default_seg_map_suffix")]
+    pub seg_map_suffix: String,
+}
+
+fn default_ignore() -> u8 {
+    IGNORE_INDEX
+}
+fn default_img_dir() -> String {
+    "images/{split}".into()
+}
+fn default_ann_dir() -> String {
+    "labels/{split}".into()
+}
+fn default_split_file() -> String {
+    "{split}.txt".into()
+}
+fn default_img_suffix() -> String {
+    ".jpg".into()
+}
+fn default_seg_map_suffix() -> String {
+    ".png".into()
+}
+
+/// Name of the folder config a generic segmentation root may hold.
+pub const FOLDER_CONFIG_FILE: &str = "dataset.json";
+
+impl FolderConfig {
+    /// Reads a config JSON; errors name the file and the field.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| DatasetError::io(path, e))?;
+        let config: Self = serde_json::from_str(&text)
+            .map_err(|e| DatasetError::invalid(path, format!("not a segmentation folder config: {e}")))?;
+        if config.classes.is_empty() || config.classes.len() > 255 {
+            return Err(DatasetError::invalid(path, "`classes` must list 1 to 255 names"));
+        }
+        if let Some(palette) = &config.palette {
+            if palette.len() != config.classes.len() {
+                return Err(DatasetError::invalid(
+                    path,
+                    format!("`palette` has {} colours for {} classes", palette.len(), config.classes.len()),
+                ));
+            }
+        }
+        Ok(config)
+    }
 }
 
 /// One image and its annotation PNG.
@@ -65,6 +139,12 @@ pub struct SegmentationDataset {
     pub items: Vec<SegmentationItem>,
     /// Names of the training classes 0..num_classes (after `reduce_zero_label` for ADE20K).
     pub class_names: Vec<String>,
+    /// Label value read as "ignore" and mapped to 255 (folder layouts, e.g. CamVid's void = 11).
+    pub ignore_label: Option<u8>,
+    /// Class colours given by the dataset (folder layouts), else `None`.
+    pub palette: Option<Vec<[u8; 3]>>,
+    /// mmseg's `reduce_zero_label` (ADE20K, or a folder config that asks for it).
+    zero_label_ignored: bool,
 }
 
 impl SegmentationDataset {
@@ -113,6 +193,9 @@ impl SegmentationDataset {
             layout,
             items,
             class_names,
+            ignore_label: None,
+            palette: None,
+            zero_label_ignored: false,
         })
     }
 
@@ -150,6 +233,55 @@ impl SegmentationDataset {
             layout: SegmentationLayout::Ade20k,
             items,
             class_names,
+            ignore_label: None,
+            palette: None,
+            zero_label_ignored: true,
+        })
+    }
+
+    /// Opens split `split` of a generic folder layout described by `config` (see [`FolderConfig`]).
+    /// Every listed image and annotation must exist.
+    pub fn folder(root: impl AsRef<Path>, split: &str, config: &FolderConfig) -> Result<Self> {
+        let root = root.as_ref();
+        let sub = |pattern: &str| root.join(pattern.replace("{split}", split));
+        let (image_dir, mask_dir, list) = (sub(&config.img_dir), sub(&config.ann_dir), sub(&config.split_file));
+        let stems: Vec<String> = if list.is_file() {
+            let text = std::fs::read_to_string(&list).map_err(|e| DatasetError::io(&list, e))?;
+            text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect()
+        } else {
+            let suffix = config.seg_map_suffix.as_str();
+            let mut stems = Vec::new();
+            for entry in std::fs::read_dir(&mask_dir).map_err(|e| DatasetError::io(&mask_dir, e))? {
+                let name = entry.map_err(|e| DatasetError::io(&mask_dir, e))?.file_name();
+                if let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(suffix)) {
+                    stems.push(stem.to_string());
+                }
+            }
+            stems.sort();
+            stems
+        };
+        let mut items = Vec::with_capacity(stems.len());
+        for id in stems {
+            let image = image_dir.join(format!("{id}{}", config.img_suffix));
+            let annotation = mask_dir.join(format!("{id}{}", config.seg_map_suffix));
+            for path in [&image, &annotation] {
+                if !path.is_file() {
+                    return Err(DatasetError::invalid(
+                        path,
+                        format!("listed in split `{split}` but missing"),
+                    ));
+                }
+            }
+            items.push(SegmentationItem { id, image, annotation });
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            layout: SegmentationLayout::Folder,
+            items,
+            class_names: config.classes.clone(),
+            ignore_label: (config.ignore_index != IGNORE_INDEX).then_some(config.ignore_index),
+            palette: config.palette.clone(),
+            zero_label_ignored: config.reduce_zero_label,
         })
     }
 
@@ -167,7 +299,7 @@ impl SegmentationDataset {
 
     /// Whether annotation value 0 means "ignored" and the rest shift down by one.
     pub fn reduce_zero_label(&self) -> bool {
-        self.layout == SegmentationLayout::Ade20k
+        self.zero_label_ignored
     }
 
     /// Reads the labels of item `index` as training labels (0..num_classes, 255 ignored),
@@ -177,6 +309,10 @@ impl SegmentationDataset {
         let mut labels = read_label_png(&item.annotation)?;
         if self.reduce_zero_label() {
             reduce_zero_label(&mut labels);
+        } else if let Some(ignore) = self.ignore_label {
+            for v in labels.data.iter_mut().filter(|v| **v == ignore) {
+                *v = IGNORE_INDEX;
+            }
         }
         let num_classes = self.num_classes();
         if let Some(bad) = labels

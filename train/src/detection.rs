@@ -148,7 +148,7 @@ fn read_splits(settings: &RunSettings) -> Result<[(CocoDataset, PathBuf); 2]> {
             ))),
         }
     };
-    Ok([read("train")?, read("val")?])
+    Ok([read("train")?, read(&settings.val_split)?])
 }
 
 impl Task for DetectionTask {

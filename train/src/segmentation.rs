@@ -8,6 +8,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use deeplabv3::{segmentation_loss, DeepLabV3, SegmenterSpec};
 use mobileone_datasets::transforms::{PhotometricDistort, RandomHorizontalFlip, Resize};
+use mobileone_datasets::segmentation::FolderConfig;
 use mobileone_datasets::{
     Batch, Compose, Loader, LoaderConfig, Normalize, SegmentationDataset, Transform,
 };
@@ -32,6 +33,15 @@ pub struct SegmentationTask {
 fn open_split(settings: &RunSettings, train: bool) -> Result<SegmentationDataset> {
     let root = &settings.data_root;
     Ok(match settings.dataset {
+        DatasetKind::Folder => {
+            let config_path = settings
+                .dataset_config
+                .clone()
+                .unwrap_or_else(|| root.join(mobileone_datasets::segmentation::FOLDER_CONFIG_FILE));
+            let config = FolderConfig::read(&config_path)?;
+            let split = if train { "train" } else { settings.val_split.as_str() };
+            SegmentationDataset::folder(root, split, &config)?
+        }
         DatasetKind::Voc | DatasetKind::Synth => {
             SegmentationDataset::voc(root, Some(if train { "train" } else { "val" }), false)?
         }
@@ -68,6 +78,9 @@ impl SegmentationTask {
             settings.output_stride,
         );
         spec.class_names = train.class_names.clone();
+        if let Some(palette) = &train.palette {
+            spec.palette = palette.clone();
+        }
         spec.config.head_channels = settings.head_channels;
         spec.config.atrous_rates = settings.atrous_rates.clone();
         spec.config.validate().map_err(TrainError::Config)?;

@@ -30,6 +30,9 @@ pub enum DatasetKind {
     Synth,
     /// The YOLO detection layout: `data.yaml` with `train` / `val` image folders and `names`.
     Yolo,
+    /// A generic segmentation folder (images, label PNGs, split lists) described by a JSON config
+    /// (`mobileone_datasets::segmentation::FolderConfig`), e.g. CamVid.
+    Folder,
 }
 
 impl FromStr for DatasetKind {
@@ -41,8 +44,9 @@ impl FromStr for DatasetKind {
             "ade20k" => Ok(Self::Ade20k),
             "synth" => Ok(Self::Synth),
             "yolo" => Ok(Self::Yolo),
+            "folder" => Ok(Self::Folder),
             _ => Err(format!(
-                "unknown dataset `{s}` (expected coco, yolo, voc, ade20k or synth)"
+                "unknown dataset `{s}` (expected coco, yolo, voc, ade20k, folder or synth)"
             )),
         }
     }

@@ -91,6 +91,16 @@ pub struct RunSettings {
     /// Learning rate of the trunk as a multiple of the heads' (parameter groups).
     #[serde(default = "default_backbone_lr_mult")]
     pub backbone_lr_mult: f64,
+    /// Folder datasets: the layout/classes JSON (default `<data_root>/dataset.json`).
+    #[serde(default)]
+    pub dataset_config: Option<PathBuf>,
+    /// Split validated on (folder and YOLO datasets name it; e.g. CamVid's `test`).
+    #[serde(default = "default_val_split")]
+    pub val_split: String,
+}
+
+fn default_val_split() -> String {
+    "val".into()
 }
 
 fn default_backbone_lr_mult() -> f64 {
@@ -110,7 +120,7 @@ impl RunSettings {
     fn resumable_view(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("settings serialise");
         let map = v.as_object_mut().expect("settings are an object");
-        for key in ["data_root", "workers", "init_backbone", "val_every"] {
+        for key in ["data_root", "workers", "init_backbone", "val_every", "dataset_config"] {
             map.remove(key);
         }
         v
@@ -685,6 +695,8 @@ mod tests {
             atrous_rates: vec![1, 2, 3],
             fused_trunk: false,
             backbone_lr_mult: 1.0,
+            dataset_config: None,
+            val_split: "val".into(),
         })
         .unwrap();
         let map = value.as_object_mut().unwrap();

@@ -56,6 +56,8 @@ fn settings(task: TaskKind, root: &Path) -> RunSettings {
         atrous_rates: vec![12, 24, 36],
         fused_trunk: false,
         backbone_lr_mult: 1.0,
+        dataset_config: None,
+        val_split: "val".into(),
     }
 }
 

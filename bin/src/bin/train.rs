@@ -40,9 +40,17 @@ struct Cli {
     /// What to train.
     #[arg(value_enum)]
     command: Command,
-    /// Dataset format: coco, yolo (data.yaml), voc, ade20k or synth.
+    /// Dataset format: coco, yolo (data.yaml), voc, ade20k, folder (images + label PNGs described by
+    /// a JSON config, e.g. CamVid) or synth.
     #[arg(long)]
     dataset: DatasetKind,
+    /// folder: the JSON that describes the layout and classes [default: <data-root>/dataset.json];
+    /// datasets/configs/camvid.json describes CamVid.
+    #[arg(long, value_name = "JSON")]
+    dataset_config: Option<PathBuf>,
+    /// Split to validate on (e.g. CamVid's `test`).
+    #[arg(long, default_value = "val", value_name = "SPLIT")]
+    val_split: String,
     /// Dataset folder.
     #[arg(long)]
     data_root: PathBuf,
@@ -152,6 +160,8 @@ fn run() -> Result<i32> {
             .backbone_lr_mult
             .unwrap_or(if cli.init_backbone.is_some() { 0.2 } else { 1.0 }),
         fused_trunk: false,
+        dataset_config: cli.dataset_config,
+        val_split: cli.val_split,
         init_backbone: cli.init_backbone,
         epochs: cli.epochs,
         batch_size: cli.batch,

@@ -16,10 +16,11 @@ use crate::mobileone::{MobileOne, MobileOneConfig, Variant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        /// Not `source`: the message already shows it, and `{:#}` would print it twice.
+        error: std::io::Error,
     },
     #[error("{path} is not a readable checkpoint: {reason}")]
     Format { path: PathBuf, reason: String },
@@ -79,7 +80,7 @@ impl Checkpoint {
 pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
     let bytes = fs::read(path).map_err(|source| CheckpointError::Io {
         path: path.into(),
-        source,
+        error: source,
     })?;
     let format_err = |reason: String| CheckpointError::Format {
         path: path.into(),
@@ -394,7 +395,7 @@ pub fn save(
 ) -> Result<(), CheckpointError> {
     let io = |source| CheckpointError::Io {
         path: path.into(),
-        source,
+        error: source,
     };
     let contiguous = tensors
         .iter()

@@ -45,16 +45,10 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Decodes an image file (by content, not extension) into 8-bit RGB.
+/// Decodes an image file (by content, not extension) into 8-bit RGB exactly as Pillow does
+/// (`mobileone_datasets::imaging`); a truncated or corrupt file is an error naming it.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let reader = image::ImageReader::open(path)
-        .with_context(|| format!("cannot open image {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read image {}", path.display()))?;
-    let decoded = reader
-        .decode()
-        .with_context(|| format!("{} is not a readable image", path.display()))?;
-    Ok(decoded.to_rgb8())
+    Ok(mobileone_datasets::imaging::read_rgb(path)?)
 }
 
 /// (1, 3, H, W) float tensor of `(pixel / 255 - mean) / std`.

@@ -1,8 +1,10 @@
 //! Shared helpers of the command-line tools; the work itself lives in the library crates.
 pub mod bench;
 pub mod bundled;
+pub mod classify;
 pub mod detections;
 pub mod draw;
+pub mod hub;
 pub mod imageio;
 pub mod npy;
 pub mod segment_render;

@@ -3,10 +3,11 @@ use std::path::PathBuf;
 /// Everything that can go wrong while reading or writing a dataset. Each variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        /// Not `source`: the message already shows it, and `{:#}` would print it twice.
+        error: std::io::Error,
     },
     /// Malformed or mistyped JSON; `field` is the JSON path (e.g. `annotations[12].bbox`).
     #[error("{path}: at `{field}` (line {line}, column {column}): {message}")]
@@ -39,7 +40,7 @@ impl DatasetError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 

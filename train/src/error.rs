@@ -10,10 +10,11 @@ pub enum TrainError {
     Checkpoint(#[from] mobileone::CheckpointError),
     #[error("{}: {message}", .path.display())]
     Resume { path: PathBuf, message: String },
-    #[error("cannot write {}: {source}", .path.display())]
+    #[error("cannot write {}: {error}", .path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        /// Not `source`: the message already shows it, and `{:#}` would print it twice.
+        error: std::io::Error,
     },
     #[error("validation failed: {0}")]
     Eval(String),

@@ -28,7 +28,7 @@ pub struct EpochRecord {
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic(path, bytes).map_err(|source| TrainError::Io {
         path: path.into(),
-        source,
+        error: source,
     })
 }
 

@@ -179,7 +179,7 @@ pub fn write_curves(path: &Path, history: &[EpochRecord], title: &str) -> Result
         .map_err(plot_err)?;
     mobileone::checkpoint::write_atomic(path, &png).map_err(|source| TrainError::Io {
         path: path.into(),
-        source,
+        error: source,
     })
 }
 

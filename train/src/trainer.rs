@@ -179,7 +179,7 @@ pub struct Trainer {
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io {
         path: path.into(),
-        source,
+        error: source,
     }
 }
 

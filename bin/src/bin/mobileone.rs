@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
-use image::imageops::FilterType;
+use image::RgbImage;
 use mobileone::checkpoint::{self, load_mobileone, Checkpoint};
 use mobileone::{MobileOne, MobileOneConfig, Variant};
-use mobileone_cli::{bench, imageio, npy};
+use mobileone_cli::classify::{self, EvalTransform};
+use mobileone_cli::{bench, hub, imageio, npy};
 use mobileone_train::trainer::TRAIN_STATE_KEY;
 
 #[derive(Parser)]
@@ -45,7 +46,9 @@ struct ModelArgs {
     /// layer widths).
     #[arg(long)]
     variant: Option<Variant>,
-    /// Weights: .safetensors, .pth or .pth.tar, timm or Apple naming, unfused or fused.
+    /// Weights: .safetensors, .pth or .pth.tar, timm or Apple naming, unfused or fused; or a Hugging
+    /// Face Hub id such as hf-hub:timm/mobileone_s0.apple_in1k (…s1…s4), read from the local HF
+    /// cache or downloaded into it.
     #[arg(long)]
     weights: PathBuf,
     /// Worker threads (default: RAYON_NUM_THREADS, else one per core).
@@ -86,13 +89,43 @@ struct FuseArgs {
 
 #[derive(clap::Args)]
 struct ClassifyArgs {
-    /// Image file (JPEG or PNG).
-    image: PathBuf,
+    /// Images (JPEG, PNG, ...) or folders of images; with --dataset, none.
+    #[arg(required_unless_present = "dataset")]
+    inputs: Vec<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
-    /// How many classes to print.
-    #[arg(long, default_value_t = 5)]
-    top: usize,
+    /// How many classes to list per image.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    top: u64,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    batch: u64,
+    /// Write the predictions as JSON: a list of {file, predictions: [{class_index, label,
+    /// probability}]}; with --dataset, {top1, top5, images, per_image: [...]}.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Evaluate on a labelled set instead: `imagenet` reads --data-root as DIR/labels.txt
+    /// (`<file> <class>` lines, images in DIR/images/) or the ImageFolder layout (DIR/<wnid>/*).
+    #[arg(long, value_parser = ["imagenet"], requires = "data_root")]
+    dataset: Option<String>,
+    /// Folder of the labelled set (--dataset).
+    #[arg(long, value_name = "DIR")]
+    data_root: Option<PathBuf>,
+    /// Network input side in pixels [default: the checkpoint's or hub config's, else 224].
+    #[arg(long, value_name = "S")]
+    input_size: Option<u32>,
+    /// Centre-crop fraction: the shorter side is resized to floor(S / crop_pct) [default: 0.875].
+    #[arg(long)]
+    crop_pct: Option<f64>,
+    /// Resize filter, as Pillow's: bilinear, bicubic, lanczos or box [default: bilinear].
+    #[arg(long)]
+    interpolation: Option<mobileone_datasets::imaging::Filter>,
+    /// Normalisation mean, R,G,B [default: ImageNet's].
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    mean: Option<Vec<f32>>,
+    /// Normalisation standard deviation, R,G,B [default: ImageNet's].
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    std: Option<Vec<f32>>,
 }
 
 fn parse_output_stride(s: &str) -> Result<usize, String> {
@@ -160,11 +193,11 @@ fn resolve_variant(args: &ModelArgs, ckpt: &Checkpoint) -> Result<Variant> {
     })
 }
 
-fn read_checkpoint(args: &ModelArgs) -> Result<Checkpoint> {
+fn read_checkpoint(args: &ModelArgs, path: &Path) -> Result<Checkpoint> {
     // Always: it also keeps candle's spinning elementwise pool out of the kernels' way.
     mobileone::ops::set_threads(args.threads.unwrap_or(0))
         .context("cannot start the worker threads")?;
-    Ok(checkpoint::load(&args.weights)?)
+    Ok(checkpoint::load(path)?)
 }
 
 /// Builds the backbone a checkpoint describes (classifier included when present).
@@ -199,8 +232,14 @@ fn features(args: &FeaturesArgs) -> Result<()> {
             x.dims()
         );
     }
-    let ckpt = read_checkpoint(&args.model)?;
-    let (variant, mut model) = build_backbone(&args.model, &ckpt, args.output_stride)?;
+    let resolved = hub::resolve(&args.model.weights)?;
+    let ckpt = read_checkpoint(&args.model, &resolved.path)?;
+    let model_args = ModelArgs {
+        variant: args.model.variant.or(resolved.variant),
+        weights: resolved.path,
+        threads: args.model.threads,
+    };
+    let (variant, mut model) = build_backbone(&model_args, &ckpt, args.output_stride)?;
     if args.fuse {
         model.reparameterize()?;
     }
@@ -226,7 +265,8 @@ fn features(args: &FeaturesArgs) -> Result<()> {
 }
 
 fn fuse(args: &FuseArgs) -> Result<()> {
-    let ckpt = read_checkpoint(&args.model)?;
+    let resolved = hub::resolve(&args.model.weights)?;
+    let ckpt = read_checkpoint(&args.model, &resolved.path)?;
     let (what, tensors, model_metadata) = match checkpoint_kind(&ckpt) {
         CheckpointKind::Backbone => fuse_backbone(args, &ckpt)?,
         CheckpointKind::Detector => {
@@ -330,56 +370,181 @@ fn fuse_backbone(args: &FuseArgs, ckpt: &Checkpoint) -> Result<Fused> {
 
 const IMAGENET_CLASSES: &str = include_str!("../../assets/imagenet_classes.txt");
 
-/// timm's eval transform for MobileOne: resize the shorter side to 224 / 0.875 = 256 (bilinear), centre
-/// crop 224, ImageNet normalisation.
-fn timm_eval_input(path: &Path) -> Result<Tensor> {
-    const SIZE: u32 = 224;
-    const RESIZE: u32 = 256;
-    let image = imageio::load_rgb(path)?;
-    let (w, h) = image.dimensions();
-    let (nw, nh) = if w <= h {
-        (RESIZE, (RESIZE as u64 * h as u64 / w as u64) as u32)
-    } else {
-        ((RESIZE as u64 * w as u64 / h as u64) as u32, RESIZE)
-    };
-    let resized = image::imageops::resize(&image, nw, nh, FilterType::Triangle);
-    let (left, top) = ((nw - SIZE + 1) / 2, (nh - SIZE + 1) / 2);
-    let cropped = image::imageops::crop_imm(&resized, left, top, SIZE, SIZE).to_image();
-    imageio::to_tensor(&cropped, imageio::IMAGENET_MEAN, imageio::IMAGENET_STD)
+/// The eval transform: timm's MobileOne defaults, then the hub config, the checkpoint metadata and
+/// the flags, each overriding the one before.
+fn eval_transform(args: &ClassifyArgs, ckpt: &Checkpoint, hub_config: Option<&Path>) -> Result<EvalTransform> {
+    let mut t = EvalTransform::default();
+    if let Some(path) = hub_config {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+        t.update_from_json(&json).with_context(|| format!("{}", path.display()))?;
+    }
+    t.update_from_metadata(&ckpt.metadata)
+        .with_context(|| format!("{}", args.model.weights.display()))?;
+    if let Some(v) = args.input_size {
+        t.input_size = v;
+    }
+    if let Some(v) = args.crop_pct {
+        if !(v > 0.0 && v <= 1.0) {
+            bail!("--crop-pct {v} is outside (0, 1]");
+        }
+        t.crop_pct = v;
+    }
+    if let Some(v) = args.interpolation {
+        t.interpolation = v;
+    }
+    if let Some(v) = &args.mean {
+        t.mean = [v[0], v[1], v[2]];
+    }
+    if let Some(v) = &args.std {
+        t.std = [v[0], v[1], v[2]];
+    }
+    Ok(t)
+}
+
+/// Softmax probabilities of a batch of images.
+fn predict(model: &MobileOne, transform: &EvalTransform, images: &[RgbImage]) -> Result<Vec<Vec<f32>>> {
+    use rayon::prelude::*;
+    let inputs: Vec<Vec<f32>> = images.par_iter().map(|im| transform.apply(im)).collect();
+    let x = transform.batch(inputs)?;
+    let feats = model.forward_features(&x, false)?;
+    let logits = model
+        .forward_head(&feats[4])?
+        .context("the weights have no classifier (`head.fc`): they are a backbone-only checkpoint")?;
+    Ok(candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?)
 }
 
 fn classify(args: &ClassifyArgs) -> Result<()> {
-    let x = timm_eval_input(&args.image)?;
-    let ckpt = read_checkpoint(&args.model)?;
-    let (_, mut model) = build_backbone(&args.model, &ckpt, 32)?;
-    model.reparameterize()?;
-    let feats = model.forward_features(&x, false)?;
-    let Some(logits) = model.forward_head(&feats[4])? else {
-        bail!(
-            "{} has no classifier (`head.fc`); it is a backbone-only checkpoint",
-            args.model.weights.display()
-        );
+    let resolved = hub::resolve(&args.model.weights)?;
+    let ckpt = read_checkpoint(&args.model, &resolved.path)?;
+    let model_args = ModelArgs {
+        variant: args.model.variant.or(resolved.variant),
+        weights: resolved.path.clone(),
+        threads: args.model.threads,
     };
-    let probs = candle_nn::ops::softmax_last_dim(&logits)?
-        .squeeze(0)?
-        .to_vec1::<f32>()?;
-    let names: Vec<&str> = IMAGENET_CLASSES.lines().collect();
-    let mut order: Vec<usize> = (0..probs.len()).collect();
-    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
-    println!("{}", args.image.display());
-    for (rank, &i) in order.iter().take(args.top).enumerate() {
-        let name = if probs.len() == names.len() {
-            names[i]
-        } else {
-            ""
-        };
-        println!(
-            "{:>2}. {:>6.2}%  {:>4}  {}",
-            rank + 1,
-            probs[i] * 100.0,
-            i,
-            name
-        );
+    let (variant, mut model) = build_backbone(&model_args, &ckpt, 32)?;
+    model.reparameterize()?;
+    let transform = eval_transform(args, &ckpt, resolved.config.as_deref())?;
+    let mut names: Vec<String> = IMAGENET_CLASSES.lines().map(str::to_string).collect();
+    eprintln!(
+        "MobileOne-{variant} | {} | input {}, resize {} ({:?}), crop_pct {}",
+        args.model.weights.display(),
+        transform.input_size,
+        transform.scale_size(),
+        transform.interpolation,
+        transform.crop_pct
+    );
+    match &args.dataset {
+        Some(_) => {
+            let root = args.data_root.as_deref().expect("clap requires --data-root");
+            let set = classify::read_imagenet(root)?;
+            if let Some(n) = &set.class_names {
+                names = n.clone();
+            }
+            evaluate_imagenet(args, &model, &transform, &set, &names)
+        }
+        None => classify_images(args, &model, &transform, &names),
+    }
+}
+
+fn classify_images(args: &ClassifyArgs, model: &MobileOne, transform: &EvalTransform, names: &[String]) -> Result<()> {
+    use rayon::prelude::*;
+    let files = imageio::expand_inputs(&args.inputs)?;
+    let mut results = Vec::with_capacity(files.len());
+    for chunk in files.chunks(args.batch as usize) {
+        let images = chunk
+            .par_iter()
+            .map(|f| imageio::load_rgb(f))
+            .collect::<Result<Vec<_>>>()?;
+        let probabilities = predict(model, transform, &images)?;
+        for ((file, image), probs) in chunk.iter().zip(&images).zip(&probabilities) {
+            let predictions = classify::top_k(probs, args.top as usize, names);
+            println!("{} ({}x{}):", file.display(), image.width(), image.height());
+            for (rank, p) in predictions.iter().enumerate() {
+                println!("  {:>2}. {:>6.2}%  {:>4}  {}", rank + 1, p.probability * 100.0, p.class_index, p.label);
+            }
+            results.push(serde_json::json!({"file": file, "predictions": predictions}));
+        }
+    }
+    if let Some(path) = &args.json {
+        write_json(path, &serde_json::Value::Array(results))?;
+        println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+fn evaluate_imagenet(
+    args: &ClassifyArgs,
+    model: &MobileOne,
+    transform: &EvalTransform,
+    set: &classify::LabelledImages,
+    names: &[String],
+) -> Result<()> {
+    use rayon::prelude::*;
+    let started = std::time::Instant::now();
+    let bar = indicatif::ProgressBar::new(set.items.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30.cyan/blue}] {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix("classifying");
+    let (mut top1, mut top5) = (0usize, 0usize);
+    let mut per_image = Vec::with_capacity(set.items.len());
+    for (done, chunk) in set.items.chunks(args.batch as usize).enumerate() {
+        let images = chunk
+            .par_iter()
+            .map(|(f, _)| imageio::load_rgb(f))
+            .collect::<Result<Vec<_>>>()?;
+        let probabilities = predict(model, transform, &images)?;
+        for ((file, class), probs) in chunk.iter().zip(&probabilities) {
+            let top = classify::top_k(probs, 5.max(args.top as usize), names);
+            let hit1 = top[0].class_index == *class;
+            let hit5 = top.iter().take(5).any(|p| p.class_index == *class);
+            top1 += hit1 as usize;
+            top5 += hit5 as usize;
+            per_image.push(serde_json::json!({
+                "file": file.file_name().map(|n| n.to_string_lossy()),
+                "class_index": class,
+                "top5": top.iter().take(5).map(|p| p.class_index).collect::<Vec<_>>(),
+                "probability": top[0].probability,
+            }));
+        }
+        let seen = (done * args.batch as usize + chunk.len()) as f64;
+        bar.set_position(seen as u64);
+        bar.set_message(format!("top-1 {:.2}% top-5 {:.2}%", 100.0 * top1 as f64 / seen, 100.0 * top5 as f64 / seen));
+    }
+    bar.finish_and_clear();
+    let n = set.items.len();
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "{}: {n} images, top-1 {:.4}, top-5 {:.4} ({:.1} images/s including decoding, {} threads)",
+        args.data_root.as_deref().unwrap_or(Path::new("")).display(),
+        top1 as f64 / n as f64,
+        top5 as f64 / n as f64,
+        n as f64 / seconds,
+        mobileone::ops::current_threads()
+    );
+    if let Some(path) = &args.json {
+        write_json(
+            path,
+            &serde_json::json!({
+                "top1": top1 as f64 / n as f64,
+                "top5": top5 as f64 / n as f64,
+                "images": n,
+                "seconds": seconds,
+                "per_image": per_image,
+            }),
+        )?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Writes pretty JSON atomically (a temporary file, then a rename).
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)? + "\n";
+    checkpoint::write_atomic(path, text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
 }

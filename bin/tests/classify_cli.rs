@@ -1,0 +1,186 @@
+//! `mobileone classify` with Apple's real S0 weights on the real photos of `MOBILEONE_DATA`, against
+//! timm's eval pipeline (Pillow decoding + torchvision transforms + timm's model), whose top-5 lists
+//! tools/reference/classify_fixtures.py wrote to fixtures/classify_reference.json; and the hub id and
+//! ImageNet-layout inputs built offline.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{run_err, run_ok, scratch, shared_data};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mobileone"))
+}
+
+fn s0_weights() -> PathBuf {
+    shared_data().join("weights/mobileone_s0_fused_apple_in1k.safetensors")
+}
+
+fn reference() -> serde_json::Value {
+    serde_json::from_str(include_str!("fixtures/classify_reference.json")).unwrap()
+}
+
+fn classify_json(inputs: &[PathBuf], extra: &[&str], json: &Path) -> serde_json::Value {
+    run_ok(
+        bin()
+            .arg("classify")
+            .args(inputs)
+            .arg("--weights")
+            .arg(s0_weights())
+            .args(extra)
+            .arg("--json")
+            .arg(json),
+    );
+    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+}
+
+#[test]
+fn real_photos_give_timms_top5_in_order_and_its_probabilities() {
+    let data = shared_data();
+    let dir = scratch("classify", "timm-parity");
+    let reference = reference();
+    let expected = reference["images"].as_object().unwrap();
+    assert_eq!(expected.len(), 11);
+    let inputs: Vec<PathBuf> = expected.keys().map(|rel| data.join(rel)).collect();
+    let got = classify_json(&inputs, &["--batch", "4"], &dir.join("out.json"));
+    let got = got.as_array().unwrap();
+    assert_eq!(got.len(), 11);
+    let mut worst = 0f64;
+    for (entry, (rel, want)) in got.iter().zip(expected) {
+        assert!(entry["file"].as_str().unwrap().ends_with(rel.as_str()), "{entry} vs {rel}");
+        let predictions = entry["predictions"].as_array().unwrap();
+        let want = want["top5"].as_array().unwrap();
+        let classes = |list: &[serde_json::Value]| -> Vec<u64> {
+            list.iter().map(|p| p["class_index"].as_u64().unwrap()).collect()
+        };
+        assert_eq!(classes(predictions), classes(want), "{rel}: top-5 differs from timm's");
+        for (p, w) in predictions.iter().zip(want) {
+            let diff = (p["probability"].as_f64().unwrap() - w["probability"].as_f64().unwrap()).abs();
+            worst = worst.max(diff);
+            assert!(diff <= 1e-3, "{rel}: probability {p} vs timm's {w}");
+        }
+        assert!(!predictions[0]["label"].as_str().unwrap().is_empty());
+    }
+    println!("largest probability difference to timm over 11 photos x top-5: {worst:.2e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A Hugging Face cache laid out by hand (`models--{org}--{name}/snapshots/{rev}/…` + `refs/main`),
+/// as the hub client leaves it: the hub id resolves without network, and timm's `config.json` beside
+/// the weights sets the preprocessing.
+#[test]
+fn hub_ids_resolve_from_the_local_cache_offline() {
+    let dir = scratch("classify", "hub");
+    let repo = dir.join("hub/models--timm--mobileone_s0.apple_in1k");
+    let snapshot = repo.join("snapshots/0123456789abcdef");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123456789abcdef").unwrap();
+    std::fs::copy(s0_weights(), snapshot.join("model.safetensors")).unwrap();
+    let photo = shared_data().join("photos/hot_dog.jpg");
+    let classify = |json: &Path| {
+        run_ok(
+            bin()
+                .env("HF_HOME", &dir)
+                .env("HF_HUB_OFFLINE", "1")
+                .arg("classify")
+                .arg(&photo)
+                .args(["--weights", "hf-hub:timm/mobileone_s0.apple_in1k", "--json"])
+                .arg(json),
+        );
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+        v[0]["predictions"][0].clone()
+    };
+    let top = classify(&dir.join("a.json"));
+    assert_eq!(top["label"], "hotdog", "{top}");
+    // A config.json that asks for a different crop changes the input, hence the probability.
+    std::fs::write(
+        snapshot.join("config.json"),
+        r#"{"architecture": "mobileone_s0", "pretrained_cfg": {"input_size": [3, 224, 224], "crop_pct": 1.0, "interpolation": "bicubic"}}"#,
+    )
+    .unwrap();
+    let other = classify(&dir.join("b.json"));
+    assert_ne!(top["probability"], other["probability"]);
+
+    let stderr = run_err(
+        bin()
+            .env("HF_HOME", &dir)
+            .env("HF_HUB_OFFLINE", "1")
+            .arg("classify")
+            .arg(&photo)
+            .args(["--weights", "hf-hub:timm/not_cached"]),
+    );
+    assert!(stderr.contains("timm/not_cached") && stderr.contains("cache"), "{stderr}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn imagenet_layouts_are_evaluated_with_top1_and_top5() {
+    let data = shared_data().join("imagenet-val-1300");
+    let dir = scratch("classify", "imagenet");
+    // labels.txt layout: a 16-image copy (names and labels from the real set).
+    let flat = dir.join("flat");
+    std::fs::create_dir_all(flat.join("images")).unwrap();
+    let labels = std::fs::read_to_string(data.join("labels.txt")).unwrap();
+    let lines: Vec<&str> = labels.lines().take(16).collect();
+    for line in &lines {
+        let file = line.split_whitespace().next().unwrap();
+        std::fs::copy(data.join("images").join(file), flat.join("images").join(file)).unwrap();
+    }
+    std::fs::write(flat.join("labels.txt"), lines.join("\n")).unwrap();
+    std::fs::copy(data.join("synset_words.txt"), flat.join("synset_words.txt")).unwrap();
+    let json = dir.join("eval.json");
+    let out = run_ok(
+        bin()
+            .args(["classify", "--dataset", "imagenet", "--data-root"])
+            .arg(&flat)
+            .arg("--weights")
+            .arg(s0_weights())
+            .arg("--json")
+            .arg(&json),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("16 images, top-1"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["images"], 16);
+    assert_eq!(report["per_image"].as_array().unwrap().len(), 16);
+    let (top1, top5) = (report["top1"].as_f64().unwrap(), report["top5"].as_f64().unwrap());
+    assert!(top1 <= top5 && top5 <= 1.0, "{report}");
+
+    // ImageFolder layout: classes are the sorted folder names.
+    let folders = dir.join("folders");
+    for (i, line) in lines.iter().take(4).enumerate() {
+        let class_dir = folders.join(format!("n{i:08}"));
+        std::fs::create_dir_all(&class_dir).unwrap();
+        let file = line.split_whitespace().next().unwrap();
+        std::fs::copy(data.join("images").join(file), class_dir.join(file)).unwrap();
+    }
+    let out = run_ok(
+        bin()
+            .args(["classify", "--dataset", "imagenet", "--data-root"])
+            .arg(&folders)
+            .arg("--weights")
+            .arg(s0_weights()),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("4 images, top-1"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_requests_fail_with_one_clear_message() {
+    let photo = shared_data().join("photos/owl.jpg");
+    let out = bin()
+        .arg("classify")
+        .arg(&photo)
+        .arg("--weights")
+        .arg(s0_weights())
+        .args(["--top", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = run_err(bin().arg("classify").arg("/nonexistent/photo.jpg").arg("--weights").arg(s0_weights()));
+    assert_eq!(stderr.matches("No such file").count() + stderr.matches("does not exist").count(), 1, "{stderr}");
+    let stderr = run_err(bin().arg("classify").arg(&photo).args(["--weights", "/nonexistent/w.safetensors"]));
+    assert_eq!(stderr.matches("os error 2").count(), 1, "one OS error, not two: {stderr}");
+}

@@ -107,6 +107,16 @@ pub enum CocoError {
         first: usize,
         second: usize,
     },
+    /// An input shape that pycocotools refuses (`annToRLE`, `frPyObjects`, `loadRes`).
+    #[error("{source_name}: {item}[{index}] (id {id}): {message} (pycocotools raises {exception})")]
+    Refused {
+        source_name: String,
+        item: &'static str,
+        index: usize,
+        id: u64,
+        message: String,
+        exception: &'static str,
+    },
     #[error("{source_name}: the ground truth has no images")]
     NoImages { source_name: String },
     #[error("{source_name}: no detections (pycocotools cannot evaluate an empty result list)")]
@@ -232,7 +242,51 @@ impl GroundTruth {
                 field: iou_type.geometry_field(),
             }),
             None => Ok(()),
+        }?;
+        if iou_type == IouType::Segm {
+            for (index, ann) in self.coco.dataset.annotations.iter().enumerate() {
+                if let Some(segmentation) = &ann.segmentation {
+                    check_gt_segmentation(segmentation).map_err(|(message, exception)| {
+                        CocoError::Refused {
+                            source_name: self.source_name.clone(),
+                            item: "annotations",
+                            index,
+                            id: ann.id,
+                            message,
+                            exception,
+                        }
+                    })?;
+                }
+            }
         }
+        Ok(())
+    }
+}
+
+/// What `annToRLE` → `frPyObjects(segm, h, w)` refuses in a ground-truth segmentation: its first
+/// element decides the type, so a list whose first polygon has exactly 4 numbers is taken for a list
+/// of boxes (and a plain list then fails the ndarray argument check: `TypeError`), a first polygon of
+/// fewer numbers matches no input type (`Exception: input type is not supported`), and an empty
+/// list has no first element (`IndexError`). Polygons after the first may have any length.
+fn check_gt_segmentation(
+    segmentation: &hotcoco::types::Segmentation,
+) -> Result<(), (String, &'static str)> {
+    use hotcoco::types::Segmentation;
+    match segmentation {
+        Segmentation::Polygon(polygons) => match polygons.first().map(Vec::len) {
+            None => Err(("`segmentation` is an empty polygon list".into(), "IndexError")),
+            Some(4) => Err((
+                "the first polygon of `segmentation` has 4 numbers, which pycocotools reads as a box list"
+                    .into(),
+                "TypeError",
+            )),
+            Some(n) if n < 4 => Err((
+                format!("the first polygon of `segmentation` has {n} number(s); a polygon needs at least 3 points"),
+                "Exception: input type is not supported",
+            )),
+            Some(_) => Ok(()),
+        },
+        _ => Ok(()),
     }
 }
 
@@ -337,7 +391,7 @@ fn evaluate_annotations(
     source_name: &str,
 ) -> Result<CocoStats, CocoError> {
     gt.check_geometry(iou_type)?;
-    let (kept, input) = validate_detections(gt, anns, source_name)?;
+    let (kept, input) = validate_detections(gt, anns, iou_type, source_name)?;
     let mut num_detections: HashMap<u64, usize> = HashMap::new();
     for ann in &kept {
         *num_detections.entry(ann.category_id).or_default() += 1;
@@ -389,6 +443,7 @@ fn evaluate_annotations(
 fn validate_detections(
     gt: &GroundTruth,
     anns: Vec<Annotation>,
+    iou_type: IouType,
     source_name: &str,
 ) -> Result<(Vec<Annotation>, InputReport), CocoError> {
     if anns.is_empty() {
@@ -442,6 +497,18 @@ fn validate_detections(
             }
             _ => {}
         }
+        if iou_type == IouType::Segm {
+            check_result_segmentation(ann.segmentation.as_ref()).map_err(|(message, exception)| {
+                CocoError::Refused {
+                    source_name: source_name.to_string(),
+                    item: "detections",
+                    index,
+                    id: index as u64 + 1,
+                    message,
+                    exception,
+                }
+            })?;
+        }
         if categories.contains(&ann.category_id) {
             kept.push(ann);
         } else {
@@ -450,6 +517,30 @@ fn validate_detections(
     }
     report.num_detections = kept.len();
     Ok((kept, report))
+}
+
+/// What `loadRes` refuses in a mask result: it reads every `segmentation` as compressed RLE
+/// (`maskUtils.area` → `_frString`), so uncompressed `counts` (a list) fail with
+/// `TypeError: Expected bytes, got list`, a polygon list fails indexing it as a dict, and a result
+/// without `segmentation` fails with `KeyError`.
+fn check_result_segmentation(
+    segmentation: Option<&hotcoco::types::Segmentation>,
+) -> Result<(), (String, &'static str)> {
+    use hotcoco::types::Segmentation;
+    match segmentation {
+        Some(Segmentation::CompressedRle { .. }) => Ok(()),
+        Some(Segmentation::UncompressedRle { .. }) => Err((
+            "`segmentation.counts` is an uncompressed list; results must be compressed RLE (a string): \
+             encode with pycocotools.mask.encode"
+                .into(),
+            "TypeError: Expected bytes, got list",
+        )),
+        Some(_) => Err((
+            "`segmentation` is a polygon list; mask results must be compressed RLE".into(),
+            "TypeError",
+        )),
+        None => Err(("no `segmentation`".into(), "KeyError")),
+    }
 }
 
 /// pycocotools' `summarize` plan: (AP?, IoU-threshold index, area index, maxDets index).

@@ -86,3 +86,26 @@ fn head_flags_belong_to_segmentation() {
         "{stderr}"
     );
 }
+
+#[path = "../../testing/shared_data.rs"]
+mod shared_data;
+
+/// `../shared/cases/19-near-zero-box-training`: a box of width 5.55e-15 among normal ones. torchvision's
+/// reference converts boxes to float32 xyxy and keeps only x2 > x1, y2 > y1, so it drops the box and
+/// trains; so must we (it aborted at step 1 before), and say that it was dropped.
+#[test]
+fn a_box_without_area_in_float32_is_dropped_as_torchvision_drops_it() {
+    let root = shared_data::shared_cases().join("19-near-zero-box-training/data_B_float_noise");
+    let out = out_dir("case19");
+    let result = Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(["det", "--dataset", "coco", "--data-root"])
+        .arg(&root)
+        .args(["--size", "64", "--batch", "2", "--epochs", "1", "--augment", "none", "--threads", "1", "--out", &out])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{stderr}");
+    assert!(stderr.contains("1 box(es) without area in float32 left out"), "{stderr}");
+    assert!(std::path::Path::new(&out).join("fused.safetensors").is_file());
+    std::fs::remove_dir_all(&out).unwrap();
+}

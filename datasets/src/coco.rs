@@ -255,6 +255,20 @@ fn strip_position(message: &str) -> String {
     }
 }
 
+/// A COCO `[x, y, w, h]` box as torchvision's detection reference (`ConvertCocoPolysToMask`) turns it
+/// into a training target: float32, `x2 = x + w` and `y2 = y + h` added in float32, clamped to the
+/// image, kept only if `x2 > x1` and `y2 > y1`. So a width of 5.55e-15 (what `(0.1 + 0.2) - 0.3`
+/// writes) vanishes in the sum and the box is dropped, as it is there.
+pub fn training_box(bbox: [f64; 4], width: u32, height: u32) -> Option<[f32; 4]> {
+    let [x, y, w, h] = bbox.map(|v| v as f32);
+    let (wf, hf) = (width as f32, height as f32);
+    let x1 = x.clamp(0.0, wf);
+    let y1 = y.clamp(0.0, hf);
+    let x2 = (x + w).clamp(0.0, wf);
+    let y2 = (y + h).clamp(0.0, hf);
+    (x2 > x1 && y2 > y1).then_some([x1, y1, x2, y2])
+}
+
 /// A parsed instances file with lookups. Labels are contiguous: label `l` (1-based, 0 is left for
 /// background) is the `l`-th category in ascending id order.
 #[derive(Clone, Debug)]
@@ -328,15 +342,14 @@ impl CocoDataset {
                     ),
                 ));
             }
-            if annotation.bbox.iter().any(|v| !v.is_finite())
-                || annotation.bbox[2] < 0.0
-                || annotation.bbox[3] < 0.0
-            {
+            // A box without area (even a negative size) is only dropped by training, as torchvision
+            // does; a non-finite one cannot be converted at all.
+            if annotation.bbox.iter().any(|v| !v.is_finite()) {
                 return Err(DatasetError::invalid(
                     path,
                     format!(
-                        "annotations[{position}] (id {}): bbox {:?} is not finite with non-negative size",
-                        annotation.id, annotation.bbox
+                        "annotations[{position}] (id {}, image_id {}): bbox {:?} is not finite",
+                        annotation.id, annotation.image_id, annotation.bbox
                     ),
                 ));
             }
@@ -351,6 +364,19 @@ impl CocoDataset {
             annotations_by_image,
             label_by_category,
         })
+    }
+
+    /// Non-crowd annotations whose box has no area once converted as training converts it
+    /// ([`training_box`]); training drops them.
+    pub fn degenerate_boxes(&self) -> usize {
+        self.annotations
+            .iter()
+            .filter(|a| !a.iscrowd)
+            .filter(|a| {
+                let image = self.image(a.image_id).expect("checked when indexed");
+                training_box(a.bbox, image.width, image.height).is_none()
+            })
+            .count()
     }
 
     /// The image with this id.

@@ -1,7 +1,7 @@
 //! A batch loader: decodes and augments samples on worker threads and yields batches as plain
 //! `f32` NCHW buffers plus targets, ready to become tensors in any framework.
 
-use crate::coco::CocoDataset;
+use crate::coco::{training_box, CocoDataset};
 use crate::error::{DatasetError, Result};
 use crate::io::read_rgb;
 use crate::segmentation::{SegmentationDataset, IGNORE_INDEX};
@@ -71,10 +71,12 @@ impl SampleSource for CocoDetection {
         }
         let mut sample = Sample::new(&image);
         for annotation in self.dataset.annotations_for(info.id) {
-            let [x1, y1, x2, y2] = annotation.bbox_xyxy();
-            if annotation.iscrowd || x2 <= x1 || y2 <= y1 {
+            if annotation.iscrowd {
                 continue;
             }
+            let Some(bbox) = training_box(annotation.bbox, info.width, info.height) else {
+                continue;
+            };
             let label = match self.label_mode {
                 LabelMode::Contiguous => self
                     .dataset
@@ -82,9 +84,7 @@ impl SampleSource for CocoDetection {
                     .expect("checked when the dataset was indexed"),
                 LabelMode::CategoryId => annotation.category_id as u32,
             };
-            sample
-                .boxes
-                .push([x1 as f32, y1 as f32, x2 as f32, y2 as f32]);
+            sample.boxes.push(bbox);
             sample.labels.push(label);
         }
         Ok(sample)

@@ -31,6 +31,8 @@ pub struct DetectionStats {
     pub small: usize,
     pub medium: usize,
     pub large: usize,
+    /// Non-crowd boxes without area in float32 (dropped by training, as torchvision's reference).
+    pub degenerate: usize,
     pub per_class: Vec<ClassCount>,
 }
 
@@ -39,6 +41,7 @@ impl DetectionStats {
         let mut stats = Self {
             images: dataset.images.len(),
             annotations: dataset.annotations.len(),
+            degenerate: dataset.degenerate_boxes(),
             per_class: dataset
                 .categories
                 .iter()
@@ -92,6 +95,13 @@ impl fmt::Display for DetectionStats {
             "annotations: {} ({} crowd)",
             self.annotations, self.crowd
         )?;
+        if self.degenerate > 0 {
+            writeln!(
+                f,
+                "boxes without area in float32: {} (training drops them, as torchvision's reference)",
+                self.degenerate
+            )?;
+        }
         writeln!(
             f,
             "sizes (non-crowd, by area): small {} ({:.1}%), medium {} ({:.1}%), large {} ({:.1}%)",

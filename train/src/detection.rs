@@ -87,6 +87,13 @@ impl DetectionTask {
             ])),
             Augment::None => Arc::new(resize),
         };
+        let dropped = train.degenerate_boxes();
+        if dropped > 0 {
+            eprintln!(
+                "{}: {dropped} box(es) without area in float32 left out of training (torchvision's reference drops them too)",
+                train.path.display()
+            );
+        }
         let source = Arc::new(CocoDetection::new(train, train_dir, LabelMode::Contiguous));
         let loader = Loader::new(
             source,

@@ -16,7 +16,10 @@ use ssdlite::{Detection, ImageView, Labels, Overrides, SsdDetector};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum DatasetKind {
+    /// <data-root>/annotations/instances_<split>.json with images in <data-root>/<split>.
     Coco,
+    /// A YOLO data.yaml (or the folder holding it); --split names its split (default val).
+    Yolo,
 }
 
 #[derive(Parser)]
@@ -85,12 +88,18 @@ struct Cli {
     /// Root of the dataset (COCO layout).
     #[arg(long)]
     data_root: Option<PathBuf>,
-    /// Dataset split.
-    #[arg(long, default_value = "val2017")]
-    split: String,
-    /// Instances JSON, when not at <data-root>/annotations/instances_<split>.json.
+    /// Dataset split [default: val2017 for coco, val for yolo].
     #[arg(long)]
+    split: Option<String>,
+    /// Instances JSON, when not at <data-root>/annotations/instances_<split>.json. With images
+    /// instead of --dataset, it gives the results' image_id by file name (so the --json file can be
+    /// evaluated against it).
+    #[arg(long, visible_alias = "gt")]
     annotations: Option<PathBuf>,
+    /// Evaluate a model whose class names differ from the dataset's: MODEL=DATASET pairs, e.g.
+    /// `--label-map cat=domestic_cat,car=automobile`; model classes not listed are matched by name.
+    #[arg(long, value_delimiter = ',', value_name = "MODEL=DATASET")]
+    label_map: Vec<String>,
     /// Image folder, when not <data-root>/<split>.
     #[arg(long)]
     image_dir: Option<PathBuf>,
@@ -119,7 +128,7 @@ fn run(mut cli: Cli) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     match cli.dataset {
-        Some(DatasetKind::Coco) => evaluate_coco(&cli, &detector, &labels),
+        Some(_) => evaluate_coco(&cli, &detector, &labels),
         None => detect_images(&cli, &detector, &labels),
     }
 }
@@ -160,8 +169,46 @@ fn detect_one(detector: &SsdDetector, image: &image::RgbImage) -> Result<Vec<Det
     Ok(detector.detect(&[view], &Device::Cpu)?.remove(0))
 }
 
+/// The COCO `image_id` of each file: from the `file_name`s of `--annotations` when given, else the
+/// file stems when every one is a distinct number (COCO's `000000128372.jpg` → 128372), else 1, 2, ….
+/// Returns the ids and how they were chosen.
+fn image_ids(files: &[PathBuf], annotations: Option<&Path>) -> Result<(Vec<u64>, String)> {
+    if let Some(path) = annotations {
+        let dataset = CocoDataset::open(path)
+            .with_context(|| format!("cannot read {} for image ids", path.display()))?;
+        let by_name: std::collections::HashMap<&str, u64> = dataset
+            .images
+            .iter()
+            .map(|i| (Path::new(&i.file_name).file_name().and_then(|n| n.to_str()).unwrap_or(""), i.id))
+            .collect();
+        let ids = files
+            .iter()
+            .map(|f| {
+                by_name.get(file_name(f).as_str()).copied().with_context(|| {
+                    format!("{} is not an image of {} (no such file_name)", f.display(), path.display())
+                })
+            })
+            .collect::<Result<Vec<u64>>>()?;
+        return Ok((ids, format!("from the file names of {}", path.display())));
+    }
+    let numeric: Option<Vec<u64>> = files
+        .iter()
+        .map(|f| f.file_stem()?.to_str()?.parse::<u64>().ok())
+        .collect();
+    match numeric {
+        Some(ids) if ids.iter().collect::<std::collections::HashSet<_>>().len() == ids.len() => {
+            Ok((ids, "the numbers in the file names".into()))
+        }
+        _ => Ok((
+            (1..=files.len() as u64).collect(),
+            "1, 2, … in the order listed (name --annotations to take them from a COCO file)".into(),
+        )),
+    }
+}
+
 fn detect_images(cli: &Cli, detector: &SsdDetector, labels: &Labels) -> Result<()> {
     let files = imageio::expand_inputs(&cli.images)?;
+    let (ids, id_source) = image_ids(&files, cli.annotations.as_deref())?;
     let bar = progress_bar(files.len(), files.len() > 1);
     let mut results: Vec<CocoResult> = Vec::new();
     let mut failures = Vec::new();
@@ -176,7 +223,7 @@ fn detect_images(cli: &Cli, detector: &SsdDetector, labels: &Labels) -> Result<(
                     table(&name, image.width(), image.height(), &detections, labels)
                 )
             });
-            results.extend(coco_results(&detections, labels, index as u64 + 1, &name));
+            results.extend(coco_results(&detections, labels, ids[index], &name));
             if let Some(dir) = &cli.out_dir {
                 draw(&mut image, &detections, labels);
                 let stem = path
@@ -197,7 +244,11 @@ fn detect_images(cli: &Cli, detector: &SsdDetector, labels: &Labels) -> Result<(
     bar.finish_and_clear();
     if let Some(json) = &cli.json {
         write_json(json, &results)?;
-        println!("wrote {} detection(s) to {}", results.len(), json.display());
+        println!(
+            "wrote {} detection(s) to {} (image_id: {id_source})",
+            results.len(),
+            json.display()
+        );
     }
     if let (Some(runs), Some(first)) = (cli.bench, files.first()) {
         bench(detector, first, runs)?;
@@ -253,26 +304,90 @@ fn bench(detector: &SsdDetector, path: &Path, runs: usize) -> Result<()> {
     Ok(())
 }
 
+/// The model's labels mapped onto the dataset's categories, by name (or `--label-map`); a model class
+/// the dataset does not have is refused with both lists, so that a model is never scored on
+/// categories it does not know (ids 1..7 of a shapes model would collide with person…train).
+fn match_labels(labels: &Labels, dataset: &CocoDataset, label_map: &[String]) -> Result<Labels> {
+    let mut renamed = std::collections::HashMap::new();
+    for pair in label_map {
+        let (model, data) = pair
+            .split_once('=')
+            .with_context(|| format!("--label-map `{pair}`: expected MODEL=DATASET"))?;
+        renamed.insert(model.trim().to_string(), data.trim().to_string());
+    }
+    let by_name: std::collections::HashMap<&str, u64> =
+        dataset.categories.iter().map(|c| (c.name.as_str(), c.id)).collect();
+    let mut category_ids = vec![0u64; labels.names.len()];
+    let mut missing = Vec::new();
+    for (label, name) in labels.names.iter().enumerate().skip(1) {
+        let wanted = renamed.get(name).unwrap_or(name);
+        match by_name.get(wanted.as_str()) {
+            Some(&id) => category_ids[label] = id,
+            None if name.starts_with("N/A") || name == "__background__" => {} // torchvision's COCO gaps
+            None => missing.push(name.clone()),
+        }
+    }
+    if !missing.is_empty() {
+        let dataset_names: Vec<&str> = dataset.categories.iter().map(|c| c.name.as_str()).collect();
+        bail!(
+            "the model's classes {missing:?} are not categories of {} (it has: {}); match them with \
+             --label-map MODEL=DATASET,... or evaluate on a dataset of the model's classes",
+            dataset.path.display(),
+            dataset_names.join(", ")
+        );
+    }
+    Ok(Labels {
+        names: labels.names.clone(),
+        category_ids,
+    })
+}
+
+/// The ground truth restricted to `category_ids` (pycocotools' `params.catIds`): a detector is
+/// scored on the categories it predicts, the images staying the same.
+fn restricted_ground_truth(dataset: &CocoDataset, category_ids: &[u64]) -> Result<GroundTruth> {
+    let keep: std::collections::HashSet<u64> = category_ids.iter().copied().filter(|&c| c != 0).collect();
+    let mut file = dataset.to_file();
+    file.categories.retain(|c| keep.contains(&c.id));
+    file.annotations.retain(|a| keep.contains(&a.category_id));
+    Ok(GroundTruth::from_json(&serde_json::to_vec(&file)?, &dataset.path.display().to_string())?)
+}
+
 fn evaluate_coco(cli: &Cli, detector: &SsdDetector, labels: &Labels) -> Result<()> {
     let root = cli
         .data_root
         .as_ref()
         .expect("clap requires --data-root with --dataset");
-    let annotations = cli.annotations.clone().unwrap_or_else(|| {
-        root.join("annotations")
-            .join(format!("instances_{}.json", cli.split))
-    });
-    let image_dir = cli
-        .image_dir
-        .clone()
-        .unwrap_or_else(|| root.join(&cli.split));
-    let dataset = CocoDataset::open(&annotations)
-        .with_context(|| format!("cannot read COCO annotations {}", annotations.display()))?;
-    let ground_truth = GroundTruth::from_path(&annotations)
-        .with_context(|| format!("cannot load ground truth {}", annotations.display()))?;
+    let (dataset, image_dir) = match cli.dataset {
+        Some(DatasetKind::Yolo) => {
+            let yolo = mobileone_datasets::yolo::YoloDataset::open(root)?;
+            let split = yolo.split(cli.split.as_deref().unwrap_or("val"))?;
+            let name = yolo.yaml.with_file_name(format!("{} split", cli.split.as_deref().unwrap_or("val")));
+            (CocoDataset::from_file(split.coco, &name)?, cli.image_dir.clone().unwrap_or(split.image_root))
+        }
+        _ => {
+            let split = cli.split.as_deref().unwrap_or("val2017");
+            let annotations = cli.annotations.clone().unwrap_or_else(|| {
+                root.join("annotations").join(format!("instances_{split}.json"))
+            });
+            let dataset = CocoDataset::open(&annotations)
+                .with_context(|| format!("cannot read COCO annotations {}", annotations.display()))?;
+            (dataset, cli.image_dir.clone().unwrap_or_else(|| root.join(split)))
+        }
+    };
+    let annotations = dataset.path.clone();
     if dataset.images.is_empty() {
         bail!("{} lists no images", annotations.display());
     }
+    let labels = &match_labels(labels, &dataset, &cli.label_map)?;
+    let ground_truth = restricted_ground_truth(&dataset, &labels.category_ids)
+        .with_context(|| format!("cannot load ground truth {}", annotations.display()))?;
+    let evaluated = ground_truth.categories();
+    println!(
+        "evaluating {} of the dataset's {} categories (those the model predicts): {}",
+        evaluated.len(),
+        dataset.categories.len(),
+        evaluated.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>().join(", ")
+    );
     let bar = progress_bar(dataset.images.len(), true);
     let mut results: Vec<CocoResult> = Vec::new();
     let start = Instant::now();

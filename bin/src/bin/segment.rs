@@ -87,8 +87,9 @@ struct Cli {
     /// Dataset root: VOC2012 (or VOCdevkit above it) / ADEChallengeData2016 (or its parent).
     #[arg(long)]
     data_root: Option<PathBuf>,
-    /// Split: VOC `val`/`train` (ImageSets/Segmentation/<split>.txt), ADE20K `validation`/`training`;
-    /// without it, every annotation PNG found (for sample folders).
+    /// Split: VOC `val`/`train` (ImageSets/Segmentation/<split>.txt), ADE20K `validation`/`training`
+    /// (images/<split>, annotations/<split>) [default: VOC every PNG of SegmentationClass/, ADE20K the
+    /// flat images/ and annotations/ folders of sample copies].
     #[arg(long)]
     split: Option<String>,
 }

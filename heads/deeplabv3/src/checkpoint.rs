@@ -100,10 +100,18 @@ pub fn resolve_spec(
             invalid("cannot tell which MobileOne variant the trunk is; pass --variant".into())
         })?;
     let backbone = MobileOneConfig::from_variant(variant).with_num_classes(None);
+    let stored_classes = classifier.dims()[0];
     let num_classes = overrides
         .num_classes
         .or(meta.num_classes)
-        .unwrap_or(classifier.dims()[0]);
+        .unwrap_or(stored_classes);
+    if num_classes != stored_classes {
+        let source = if overrides.num_classes.is_some() { "--num-classes" } else { "the metadata's `num_classes`" };
+        return Err(invalid(format!(
+            "{source} says {num_classes} classes, but the checkpoint has {stored_classes} (its classifier \
+             `classifier.4.weight` has {stored_classes} outputs)"
+        )));
+    }
     let aux_stride = match tensors.get(AUX_HIDDEN_WEIGHT) {
         None => None,
         Some(aux) => Some(meta.aux_stride.unwrap_or_else(|| {
@@ -138,7 +146,7 @@ pub fn resolve_spec(
     let class_names = meta.class_names.unwrap_or_default();
     if !class_names.is_empty() && class_names.len() != num_classes {
         return Err(invalid(format!(
-            "metadata lists {} class names for {num_classes} classes",
+            "the checkpoint has {num_classes} classes but its metadata lists {} class names",
             class_names.len()
         )));
     }

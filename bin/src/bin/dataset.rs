@@ -1,10 +1,12 @@
-//! `dataset`: generate the synthetic shapes dataset, or summarise a COCO / VOC / ADE20K dataset.
+//! `dataset`: generate the synthetic shapes dataset, summarise a COCO / YOLO / VOC / ADE20K dataset,
+//! convert between YOLO and COCO.
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use mobileone_datasets::stats::{DetectionStats, SegmentationStats};
 use mobileone_datasets::synth::{write_dataset, SynthConfig, SHAPE_CLASSES};
+use mobileone_datasets::yolo::{self, YoloDataset};
 use mobileone_datasets::{CocoDataset, SegmentationDataset};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -25,9 +27,29 @@ enum Command {
     /// regions) in COCO, Pascal VOC and ADE20K layouts under one folder.
     Synth(SynthArgs),
     /// Print image/annotation counts per class and size buckets. PATH is a COCO instances JSON
-    /// file, or a folder holding a COCO (annotations/instances_*.json), VOC or ADE20K layout
-    /// (all found layouts are summarised).
+    /// file, a YOLO data.yaml, or a folder holding a COCO (annotations/instances_*.json), YOLO
+    /// (data.yaml), VOC or ADE20K layout (all found layouts are summarised).
     Stats { path: PathBuf },
+    /// Convert a detection dataset between the YOLO layout and COCO instances JSON.
+    Convert(ConvertArgs),
+}
+
+#[derive(clap::Args)]
+struct ConvertArgs {
+    /// Source: a YOLO data.yaml (or its folder), or a COCO instances JSON.
+    #[arg(long)]
+    from: PathBuf,
+    /// yolo-to-coco: a folder that receives annotations/instances_<split>.json for each split (images
+    /// stay where they are; `file_name`s are relative to the split's image folder). coco-to-yolo: the
+    /// YOLO root to write (images copied to images/<split>/, labels/<split>/*.txt, data.yaml).
+    #[arg(long)]
+    out: PathBuf,
+    /// coco-to-yolo: the folder of the JSON's images.
+    #[arg(long)]
+    image_dir: Option<PathBuf>,
+    /// coco-to-yolo: the split to write [default: val].
+    #[arg(long, default_value = "val")]
+    split: String,
 }
 
 #[derive(clap::Args)]
@@ -63,7 +85,66 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Synth(args) => synth(args),
         Command::Stats { path } => stats(&path),
+        Command::Convert(args) => convert(&args),
     }
+}
+
+fn convert(args: &ConvertArgs) -> Result<()> {
+    let is_json = args.from.extension().is_some_and(|e| e == "json");
+    if is_json {
+        let dataset = CocoDataset::open(&args.from)?;
+        let image_dir = args
+            .image_dir
+            .as_deref()
+            .context("coco-to-yolo needs --image-dir, the folder of the JSON's images")?;
+        let crowd = yolo::write_split(&dataset.to_file(), image_dir, &args.out, &args.split)?;
+        println!(
+            "wrote {} images and their labels to {} (split `{}`){}",
+            dataset.images.len(),
+            args.out.display(),
+            args.split,
+            if crowd > 0 { format!("; {crowd} crowd annotation(s) left out (YOLO has no crowd flag)") } else { String::new() }
+        );
+        return Ok(());
+    }
+    let source = YoloDataset::open(&args.from)?;
+    for split in source.split_names() {
+        let read = source.split(&split)?;
+        let json = args.out.join("annotations").join(format!("instances_{split}.json"));
+        let bytes = serde_json::to_vec(&read.coco)?;
+        mobileone_datasets::io::write_atomic(&json, &bytes)?;
+        println!(
+            "{split}: {} images, {} boxes ({} without area left out), image ids {} → {} (images in {})",
+            read.coco.images.len(),
+            read.coco.annotations.len(),
+            read.dropped_empty,
+            match read.image_ids {
+                yolo::ImageIds::FromFileNames => "from the file names",
+                yolo::ImageIds::Sequential => "1, 2, … in sorted order",
+            },
+            json.display(),
+            read.image_root.display()
+        );
+    }
+    Ok(())
+}
+
+fn yolo_stats(yaml: &Path) -> Result<()> {
+    let source = YoloDataset::open(yaml)?;
+    for split in source.split_names() {
+        let start = Instant::now();
+        let read = source.split(&split)?;
+        let name = source.yaml.with_file_name(format!("{split} split"));
+        let dataset = CocoDataset::from_file(read.coco, &name)?;
+        println!(
+            "== YOLO {} split `{split}` (read in {:.2}s; {} label line(s) without area left out)",
+            source.yaml.display(),
+            start.elapsed().as_secs_f64(),
+            read.dropped_empty
+        );
+        println!("{}", DetectionStats::from_coco(&dataset));
+    }
+    Ok(())
 }
 
 fn synth(args: SynthArgs) -> Result<()> {
@@ -110,12 +191,17 @@ fn synth(args: SynthArgs) -> Result<()> {
 
 fn stats(path: &Path) -> Result<()> {
     if path.is_file() {
-        return coco_stats(path);
+        let is_yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
+        return if is_yaml { yolo_stats(path) } else { coco_stats(path) };
     }
     if !path.is_dir() {
         bail!("{}: no such file or folder", path.display());
     }
     let mut found = false;
+    if path.join("data.yaml").is_file() {
+        yolo_stats(&path.join("data.yaml"))?;
+        found = true;
+    }
     let annotations = path.join("annotations");
     if annotations.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(&annotations)

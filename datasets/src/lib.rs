@@ -3,6 +3,7 @@
 //! "shapes" dataset written in those formats.
 
 pub mod coco;
+pub mod coco_voc;
 pub mod error;
 pub mod imaging;
 pub mod io;

@@ -32,6 +32,23 @@ enum Command {
     Stats { path: PathBuf },
     /// Convert a detection dataset between the YOLO layout and COCO instances JSON.
     Convert(ConvertArgs),
+    /// Write VOC semantic masks from COCO instances, as torchvision's segmentation reference builds them
+    /// for its COCO-trained DeepLabV3 (20 VOC categories, overlaps 255, training images with more than
+    /// 1000 px² of them), as a folder layout that `train seg --dataset folder` and `segment` read.
+    CocoToVoc(CocoToVocArgs),
+}
+
+#[derive(clap::Args)]
+struct CocoToVocArgs {
+    /// COCO root holding annotations/instances_<split>2017.json and <split>2017/ images.
+    #[arg(long)]
+    data_root: PathBuf,
+    /// Output folder: labels/<split>/<image>.png, <split>.txt and dataset.json (images stay in place).
+    #[arg(long)]
+    out: PathBuf,
+    /// Splits to convert; `train` gets torchvision's training filter.
+    #[arg(long, value_delimiter = ',', default_value = "train,val")]
+    splits: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -86,7 +103,51 @@ fn run(cli: Cli) -> Result<()> {
         Command::Synth(args) => synth(args),
         Command::Stats { path } => stats(&path),
         Command::Convert(args) => convert(&args),
+        Command::CocoToVoc(args) => coco_to_voc(&args),
     }
+}
+
+fn coco_to_voc(args: &CocoToVocArgs) -> Result<()> {
+    use mobileone_datasets::coco_voc::{keep_for_training, voc_class_names, voc_mask};
+    let images_root = std::fs::canonicalize(&args.data_root)
+        .with_context(|| format!("cannot find {}", args.data_root.display()))?;
+    for split in &args.splits {
+        let json = images_root.join("annotations").join(format!("instances_{split}2017.json"));
+        let dataset = CocoDataset::open(&json)?;
+        let labels = args.out.join("labels").join(split);
+        std::fs::create_dir_all(&labels).with_context(|| format!("cannot create {}", labels.display()))?;
+        let mut list = String::new();
+        for image in &dataset.images {
+            if split == "train" && !keep_for_training(&dataset, image.id) {
+                continue;
+            }
+            let stem = Path::new(&image.file_name).file_stem().map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| image.id.to_string());
+            let mask = voc_mask(&dataset, image.id)?;
+            let png = mobileone_datasets::io::encode_label_png(&mask, Some(&mobileone_datasets::io::voc_palette()))?;
+            mobileone_datasets::io::write_atomic(&labels.join(format!("{stem}.png")), &png)?;
+            list.push_str(&stem);
+            list.push('\n');
+        }
+        let count = list.lines().count();
+        mobileone_datasets::io::write_atomic(&args.out.join(format!("{split}.txt")), list.as_bytes())?;
+        println!("{split}: {count} of {} images written to {}", dataset.images.len(), labels.display());
+    }
+    let config = mobileone_datasets::segmentation::FolderConfig {
+        classes: voc_class_names(),
+        palette: None,
+        ignore_index: mobileone_datasets::IGNORE_INDEX,
+        reduce_zero_label: false,
+        img_dir: images_root.join("{split}2017").display().to_string(),
+        ann_dir: "labels/{split}".into(),
+        split_file: "{split}.txt".into(),
+        img_suffix: ".jpg".into(),
+        seg_map_suffix: ".png".into(),
+    };
+    let path = args.out.join(mobileone_datasets::segmentation::FOLDER_CONFIG_FILE);
+    mobileone_datasets::io::write_atomic(&path, serde_json::to_string_pretty(&config)?.as_bytes())?;
+    println!("wrote {} (train with: train seg --dataset folder --data-root {})", path.display(), args.out.display());
+    Ok(())
 }
 
 fn convert(args: &ConvertArgs) -> Result<()> {
@@ -201,6 +262,17 @@ fn stats(path: &Path) -> Result<()> {
     if path.join("data.yaml").is_file() {
         yolo_stats(&path.join("data.yaml"))?;
         found = true;
+    }
+    let folder_config = path.join(mobileone_datasets::segmentation::FOLDER_CONFIG_FILE);
+    if folder_config.is_file() {
+        let config = mobileone_datasets::segmentation::FolderConfig::read(&folder_config)?;
+        for split in ["train", "val", "test"] {
+            if path.join(config.split_file.replace("{split}", split)).is_file() {
+                let dataset = SegmentationDataset::folder(path, split, &config)?;
+                segmentation_stats(&format!("segmentation folder, split `{split}`"), &dataset)?;
+                found = true;
+            }
+        }
     }
     let annotations = path.join("annotations");
     if annotations.is_dir() {

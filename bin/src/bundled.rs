@@ -1,17 +1,20 @@
-//! The demo models and image of the repository's `models/` folder, which `detect` and `segment` use
-//! when given no weights (and no image).
+//! The bundled models and demo images of the repository's `models/` folder, which `detect` and
+//! `segment` use when given no weights (and no image).
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
 /// Environment variable naming another folder to take the bundled files from.
 pub const MODELS_DIR_ENV: &str = "MOBILEONE_MODELS_DIR";
-/// The demo detector: SSDLite on MobileOne-S0, fused, float16, trained on `dataset synth`.
-pub const DETECTOR: &str = "ssdlite_mobileone_s0_synth.safetensors";
+/// The person detector: SSDLite-320 on MobileOne-S0 (Apple's ImageNet weights) fine-tuned on the COCO
+/// person boxes of `coco-person`, fused, float16.
+pub const DETECTOR: &str = "ssdlite_mobileone_s0_coco_person.safetensors";
 /// The demo segmenter: DeepLabV3 on MobileOne-S0, fused, float16, trained on `dataset synth`.
 pub const SEGMENTER: &str = "deeplabv3_mobileone_s0_synth.safetensors";
-/// An image from `dataset synth` to run the demo models on.
-pub const DEMO_IMAGE: &str = "demo.png";
+/// A real photo (NASA, public domain) that `detect` runs on when given nothing.
+pub const DETECT_DEMO_IMAGE: &str = "astronaut.jpg";
+/// An image from `dataset synth` that the demo segmenter runs on when given nothing.
+pub const SEGMENT_DEMO_IMAGE: &str = "demo.png";
 
 /// `$MOBILEONE_MODELS_DIR`, else `<repository>/models` (found from where this crate was built).
 pub fn models_dir() -> PathBuf {
@@ -38,21 +41,33 @@ pub fn weights_or_bundled(given: Option<&Path>, name: &str, what: &str) -> Resul
             path.display()
         );
     }
+    let (trained_on, metrics) = description(&path);
     eprintln!(
-        "no --weights: using the bundled demo {what} {} (synthetic shapes only{})",
+        "no --weights: using the bundled {what} {} (trained on {}{})",
         path.display(),
-        recorded_metrics(&path).map_or(String::new(), |m| format!("; held-out {m}"))
+        trained_on.as_deref().unwrap_or("unknown data"),
+        metrics.map_or(String::new(), |m| format!("; held-out {m}"))
     );
     Ok(path)
 }
 
-/// The held-out metrics its training run stored in the checkpoint's metadata (`metric`), as
-/// "mAP 0.047, mAP50 0.093", so the demo says how good it is.
-fn recorded_metrics(path: &Path) -> Option<String> {
-    let bytes = std::fs::read(path).ok()?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
-    let metric = header.metadata().as_ref()?.get("metric")?;
-    let values: serde_json::Map<String, serde_json::Value> = serde_json::from_str(metric).ok()?;
+/// What the checkpoint's metadata says it was trained on (`trained_on`) and the held-out metrics its
+/// training run stored (`metric`, as "mAP 0.047, mAP50 0.093"), so the tool says how good it is.
+fn description(path: &Path) -> (Option<String>, Option<String>) {
+    let Some(bytes) = std::fs::read(path).ok() else {
+        return (None, None);
+    };
+    let Ok((_, header)) = safetensors::SafeTensors::read_metadata(&bytes) else {
+        return (None, None);
+    };
+    let Some(metadata) = header.metadata().as_ref() else {
+        return (None, None);
+    };
+    (metadata.get("trained_on").cloned(), recorded_metrics(metadata.get("metric")))
+}
+
+fn recorded_metrics(metric: Option<&String>) -> Option<String> {
+    let values: serde_json::Map<String, serde_json::Value> = serde_json::from_str(metric?).ok()?;
     let shown: Vec<String> = values
         .iter()
         .filter_map(|(name, value)| Some(format!("{name} {:.3}", value.as_f64()?)))
@@ -60,9 +75,9 @@ fn recorded_metrics(path: &Path) -> Option<String> {
     (!shown.is_empty()).then(|| shown.join(", "))
 }
 
-/// The bundled demo image, or an error that names the missing file and the way around it.
-pub fn demo_image() -> Result<PathBuf> {
-    let path = models_dir().join(DEMO_IMAGE);
+/// The bundled demo image `name`, or an error that names the missing file and the way around it.
+pub fn demo_image(name: &str) -> Result<PathBuf> {
+    let path = models_dir().join(name);
     if !path.is_file() {
         bail!(
             "no image given and the demo image {} is missing: name one or more images (see --help)",

@@ -38,20 +38,32 @@ pub fn coco_results(
         .collect()
 }
 
-/// A readable table: rank, class, score and the box corners in image pixels.
-pub fn table(
-    name: &str,
-    width: u32,
-    height: u32,
-    detections: &[Detection],
-    labels: &Labels,
-) -> String {
-    let mut out = format!(
-        "{name} ({width}x{height}): {} detection(s)\n",
-        detections.len()
-    );
+/// "2 persons, 1 dog" (counts per class, most frequent first), or "no detections".
+pub fn summary(detections: &[Detection], labels: &Labels) -> String {
     if detections.is_empty() {
-        return out;
+        return "no detections".into();
+    }
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for d in detections {
+        let name = labels.name(d.label);
+        match counts.iter_mut().find(|(n, _)| n == name) {
+            Some((_, c)) => *c += 1,
+            None => counts.push((name.to_string(), 1)),
+        }
+    }
+    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    counts
+        .iter()
+        .map(|(name, n)| if *n == 1 { format!("1 {name}") } else { format!("{n} {name}s") })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A readable table: rank, class, score and the box corners in image pixels; at most `max_rows`
+/// rows, then a line counting the rest (the JSON keeps all).
+pub fn table(detections: &[Detection], labels: &Labels, max_rows: usize) -> String {
+    if detections.is_empty() || max_rows == 0 {
+        return String::new();
     }
     let name_width = detections
         .iter()
@@ -59,11 +71,11 @@ pub fn table(
         .max()
         .unwrap_or(5)
         .max(5);
-    out += &format!(
+    let mut out = format!(
         "  {:>3}  {:<name_width$}  {:>5}  {:>7} {:>7} {:>7} {:>7}\n",
         "#", "class", "score", "x1", "y1", "x2", "y2"
     );
-    for (i, d) in detections.iter().enumerate() {
+    for (i, d) in detections.iter().take(max_rows).enumerate() {
         let [x1, y1, x2, y2] = d.bbox;
         out += &format!(
             "  {:>3}  {:<name_width$}  {:>5.3}  {x1:>7.1} {y1:>7.1} {x2:>7.1} {y2:>7.1}\n",
@@ -71,6 +83,9 @@ pub fn table(
             labels.name(d.label),
             d.score
         );
+    }
+    if detections.len() > max_rows {
+        out += &format!("  … and {} more (all in --json)\n", detections.len() - max_rows);
     }
     out
 }
@@ -100,6 +115,13 @@ pub fn draw(image: &mut RgbImage, detections: &[Detection], labels: &Labels) {
     } else {
         1
     };
+    if detections.is_empty() {
+        // Say so on the picture, so it is not mistaken for the input.
+        let (tw, th) = text_size("no detections", scale);
+        fill_rect(image, 0, 0, tw + 8, th + 8, Rgb([0, 0, 0]));
+        draw_text(image, 4, 4, "no detections", scale, Rgb([255, 255, 255]));
+        return;
+    }
     // Lowest scores first so the best boxes end up on top.
     for d in detections.iter().rev() {
         let c = color(d.label);
@@ -112,6 +134,8 @@ pub fn draw(image: &mut RgbImage, detections: &[Detection], labels: &Labels) {
         let text = format!("{} {:.2}", labels.name(d.label), d.score);
         let (tw, th) = text_size(&text, scale);
         let pad = 2;
+        // Keep the tag inside the picture.
+        let x1 = x1.min(image.width() as i64 - (tw + 2 * pad) as i64).max(0);
         let tag_y = if y1 - (th + 2 * pad) as i64 >= 0 {
             y1 - (th + 2 * pad) as i64
         } else {

@@ -7,6 +7,7 @@ pub mod draw;
 pub mod hub;
 pub mod imageio;
 pub mod npy;
+pub mod output;
 pub mod segment_render;
 
 /// The `main` of the report-printing tools: parse the flags, run, and on failure print the error

@@ -27,27 +27,29 @@ impl ClassMap {
     }
 }
 
-/// Writes the class indices as an 8-bit grayscale PNG (16-bit when a class exceeds 255), atomically.
-pub fn write_class_png(path: &Path, map: &ClassMap) -> Result<()> {
-    let mut bytes = Cursor::new(Vec::new());
-    if map.classes.iter().all(|&c| c <= u8::MAX as u32) {
-        let data = map.classes.iter().map(|&c| c as u8).collect();
-        let image: ImageBuffer<Luma<u8>, Vec<u8>> =
-            ImageBuffer::from_raw(map.width, map.height, data)
-                .context("class map has the wrong size")?;
-        image.write_to(&mut bytes, ImageFormat::Png)?;
+/// Writes the class indices as a palette PNG, atomically: each pixel's byte is its class index (as
+/// VOC's `SegmentationClass` masks; `np.array(Image.open(p))` gives the indices) and `palette` colours
+/// them in any viewer (unlisted indices black). A class above 255 needs 16-bit greyscale, which has
+/// no palette.
+pub fn write_class_png(path: &Path, map: &ClassMap, palette: &[[u8; 3]]) -> Result<()> {
+    let bytes = if map.classes.iter().all(|&c| c <= u8::MAX as u32) {
+        let labels = mobileone_datasets::LabelMap {
+            width: map.width,
+            height: map.height,
+            data: map.classes.iter().map(|&c| c as u8).collect(),
+        };
+        let mut full = palette.to_vec();
+        full.resize(256, [0, 0, 0]);
+        mobileone_datasets::io::encode_label_png(&labels, Some(&full))?
     } else {
-        let data = map
-            .classes
-            .iter()
-            .map(|&c| c.min(u16::MAX as u32) as u16)
-            .collect();
+        let mut bytes = Cursor::new(Vec::new());
+        let data = map.classes.iter().map(|&c| c.min(u16::MAX as u32) as u16).collect();
         let image: ImageBuffer<Luma<u16>, Vec<u16>> =
-            ImageBuffer::from_raw(map.width, map.height, data)
-                .context("class map has the wrong size")?;
+            ImageBuffer::from_raw(map.width, map.height, data).context("class map has the wrong size")?;
         image.write_to(&mut bytes, ImageFormat::Png)?;
-    }
-    write_file(path, bytes.get_ref())
+        bytes.into_inner()
+    };
+    write_file(path, &bytes)
 }
 
 /// Encodes an RGB image as PNG and writes it atomically.

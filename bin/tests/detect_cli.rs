@@ -87,7 +87,7 @@ fn photos_give_tables_coco_json_and_drawings() {
         );
         assert!(e["score"].as_f64().unwrap() > 0.3 && e["category_id"].as_u64().is_some());
     }
-    for name in ["pets_detections.png", "pets_213x160_detections.png"] {
+    for name in ["pets.jpg", "pets_213x160.png"] {
         let drawn = image::open(dir.join(name)).unwrap();
         assert!(drawn.width() > 0);
     }
@@ -160,7 +160,7 @@ fn bad_inputs_fail_clearly_and_keep_results() {
     ]);
     assert!(!out.status.success());
     assert!(
-        stderr(&out).contains("notes.jpg is not a readable image"),
+        stderr(&out).contains("notes.jpg: cannot decode image"),
         "{}",
         stderr(&out)
     );
@@ -233,10 +233,14 @@ fn coco_samples_are_evaluated() {
         images.to_str().unwrap(),
         "--weights",
         &w,
+        // The test model's classes are unnamed: map them onto COCO categories.
+        "--label-map",
+        "class1=person,class2=bicycle,class3=car,class4=motorcycle,class5=airplane,class6=bus,class7=train,class8=truck,class9=boat,class10=traffic light",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("5 images"), "{stdout}");
+    assert!(stdout.contains("evaluating 10 of the dataset's 80 categories"), "{stdout}");
     assert!(
         stdout.contains("Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]"),
         "{stdout}"
@@ -250,21 +254,22 @@ fn coco_samples_are_evaluated() {
     );
 }
 
-/// Without --weights and images, `detect` runs the bundled model on the bundled demo image and draws
-/// into the current folder. The bundled model here is the tiny test detector stored the way the demo
-/// model is (fused, float16, by `mobileone fuse --half`); the image is the committed models/demo.png.
+/// Without --weights and images, `detect` runs the bundled model on the bundled photo and saves the
+/// drawing into a fresh numbered run folder (runs/detect/predict, predict2, …), never over an earlier
+/// run. The bundled model here is the tiny test detector stored the way the real one is (fused,
+/// float16, by `mobileone fuse --half`); the photo is the committed models/astronaut.jpg.
 #[test]
-fn without_weights_or_images_runs_the_bundled_demo() {
+fn without_weights_or_images_runs_the_bundled_model_into_fresh_run_folders() {
     let models = scratch("detect", "bundled");
     let cwd = scratch("detect", "bundled-cwd");
     run_ok(
         Command::new(env!("CARGO_BIN_EXE_mobileone"))
-            .args(["fuse", "--half", "--weights", &weights(), "--out"])
+            .args(["fuse", "--half", "--weights", &weights(), "--set", "trained_on=nothing (test)", "--out"])
             .arg(models.join(bundled::DETECTOR)),
     );
     std::fs::copy(
-        repo().join("models").join(bundled::DEMO_IMAGE),
-        models.join(bundled::DEMO_IMAGE),
+        repo().join("models").join(bundled::DETECT_DEMO_IMAGE),
+        models.join(bundled::DETECT_DEMO_IMAGE),
     )
     .unwrap();
     let demo = || {
@@ -272,23 +277,26 @@ fn without_weights_or_images_runs_the_bundled_demo() {
         cmd.env(bundled::MODELS_DIR_ENV, &models).current_dir(&cwd);
         cmd
     };
-    let out = run_ok(&mut demo());
-    let (stdout, message) = (String::from_utf8_lossy(&out.stdout), stderr(&out));
-    assert!(message.contains("bundled demo detector"), "{message}");
-    assert!(stdout.contains("demo.png (160x160)"), "{stdout}");
-    assert!(stdout.contains("demo_detections.png"), "{stdout}");
-    assert_eq!(
-        image::image_dimensions(cwd.join("demo_detections.png")).unwrap(),
-        (160, 160)
-    );
+    for run in ["predict", "predict2"] {
+        let out = run_ok(&mut demo());
+        let (stdout, message) = (String::from_utf8_lossy(&out.stdout), stderr(&out));
+        assert!(message.contains("bundled detector") && message.contains("trained on nothing (test)"), "{message}");
+        assert!(stdout.contains("astronaut.jpg (512x512)"), "{stdout}");
+        assert!(stdout.contains(&format!("runs/detect/{run}")), "{stdout}");
+        // A JPEG input gives a JPEG picture of the same size.
+        let picture = cwd.join("runs/detect").join(run).join("astronaut.jpg");
+        assert_eq!(image::image_dimensions(&picture).unwrap(), (512, 512));
+        assert_eq!(image::ImageFormat::from_path(&picture).unwrap(), image::ImageFormat::Jpeg);
+    }
 
-    // --out-dir still decides where the drawing goes; the bundled model also serves given images.
+    // --out-dir decides where the drawing goes, --no-save draws nothing; a PNG gives a PNG.
     let elsewhere = cwd.join("drawings");
-    run_ok(demo().arg("--out-dir").arg(&elsewhere));
-    assert!(elsewhere.join("demo_detections.png").is_file());
     let png = fixtures().join("pets_213x160.png");
-    let stdout = String::from_utf8_lossy(&run_ok(demo().arg(&png)).stdout).into_owned();
-    assert!(stdout.contains("pets_213x160.png (213x160)"), "{stdout}");
+    run_ok(demo().arg(&png).arg("--out-dir").arg(&elsewhere));
+    assert!(elsewhere.join("pets_213x160.png").is_file());
+    let stdout = String::from_utf8_lossy(&run_ok(demo().arg(&png).arg("--no-save")).stdout).into_owned();
+    assert!(stdout.contains("pets_213x160.png (213x160)") && !stdout.contains("saved to"), "{stdout}");
+    assert!(!cwd.join("runs/detect/predict3").exists());
 
     // Given weights, the images are the user's to name.
     let out = demo().args(["--weights", &weights()]).output().unwrap();
@@ -299,10 +307,10 @@ fn without_weights_or_images_runs_the_bundled_demo() {
     );
 
     // A missing demo image is named.
-    std::fs::remove_file(models.join(bundled::DEMO_IMAGE)).unwrap();
+    std::fs::remove_file(models.join(bundled::DETECT_DEMO_IMAGE)).unwrap();
     let out = demo().output().unwrap();
     assert!(
-        !out.status.success() && stderr(&out).contains("demo.png is missing"),
+        !out.status.success() && stderr(&out).contains("astronaut.jpg is missing"),
         "{}",
         stderr(&out)
     );
@@ -310,27 +318,23 @@ fn without_weights_or_images_runs_the_bundled_demo() {
     std::fs::remove_dir_all(&cwd).unwrap();
 }
 
-/// The committed demo detector (models/, found from where the binary was built) loads and runs on the
-/// demo image as on a fresh clone, and says what it was trained on and how well it does.
+/// The committed person detector (models/, found from where the binary was built) loads and runs on
+/// the committed photo as on a fresh clone, says what it was trained on and how well it does, and
+/// finds the astronaut.
 #[test]
-fn the_committed_demo_detector_runs_out_of_the_box() {
+fn the_committed_person_detector_finds_the_astronaut() {
     let cwd = scratch("detect", "committed");
     let out = run_ok(
         Command::new(env!("CARGO_BIN_EXE_detect"))
             .env_remove(bundled::MODELS_DIR_ENV)
-            .args(["--score-thresh", "0.05"])
             .current_dir(&cwd),
     );
     let message = stderr(&out);
-    assert!(
-        message.contains("synthetic shapes only; held-out mAP"),
-        "{message}"
-    );
+    assert!(message.contains("trained on coco-person") && message.contains("held-out mAP"), "{message}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("demo.png (160x160)"), "{stdout}");
-    assert_eq!(
-        image::image_dimensions(cwd.join("demo_detections.png")).unwrap(),
-        (160, 160)
-    );
+    assert!(stdout.contains("astronaut.jpg (512x512)"), "{stdout}");
+    let first = stdout.lines().find(|l| l.trim_start().starts_with("1 ")).unwrap_or_default();
+    assert!(first.contains("person"), "{stdout}");
+    assert!(cwd.join("runs/detect/predict/astronaut.jpg").is_file());
     std::fs::remove_dir_all(&cwd).unwrap();
 }

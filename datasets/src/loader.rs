@@ -194,6 +194,11 @@ impl Loader {
         })
     }
 
+    /// Samples in the source (an epoch reads `num_batches() × batch_size` of them).
+    pub fn num_samples(&self) -> usize {
+        self.source.len()
+    }
+
     pub fn num_batches(&self) -> usize {
         let (n, b) = (self.source.len(), self.config.batch_size.max(1));
         if self.config.drop_last {

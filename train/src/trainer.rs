@@ -476,9 +476,26 @@ impl Trainer {
         Ok(())
     }
 
-    /// `epoch` and the last validation (`metric`) in plain metadata keys, for people and tools.
+    /// `epoch`, the data (`trained_on`) and the last validation (`metric`) in plain metadata keys, for
+    /// people and tools.
     fn insert_summary(&self, metadata: &mut HashMap<String, String>) {
         metadata.insert("epoch".into(), self.state.epoch.to_string());
+        let settings = &self.state.settings;
+        let data = settings
+            .data_root
+            .file_name()
+            .map_or_else(|| settings.data_root.display().to_string(), |n| n.to_string_lossy().into_owned());
+        metadata.insert(
+            "trained_on".into(),
+            format!(
+                "{data} ({}, {} training images, {} epochs at {} px{})",
+                serde_json::to_value(settings.dataset).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+                self.task.train_loader().num_samples(),
+                self.state.epoch,
+                settings.image_size,
+                if settings.init_backbone.is_some() { ", trunk from ImageNet weights" } else { ", from random initialisation" }
+            ),
+        );
         if let Some(v) = self
             .state
             .history

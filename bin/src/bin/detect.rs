@@ -7,12 +7,11 @@ use candle_core::Device;
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use mobileone::Variant;
-use mobileone_cli::detections::{coco_results, draw, table, CocoResult};
-use mobileone_cli::segment_render::write_rgb_png;
-use mobileone_cli::{bundled, imageio};
+use mobileone_cli::detections::{coco_results, draw, summary, table, CocoResult};
+use mobileone_cli::{bundled, imageio, output};
 use mobileone_datasets::CocoDataset;
 use mobileone_eval::coco::{evaluate_bbox, Detection as EvalDetection, GroundTruth};
-use ssdlite::{Detection, ImageView, Labels, Overrides, SsdDetector};
+use ssdlite::{Detection, ImageView, Labels, Overrides, SsdDetector, StageTimes};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum DatasetKind {
@@ -29,8 +28,9 @@ enum DatasetKind {
     about = "Object detection with SSDLite on MobileOne: boxes for images, COCO mAP over a dataset",
     long_about = "Object detection with SSDLite (torchvision's SSD with separable heads, 320x320 input) on a \
                   MobileOne trunk.\n\n\
-                  With images (files or folders): prints a table of detections per image, optionally writes \
-                  COCO-style results (--json) and the photos with labelled boxes (--out-dir).\n\
+                  With images (files or folders): prints a table of detections per image, saves the photos \
+                  with labelled boxes into a fresh runs/detect/predict<N> folder (--out-dir to choose, \
+                  --no-save to skip) and optionally COCO-style results (--json).\n\
                   With --dataset coco: runs over a COCO layout (<data-root>/annotations/instances_<split>.json, \
                   <data-root>/<split>/*.jpg) and prints the 12 COCO box statistics (pycocotools-exact).\n\n\
                   Architecture, classes and normalisation come from the checkpoint's metadata; the flags \
@@ -66,13 +66,19 @@ struct Cli {
     /// Detections kept per image.
     #[arg(long, default_value_t = 300)]
     max_dets: usize,
+    /// Rows of the per-image table printed (and boxes drawn); the JSON keeps every detection.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    show: usize,
     /// Write the detections as a COCO results JSON (category_id, bbox [x, y, w, h], score, image_id, file_name).
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Write each image with its labelled boxes to DIR/<name>_detections.png [default for the demo
-    /// image: the current folder].
+    /// Save each image with its labelled boxes (same name and format) into DIR [default: a fresh
+    /// runs/detect/predict, predict2, … under the current folder, so reruns never overwrite].
     #[arg(long, value_name = "DIR")]
     out_dir: Option<PathBuf>,
+    /// Draw nothing and save no pictures (the table and --json still come out).
+    #[arg(long, conflicts_with = "out_dir")]
+    no_save: bool,
     /// Reparameterise the trunk and fold the heads' BatchNorms before running (same detections, faster).
     #[arg(long)]
     fuse: bool,
@@ -119,17 +125,16 @@ fn run(mut cli: Cli) -> Result<()> {
                 "give one or more images or folders, or --dataset coco --data-root DIR (see --help)"
             );
         }
-        // The out-of-the-box demo: bundled model, bundled image, drawing in the current folder.
-        cli.images = vec![bundled::demo_image()?];
-        cli.out_dir.get_or_insert_with(|| PathBuf::from("."));
+        // The out-of-the-box demo: bundled model on the bundled photo.
+        cli.images = vec![bundled::demo_image(bundled::DETECT_DEMO_IMAGE)?];
     }
     let (detector, labels) = load_detector(&cli)?;
-    if let Some(dir) = &cli.out_dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
     match cli.dataset {
         Some(_) => evaluate_coco(&cli, &detector, &labels),
-        None => detect_images(&cli, &detector, &labels),
+        None => {
+            let dir = output::save_dir("detect", "predict", cli.out_dir.as_deref(), cli.no_save)?;
+            detect_images(&cli, &detector, &labels, dir.as_deref())
+        }
     }
 }
 
@@ -160,13 +165,46 @@ fn file_name(path: &Path) -> String {
     )
 }
 
-fn detect_one(detector: &SsdDetector, image: &image::RgbImage) -> Result<Vec<Detection>> {
+fn detect_one(detector: &SsdDetector, image: &image::RgbImage) -> Result<(Vec<Detection>, StageTimes)> {
     let view = ImageView {
         pixels: image.as_raw(),
         height: image.height() as usize,
         width: image.width() as usize,
     };
-    Ok(detector.detect(&[view], &Device::Cpu)?.remove(0))
+    let (mut found, times) = detector.detect_timed(&[view], &Device::Cpu)?;
+    Ok((found.remove(0), times))
+}
+
+/// Mean milliseconds per image of decoding and each detection stage.
+#[derive(Default)]
+struct Speed {
+    images: usize,
+    decode: f64,
+    preprocess: f64,
+    inference: f64,
+    postprocess: f64,
+}
+
+impl Speed {
+    fn add(&mut self, decode: std::time::Duration, t: StageTimes) {
+        self.images += 1;
+        self.decode += decode.as_secs_f64() * 1e3;
+        self.preprocess += t.preprocess.as_secs_f64() * 1e3;
+        self.inference += t.inference.as_secs_f64() * 1e3;
+        self.postprocess += t.postprocess.as_secs_f64() * 1e3;
+    }
+
+    fn line(&self, size: usize) -> String {
+        let n = self.images.max(1) as f64;
+        format!(
+            "Speed: {:.1} ms decode, {:.1} ms preprocess, {:.1} ms inference, {:.1} ms postprocess per image at {size}x{size} (mean of {})",
+            self.decode / n,
+            self.preprocess / n,
+            self.inference / n,
+            self.postprocess / n,
+            self.images
+        )
+    }
 }
 
 /// The COCO `image_id` of each file: from the `file_name`s of `--annotations` when given, else the
@@ -206,32 +244,30 @@ fn image_ids(files: &[PathBuf], annotations: Option<&Path>) -> Result<(Vec<u64>,
     }
 }
 
-fn detect_images(cli: &Cli, detector: &SsdDetector, labels: &Labels) -> Result<()> {
+fn detect_images(cli: &Cli, detector: &SsdDetector, labels: &Labels, save: Option<&Path>) -> Result<()> {
     let files = imageio::expand_inputs(&cli.images)?;
     let (ids, id_source) = image_ids(&files, cli.annotations.as_deref())?;
     let bar = progress_bar(files.len(), files.len() > 1);
     let mut results: Vec<CocoResult> = Vec::new();
     let mut failures = Vec::new();
+    let mut speed = Speed::default();
     for (index, path) in files.iter().enumerate() {
         let name = file_name(path);
         let outcome = (|| -> Result<()> {
+            let start = Instant::now();
             let mut image = imageio::load_rgb(path)?;
-            let detections = detect_one(detector, &image)?;
+            let decode = start.elapsed();
+            let (detections, times) = detect_one(detector, &image)?;
+            speed.add(decode, times);
+            let ms = (times.preprocess + times.inference + times.postprocess).as_secs_f64() * 1e3;
             bar.suspend(|| {
-                print!(
-                    "{}",
-                    table(&name, image.width(), image.height(), &detections, labels)
-                )
+                println!("{name} {}x{}: {}, {ms:.1} ms", image.width(), image.height(), summary(&detections, labels));
+                print!("{}", table(&detections, labels, cli.show));
             });
             results.extend(coco_results(&detections, labels, ids[index], &name));
-            if let Some(dir) = &cli.out_dir {
-                draw(&mut image, &detections, labels);
-                let stem = path
-                    .file_stem()
-                    .map_or("image".into(), |s| s.to_string_lossy().into_owned());
-                let drawing = dir.join(format!("{stem}_detections.png"));
-                write_rgb_png(&drawing, &image)?;
-                bar.suspend(|| println!("  wrote {}", drawing.display()));
+            if let Some(dir) = save {
+                draw(&mut image, &detections[..detections.len().min(cli.show.max(1))], labels);
+                output::write_picture(&output::picture_path(dir, path, ""), &image)?;
             }
             Ok(())
         })();
@@ -249,6 +285,12 @@ fn detect_images(cli: &Cli, detector: &SsdDetector, labels: &Labels) -> Result<(
             results.len(),
             json.display()
         );
+    }
+    if speed.images > 0 {
+        println!("{}", speed.line(detector.config.image_size));
+    }
+    if let Some(dir) = save {
+        println!("results saved to {}", dir.display());
     }
     if let (Some(runs), Some(first)) = (cli.bench, files.first()) {
         bench(detector, first, runs)?;
@@ -405,7 +447,7 @@ fn evaluate_coco(cli: &Cli, detector: &SsdDetector, labels: &Labels) -> Result<(
                 info.height
             );
         }
-        let detections = detect_one(detector, &image)?;
+        let (detections, _) = detect_one(detector, &image)?;
         results.extend(coco_results(&detections, labels, info.id, &info.file_name));
         bar.inc(1);
     }

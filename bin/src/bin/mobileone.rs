@@ -85,6 +85,9 @@ struct FuseArgs {
     /// float32 model (every loader computes in float32).
     #[arg(long)]
     half: bool,
+    /// Set a metadata entry, e.g. `--set trained_on="synthetic shapes"` (repeatable).
+    #[arg(long, value_name = "KEY=VALUE")]
+    set: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -308,6 +311,12 @@ fn fuse(args: &FuseArgs) -> Result<()> {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     metadata.extend(model_metadata);
+    for entry in &args.set {
+        let (key, value) = entry
+            .split_once('=')
+            .with_context(|| format!("--set `{entry}`: expected KEY=VALUE"))?;
+        metadata.insert(key.to_string(), value.to_string());
+    }
     let tensors = if args.half {
         to_half(tensors)?
     } else {

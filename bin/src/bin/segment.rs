@@ -8,10 +8,8 @@ use clap::{Parser, ValueEnum};
 use deeplabv3::{predict_logits, DeepLabV3, InferenceOptions, Overrides, SegmenterSpec};
 use indicatif::{ProgressBar, ProgressStyle};
 use mobileone::Variant;
-use mobileone_cli::segment_render::{
-    overlay_with_legend, write_class_png, write_rgb_png, ClassMap,
-};
-use mobileone_cli::{bundled, imageio, npy};
+use mobileone_cli::segment_render::{overlay_with_legend, write_class_png, ClassMap};
+use mobileone_cli::{bundled, imageio, npy, output};
 use mobileone_datasets::segmentation::VOC_CLASSES;
 use mobileone_datasets::{SegmentationDataset, IGNORE_INDEX};
 use mobileone_eval::seg::{SegMetric, SegMetrics};
@@ -63,9 +61,14 @@ struct Cli {
     /// logits averaged (after --size, if given).
     #[arg(long, value_name = "N")]
     tile: Option<usize>,
-    /// Folder for masks, overlays (and predictions and metrics.json with --dataset).
-    #[arg(long, default_value = ".")]
-    out_dir: PathBuf,
+    /// Folder for masks and overlays (and predictions and metrics.json with --dataset) [default: a
+    /// fresh runs/segment/predict, predict2, … (val, val2, … with --dataset) under the current
+    /// folder, so reruns never overwrite].
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+    /// Save no masks or overlays (the printed classes, --mask-out and --logits-out still come out).
+    #[arg(long, conflicts_with = "out_dir")]
+    no_save: bool,
     /// Path of the class-index PNG (one image only; default <out-dir>/<name>_mask.png).
     #[arg(long)]
     mask_out: Option<PathBuf>,
@@ -113,7 +116,7 @@ fn run(mut cli: Cli) -> Result<()> {
             bail!("give one or more images, or --dataset voc|ade20k --data-root DIR (see --help)");
         }
         // The out-of-the-box demo: bundled model on the bundled image.
-        cli.images = vec![bundled::demo_image()?];
+        cli.images = vec![bundled::demo_image(bundled::SEGMENT_DEMO_IMAGE)?];
     }
     cli.images = imageio::expand_inputs(&cli.images)?;
     if cli.size == Some(0) || cli.tile == Some(0) {
@@ -123,11 +126,12 @@ fn run(mut cli: Cli) -> Result<()> {
         bail!("--mask-out and --logits-out name one file: use them with a single image");
     }
     let (model, spec) = load_model(&cli)?;
-    std::fs::create_dir_all(&cli.out_dir)
-        .with_context(|| format!("cannot create {}", cli.out_dir.display()))?;
+    let run = if cli.dataset.is_some() { "val" } else { "predict" };
+    // The dataset report always needs its folder (metrics.json).
+    let save = output::save_dir("segment", run, cli.out_dir.as_deref(), cli.no_save && cli.dataset.is_none())?;
     match cli.dataset {
-        Some(kind) => evaluate(&cli, kind, &model, spec),
-        None => segment_images(&cli, &model, &spec),
+        Some(kind) => evaluate(&cli, kind, &model, spec, save.as_deref().expect("a folder")),
+        None => segment_images(&cli, &model, &spec, save.as_deref()),
     }
 }
 
@@ -175,7 +179,7 @@ fn argmax_map(logits: &Tensor) -> Result<ClassMap> {
     })
 }
 
-fn segment_images(cli: &Cli, model: &DeepLabV3, spec: &SegmenterSpec) -> Result<()> {
+fn segment_images(cli: &Cli, model: &DeepLabV3, spec: &SegmenterSpec, save: Option<&Path>) -> Result<()> {
     let mut stems = std::collections::HashSet::new();
     for path in &cli.images {
         if !stems.insert(file_stem(path)) {
@@ -199,20 +203,28 @@ fn segment_images(cli: &Cli, model: &DeepLabV3, spec: &SegmenterSpec) -> Result<
         let map = argmax_map(&logits)?;
         let elapsed = start.elapsed();
         let stem = file_stem(path);
+        let mut written = Vec::new();
+        let palette: Vec<[u8; 3]> = (0..spec.config.num_classes).map(|c| spec.color(c)).collect();
         let mask_path = cli
             .mask_out
             .clone()
-            .unwrap_or_else(|| cli.out_dir.join(format!("{stem}_mask.png")));
-        let overlay_path = cli.out_dir.join(format!("{stem}_overlay.png"));
-        write_class_png(&mask_path, &map)?;
-        let overlay = overlay_with_legend(
-            &image,
-            &map,
-            |c| spec.color(c as usize),
-            |c| spec.class_name(c as usize),
-            0.5,
-        )?;
-        write_rgb_png(&overlay_path, &overlay)?;
+            .or_else(|| save.map(|dir| dir.join(format!("{stem}_mask.png"))));
+        if let Some(mask_path) = mask_path {
+            write_class_png(&mask_path, &map, &palette)?;
+            written.push(mask_path);
+        }
+        if let Some(dir) = save {
+            let overlay_path = output::picture_path(dir, path, "_overlay");
+            let overlay = overlay_with_legend(
+                &image,
+                &map,
+                |c| spec.color(c as usize),
+                |c| spec.class_name(c as usize),
+                0.5,
+            )?;
+            output::write_picture(&overlay_path, &overlay)?;
+            written.push(overlay_path);
+        }
         if let Some(logits_path) = &cli.logits_out {
             npy::write_f32(logits_path, &logits)?;
         }
@@ -236,11 +248,13 @@ fn segment_images(cli: &Cli, model: &DeepLabV3, spec: &SegmenterSpec) -> Result<
             elapsed.as_secs_f64() * 1e3,
             present.join(", ")
         );
-        println!(
-            "  wrote {} and {}",
-            mask_path.display(),
-            overlay_path.display()
-        );
+        if !written.is_empty() {
+            let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+            println!("  wrote {}", names.join(" and "));
+        }
+    }
+    if let Some(dir) = save {
+        println!("results saved to {}", dir.display());
     }
     Ok(())
 }
@@ -286,6 +300,7 @@ fn evaluate(
     kind: DatasetKind,
     model: &DeepLabV3,
     mut spec: SegmenterSpec,
+    out_dir: &Path,
 ) -> Result<()> {
     let root = cli
         .data_root
@@ -318,7 +333,7 @@ fn evaluate(
         )
         .expect("valid template"),
     );
-    let predictions_dir = cli.out_dir.join("predictions");
+    let predictions_dir = out_dir.join("predictions");
     std::fs::create_dir_all(&predictions_dir)
         .with_context(|| format!("cannot create {}", predictions_dir.display()))?;
     for index in 0..dataset.len() {
@@ -337,7 +352,8 @@ fn evaluate(
             .with_context(|| format!("segmentation of {} failed", item.image.display()))?;
         let map = argmax_map(&logits)?;
         metric.update(&map.classes, &labels.data)?;
-        write_class_png(&predictions_dir.join(format!("{}.png", item.id)), &map)?;
+        let palette: Vec<[u8; 3]> = (0..spec.config.num_classes).map(|c| spec.color(c)).collect();
+        write_class_png(&predictions_dir.join(format!("{}.png", item.id)), &map, &palette)?;
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -360,7 +376,7 @@ fn evaluate(
     json["images"] = metrics.images.into();
     json["skipped"] = skipped.into();
     json["class_names"] = spec.class_names.clone().into();
-    let metrics_path = cli.out_dir.join("metrics.json");
+    let metrics_path = out_dir.join("metrics.json");
     mobileone::checkpoint::write_atomic(
         &metrics_path,
         serde_json::to_string_pretty(&json)?.as_bytes(),

@@ -28,6 +28,17 @@ pub struct HeadOutputs {
     pub grid_sizes: Vec<(usize, usize)>,
 }
 
+/// Wall-clock time of the stages of one [`SsdDetector::detect_timed`] call.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTimes {
+    /// Normalisation and the resize to the network input.
+    pub preprocess: std::time::Duration,
+    /// The network and the default boxes.
+    pub inference: std::time::Duration,
+    /// Softmax, decoding, per-class NMS, rescaling to the image.
+    pub postprocess: std::time::Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct SsdDetector {
     pub config: SsdLiteConfig,
@@ -173,17 +184,32 @@ impl SsdDetector {
 
     /// Detections per image, boxes in each image's own pixels.
     pub fn detect(&self, images: &[ImageView<'_>], device: &Device) -> Result<Vec<Vec<Detection>>> {
+        Ok(self.detect_timed(images, device)?.0)
+    }
+
+    /// [`SsdDetector::detect`] and the time its three stages took (wall clock, for the whole batch).
+    pub fn detect_timed(
+        &self,
+        images: &[ImageView<'_>],
+        device: &Device,
+    ) -> Result<(Vec<Vec<Detection>>, StageTimes)> {
+        let mut times = StageTimes::default();
         if images.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), times));
         }
+        let start = std::time::Instant::now();
         let batch = self.preprocess(images, device)?;
+        times.preprocess = start.elapsed();
+        let start = std::time::Instant::now();
         let outputs = self.head_outputs(&batch, false)?;
         let s = self.config.image_size;
         let anchors = self.anchors(&outputs, (s, s));
         let cls = outputs.cls_logits.flatten_all()?.to_vec1::<f32>()?;
         let reg = outputs.bbox_regression.flatten_all()?.to_vec1::<f32>()?;
+        times.inference = start.elapsed();
+        let start = std::time::Instant::now();
         let (num_anchors, num_classes) = (anchors.len(), self.config.num_classes);
-        Ok(images
+        let detections = images
             .iter()
             .enumerate()
             .map(|(i, image)| {
@@ -198,7 +224,9 @@ impl SsdDetector {
                     &self.postprocess,
                 )
             })
-            .collect())
+            .collect();
+        times.postprocess = start.elapsed();
+        Ok((detections, times))
     }
 
     /// Training losses of a preprocessed batch; targets in network-input pixels

@@ -16,7 +16,7 @@ pub mod transform;
 pub use anchors::{Box4, DefaultBoxGenerator};
 pub use box_coder::BoxCoder;
 pub use config::{Labels, Overrides, SsdLiteConfig};
-pub use detector::{HeadOutputs, SsdDetector};
+pub use detector::{HeadOutputs, SsdDetector, StageTimes};
 pub use loss::{Losses, SsdLoss, Target};
 pub use matcher::{Match, SsdMatcher};
 pub use postprocess::{Detection, PostProcessConfig};

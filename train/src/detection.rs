@@ -87,6 +87,17 @@ impl DetectionTask {
             ])),
             Augment::None => Arc::new(resize),
         };
+        let mut sides: Vec<u32> = train.images.iter().map(|i| i.width.max(i.height)).collect();
+        sides.sort_unstable();
+        if let Some(&median) = sides.get(sides.len() / 2) {
+            if (median as usize) < settings.image_size {
+                eprintln!(
+                    "warning: the training images' longer side is {median} px (median) but --size is {}: \
+                     every image is upscaled, which costs time for no detail; --size {median} would be faster",
+                    settings.image_size
+                );
+            }
+        }
         let dropped = train.degenerate_boxes();
         if dropped > 0 {
             eprintln!(

@@ -72,6 +72,23 @@ impl SegmentationTask {
                 val.len()
             )));
         }
+        let mut sides: Vec<u32> = train
+            .items
+            .iter()
+            .take(16)
+            .filter_map(|item| mobileone_datasets::io::image_size(&item.image).ok())
+            .map(|(w, h)| w.min(h))
+            .collect();
+        sides.sort_unstable();
+        if let Some(&median) = sides.get(sides.len() / 2) {
+            if settings.augment != Augment::Full && (median as usize) < settings.image_size {
+                eprintln!(
+                    "warning: the training images' shorter side is about {median} px but --size is {}: \
+                     they are upscaled; --size {median} would be faster",
+                    settings.image_size
+                );
+            }
+        }
         let mut spec = SegmenterSpec::new(
             settings.variant,
             train.num_classes(),

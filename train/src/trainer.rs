@@ -549,6 +549,7 @@ impl Trainer {
         let last = self.out_dir.join(LAST);
         let epochs = self.state.settings.epochs;
         let logging = !std::io::stderr().is_terminal() && self.log_every > 0;
+        let mut last_log = Instant::now();
         while self.state.epoch < epochs {
             let epoch = self.state.epoch;
             let pb = self.progress_bar(epoch);
@@ -574,7 +575,10 @@ impl Trainer {
                 );
                 pb.set_position(self.state.step_in_epoch);
                 pb.set_message(message.clone());
-                if logging && self.state.global_step % self.log_every == 0 {
+                if logging
+                    && (self.state.global_step % self.log_every == 0 || last_log.elapsed().as_secs() >= 30)
+                {
+                    last_log = Instant::now();
                     eprintln!(
                         "epoch {}/{} step {}/{} {message}",
                         epoch + 1,

@@ -68,17 +68,18 @@ struct Cli {
     backbone_lr_mult: Option<f64>,
     #[arg(long, default_value_t = 30)]
     epochs: usize,
-    /// Images per optimizer step.
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
-    /// Side of the square training input in pixels.
-    #[arg(long, default_value_t = 320)]
-    size: usize,
-    /// Peak learning rate (default: 0.05 for sgd, 1e-3 for adamw).
+    /// Images per optimizer step [default: 16 for det, 8 for seg].
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Side of the square training input in pixels [default: 320 for det (SSDLite-320), 512 for seg];
+    /// a warning says when it upscales the dataset's images.
+    #[arg(long)]
+    size: Option<usize>,
+    /// Peak learning rate (default: 1e-3 for adamw, 0.05 for sgd).
     #[arg(long)]
     lr: Option<f64>,
-    /// sgd (momentum 0.9) or adamw (betas 0.9, 0.999).
-    #[arg(long, default_value = "sgd")]
+    /// adamw (betas 0.9, 0.999; the measured recipe) or sgd (momentum 0.9).
+    #[arg(long, default_value = "adamw")]
     optimizer: OptimizerKind,
     /// Weight decay of conv/linear weights (default: 4e-5 for sgd as torchvision's SSDLite, 0.01 for adamw).
     #[arg(long)]
@@ -86,9 +87,10 @@ struct Cli {
     /// Anneal the weight decay along a cosine down to this value (the MobileOne paper: 1e-4 → 1e-5).
     #[arg(long)]
     weight_decay_end: Option<f64>,
-    /// Linear learning-rate warm-up, in epochs (fractions allowed), before the cosine decay.
-    #[arg(long, default_value_t = 1.0)]
-    warmup_epochs: f64,
+    /// Linear learning-rate warm-up, in epochs (fractions allowed), before the cosine decay
+    /// [default: 3 % of the run, as the calibration recipe].
+    #[arg(long)]
+    warmup_epochs: Option<f64>,
     /// Clip the global gradient norm to this value.
     #[arg(long, value_name = "MAX_NORM")]
     clip_grad: Option<f64>,
@@ -110,9 +112,10 @@ struct Cli {
     /// Validate every N epochs (and after the last).
     #[arg(long, default_value_t = 1, value_name = "N")]
     val_every: usize,
-    /// Augmentation: full (the reference recipe), flip (photometric + flip, no crops) or none.
-    #[arg(long, default_value = "full")]
-    augment: Augment,
+    /// Augmentation: full (the reference recipe: SSD crops / mmseg rescale + crop), flip (photometric
+    /// + flip, no crops) or none [default: flip for det, the measured fine-tuning recipe; full for seg].
+    #[arg(long)]
+    augment: Option<Augment>,
     /// seg: add torchvision's auxiliary FCN head on the stride-16 features (loss weight 0.5).
     #[arg(long)]
     aux_loss: bool,
@@ -126,7 +129,7 @@ struct Cli {
     /// seg: dilations of the three 3x3 ASPP branches [default: 12,24,36].
     #[arg(long, value_delimiter = ',', num_args = 1, value_name = "A,B,C")]
     atrous_rates: Option<Vec<usize>>,
-    /// Without a terminal (logs), print a progress line every N steps.
+    /// Without a terminal (logs), print a progress line every N steps, and at least every 30 s.
     #[arg(long, default_value_t = 50, value_name = "N")]
     log_every: u64,
 }
@@ -148,6 +151,7 @@ fn run() -> Result<i32> {
         }
     }
     let sgd = matches!(cli.optimizer, OptimizerKind::Sgd { .. });
+    let det = matches!(cli.command, Command::Det);
     let settings = RunSettings {
         task: match cli.command {
             Command::Det => TaskKind::Det,
@@ -164,18 +168,18 @@ fn run() -> Result<i32> {
         val_split: cli.val_split,
         init_backbone: cli.init_backbone,
         epochs: cli.epochs,
-        batch_size: cli.batch,
-        image_size: cli.size,
+        batch_size: cli.batch.unwrap_or(if det { 16 } else { 8 }),
+        image_size: cli.size.unwrap_or(if det { 320 } else { 512 }),
         lr: cli.lr.unwrap_or(if sgd { 0.05 } else { 1e-3 }),
         optimizer: cli.optimizer,
         weight_decay: cli.weight_decay.unwrap_or(if sgd { 4e-5 } else { 0.01 }),
         weight_decay_end: cli.weight_decay_end,
-        warmup_epochs: cli.warmup_epochs,
+        warmup_epochs: cli.warmup_epochs.unwrap_or(0.03 * cli.epochs as f64),
         clip_grad: cli.clip_grad,
         seed: cli.seed,
         workers: cli.workers,
         val_every: cli.val_every,
-        augment: cli.augment,
+        augment: cli.augment.unwrap_or(if det { Augment::Flip } else { Augment::Full }),
         aux_loss: cli.aux_loss,
         output_stride: cli.output_stride,
         head_channels: cli

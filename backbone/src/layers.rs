@@ -5,43 +5,7 @@ use candle_core::{DType, Module, ModuleT, Result, Tensor};
 use crate::ops::batch_norm::{tensor_channel_stats, BatchNormTrain};
 use candle_nn::VarBuilder;
 
-/// Geometry of a 2-D convolution (square kernels, symmetric padding, as in the reference models).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConvConfig {
-    pub stride: usize,
-    pub padding: usize,
-    pub dilation: usize,
-    pub groups: usize,
-}
-
-impl Default for ConvConfig {
-    fn default() -> Self {
-        Self {
-            stride: 1,
-            padding: 0,
-            dilation: 1,
-            groups: 1,
-        }
-    }
-}
-
-/// Activation applied right after a convolution's bias, so kernels can fuse it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    None,
-    Relu,
-    Relu6,
-}
-
-impl Activation {
-    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Activation::None => Ok(x.clone()),
-            Activation::Relu => x.relu(),
-            Activation::Relu6 => x.clamp(0f32, 6f32),
-        }
-    }
-}
+pub use crate::ops::{Activation, ConvConfig};
 
 /// A convolution whose forward pass goes through [`crate::ops::conv2d`], where the native kernels live.
 #[derive(Debug, Clone)]

@@ -14,7 +14,45 @@ mod gemm_conv;
 
 use candle_core::{DType, Result, Tensor};
 
-pub use crate::layers::{Activation, ConvConfig};
+// The kernels own the types of their interface; `layers` builds on them (the arrow runs one way).
+/// Geometry of a 2-D convolution (square kernels, symmetric padding, as in the reference models).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvConfig {
+    pub stride: usize,
+    pub padding: usize,
+    pub dilation: usize,
+    pub groups: usize,
+}
+
+impl Default for ConvConfig {
+    fn default() -> Self {
+        Self {
+            stride: 1,
+            padding: 0,
+            dilation: 1,
+            groups: 1,
+        }
+    }
+}
+
+/// Activation applied right after a convolution's bias, so kernels can fuse it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    None,
+    Relu,
+    Relu6,
+}
+
+impl Activation {
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::None => Ok(x.clone()),
+            Activation::Relu => x.relu(),
+            Activation::Relu6 => x.clamp(0f32, 6f32),
+        }
+    }
+}
+
 
 /// 2D convolution of `x` (N, C_in, H, W) with `weight` (C_out, C_in/groups, K, K), then `bias`
 /// (C_out) and `act`, in one pass where a native kernel applies.

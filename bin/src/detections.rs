@@ -3,7 +3,7 @@ use image::{Rgb, RgbImage};
 use serde::Serialize;
 use ssdlite::{Detection, Labels};
 
-use crate::draw::{draw_text, fill_rect, text_size};
+use crate::draw::{draw_text, fill_rect, text_px_for, text_size};
 
 /// One entry of a COCO results file; `file_name` is extra (pycocotools ignores unknown fields).
 #[derive(Debug, Clone, Serialize)]
@@ -110,11 +110,7 @@ fn color(label: usize) -> Rgb<u8> {
 /// Draws each detection as a box outline with "class score" on a filled tag above it.
 pub fn draw(image: &mut RgbImage, detections: &[Detection], labels: &Labels) {
     let thickness = (image.width().max(image.height()) / 300).max(2);
-    let scale = if image.width().max(image.height()) >= 800 {
-        2
-    } else {
-        1
-    };
+    let scale = text_px_for(image.width(), image.height());
     if detections.is_empty() {
         // Say so on the picture, so it is not mistaken for the input.
         let (tw, th) = text_size("no detections", scale);

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use image::{ImageBuffer, ImageFormat, Luma, Rgb, RgbImage};
 
-use crate::draw::{draw_text, fill_rect, text_size};
+use crate::draw::{draw_text, fill_rect, text_px_for, text_size};
 
 /// A per-pixel class map, row-major.
 pub struct ClassMap {
@@ -84,16 +84,20 @@ pub fn overlay_with_legend(
     }
     let present = map.histogram();
     let total = map.classes.len().max(1) as f64;
+    // Background stays the photo: only the classes found are tinted, and the legend lists exactly
+    // those (classes under 0.05 % of the pixels, which would read "0.0 %", are left out).
+    let untinted: std::collections::HashSet<u32> =
+        present.iter().map(|&(c, _)| c).filter(|&c| name(c) == "background").collect();
     let lines: Vec<(u32, String)> = present
         .iter()
+        .filter(|&&(c, n)| !untinted.contains(&c) && n as f64 / total >= 0.0005)
         .map(|&(c, n)| (c, format!("{} {:.1}%", name(c), 100.0 * n as f64 / total)))
         .collect();
-    // Text 16 px tall on images of ordinary size, 8 px on thumbnails.
-    let scale = if image.height() >= 240 { 2 } else { 1 };
-    let (_, line_height) = text_size("", scale);
-    let row = line_height + 4 * scale;
+    let scale = text_px_for(image.width(), image.height());
+    let (_, line_height) = text_size("Ag", scale);
+    let row = line_height + line_height / 4;
     let swatch = line_height;
-    let pad = 4 * scale;
+    let pad = (line_height / 3).max(3);
     let legend_width = pad * 3
         + swatch
         + lines
@@ -101,11 +105,15 @@ pub fn overlay_with_legend(
             .map(|(_, text)| text_size(text, scale).0)
             .max()
             .unwrap_or(0);
-    let legend_height = pad + row * lines.len() as u32 + text_size("", scale).1 + pad;
+    let legend_height = pad + row * (lines.len() as u32 + 1) + pad;
     let height = image.height().max(legend_height);
     let mut out = RgbImage::from_pixel(image.width() + legend_width, height, Rgb([255, 255, 255]));
     for (x, y, pixel) in image.enumerate_pixels() {
         let class = map.classes[(y * map.width + x) as usize];
+        if untinted.contains(&class) {
+            out.put_pixel(x, y, *pixel);
+            continue;
+        }
         let c = color(class);
         let mixed = [0, 1, 2]
             .map(|i| ((1.0 - alpha) * pixel[i] as f32 + alpha * c[i] as f32).round() as u8);

@@ -232,6 +232,7 @@ fn segment_images(cli: &Cli, model: &DeepLabV3, spec: &SegmenterSpec, save: Opti
         let present: Vec<String> = map
             .histogram()
             .iter()
+            .filter(|&&(_, n)| n as f64 / total >= 0.0005)
             .map(|&(c, n)| {
                 format!(
                     "{} {:.1}%",

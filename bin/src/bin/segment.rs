@@ -95,12 +95,18 @@ struct Cli {
     /// flat images/ and annotations/ folders of sample copies].
     #[arg(long)]
     split: Option<String>,
+    /// --dataset folder: the JSON describing the layout and classes [default: <data-root>/dataset.json].
+    #[arg(long, value_name = "JSON")]
+    dataset_config: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum DatasetKind {
     Voc,
     Ade20k,
+    /// A segmentation folder described by a JSON (<data-root>/dataset.json or --dataset-config),
+    /// e.g. CamVid with datasets/configs/camvid.json; --split names the split (default val).
+    Folder,
 }
 
 fn main() {
@@ -311,6 +317,14 @@ fn evaluate(
     let dataset = match kind {
         DatasetKind::Voc => SegmentationDataset::voc(root, split, false),
         DatasetKind::Ade20k => SegmentationDataset::ade20k(root, split),
+        DatasetKind::Folder => {
+            let config_path = cli.dataset_config.clone().unwrap_or_else(|| {
+                root.join(mobileone_datasets::segmentation::FOLDER_CONFIG_FILE)
+            });
+            mobileone_datasets::segmentation::FolderConfig::read(&config_path).and_then(|config| {
+                SegmentationDataset::folder(root, split.unwrap_or("val"), &config)
+            })
+        }
     }
     .with_context(|| format!("cannot open the dataset at {}", root.display()))?;
     if dataset.is_empty() {

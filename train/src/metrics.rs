@@ -21,6 +21,10 @@ pub struct EpochRecord {
     pub images_per_s: f64,
     /// Training time of the epoch (validation excluded).
     pub seconds: f64,
+    /// Wall time of the run at the end of the epoch's validation: training and validation of every
+    /// epoch so far, summed (what "after 35 minutes" means when comparing runs).
+    #[serde(default)]
+    pub wall_seconds: f64,
     /// `None` in epochs without validation.
     pub validation: Option<Validation>,
 }
@@ -35,7 +39,7 @@ fn write(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Writes `metrics.csv` (one row per epoch, empty metric cells where there was no validation) and
 /// `metrics.json` into `dir`.
 pub fn write_logs(dir: &Path, metric_names: &[String], history: &[EpochRecord]) -> Result<()> {
-    let mut csv = String::from("epoch,step,lr,train_loss,images_per_s,seconds");
+    let mut csv = String::from("epoch,step,lr,train_loss,images_per_s,seconds,wall_seconds");
     for name in metric_names {
         csv.push(',');
         csv.push_str(name);
@@ -43,8 +47,8 @@ pub fn write_logs(dir: &Path, metric_names: &[String], history: &[EpochRecord]) 
     csv.push('\n');
     for r in history {
         csv.push_str(&format!(
-            "{},{},{:.6e},{:.6},{:.3},{:.1}",
-            r.epoch, r.step, r.lr, r.train_loss, r.images_per_s, r.seconds
+            "{},{},{:.6e},{:.6},{:.3},{:.1},{:.1}",
+            r.epoch, r.step, r.lr, r.train_loss, r.images_per_s, r.seconds, r.wall_seconds
         ));
         for name in metric_names {
             csv.push(',');

@@ -196,6 +196,7 @@ mod tests {
             train_loss: loss,
             images_per_s: 8.0,
             seconds: 60.0,
+            wall_seconds: 65.0 * epoch as f64,
             validation: Some(Validation {
                 values: vec![("mAP".into(), map), ("mAP50".into(), 2.0 * map)],
             }),

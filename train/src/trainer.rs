@@ -613,6 +613,7 @@ impl Trainer {
         let epoch = self.state.epoch + 1;
         let progress = std::mem::take(&mut self.state.progress);
         let validate = epoch % settings.val_every == 0 || epoch == settings.epochs;
+        let validation_started = Instant::now();
         let validation = if validate {
             let pb = ProgressBar::new(0);
             pb.set_style(
@@ -635,6 +636,9 @@ impl Trainer {
             train_loss: progress.loss_sum / progress.batches.max(1) as f64,
             images_per_s: progress.images as f64 / progress.seconds.max(1e-9),
             seconds: progress.seconds,
+            wall_seconds: self.state.history.last().map_or(0.0, |r| r.wall_seconds)
+                + progress.seconds
+                + validation_started.elapsed().as_secs_f64(),
             validation: validation.clone(),
         };
         let improved = validation.as_ref().is_some_and(|v| {
@@ -645,8 +649,12 @@ impl Trainer {
             self.state.best = validation.as_ref().map(|v| v.primary());
         }
         let mut line = format!(
-            "epoch {epoch}/{}: loss {:.4}, {:.1} img/s, {:.0} s",
-            settings.epochs, record.train_loss, record.images_per_s, record.seconds
+            "epoch {epoch}/{}: loss {:.4}, {:.1} img/s, {:.0} s ({:.1} min into the run)",
+            settings.epochs,
+            record.train_loss,
+            record.images_per_s,
+            record.seconds,
+            record.wall_seconds / 60.0
         );
         if let Some(v) = &validation {
             for (name, value) in &v.values {

@@ -154,3 +154,48 @@ fn configuration_comes_from_shapes_when_metadata_is_missing() {
         .to_string()
         .contains("segmentation"));
 }
+
+/// What fine-tuning a reparameterised timm trunk under torchvision's heads produces: a fused trunk
+/// (`reparam_conv`) with heads that still carry BatchNorm. "Fused or not" is decided per module, so
+/// it loads as it is (it used to be refused with "missing key `backbone.extra.0.0.0.bias`"), gives the
+/// unfused model's detections, and `fuse` folds the rest.
+#[test]
+fn a_fused_trunk_under_batchnorm_heads_loads_per_module() {
+    let device = Device::Cpu;
+    let (detector, labels) = SsdDetector::load(
+        &fixture("tiny_ssdlite.safetensors"),
+        &Overrides::default(),
+        &device,
+    )
+    .unwrap();
+    let img = image::open(fixture("pets_213x160.png")).unwrap().to_rgb8();
+    let view = ImageView {
+        pixels: img.as_raw(),
+        height: 160,
+        width: 213,
+    };
+    let before = detector.detect(&[view], &device).unwrap().remove(0);
+    let mut mixed = detector.clone();
+    mixed.body.reparameterize().unwrap();
+    let dir = std::env::temp_dir().join(format!("ssdlite-mixed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("mixed.safetensors");
+    mobileone::checkpoint::save(&path, &mixed.named_tensors(), &to_metadata(&mixed.config, &labels)).unwrap();
+    let checkpoint = mobileone::checkpoint::load(&path).unwrap();
+    assert!(checkpoint.tensors.contains_key("backbone.extra.0.0.1.running_var"));
+    assert_eq!(SsdDetector::stored_form(&checkpoint), mobileone::Form::FUSED_TRUNK);
+    let (reloaded, _) = SsdDetector::from_checkpoint(&checkpoint, &Overrides::default(), &device).unwrap();
+    assert!(!reloaded.is_fused());
+    let mut folded = reloaded.clone();
+    folded.fuse().unwrap();
+    assert!(folded.is_fused());
+    for model in [&reloaded, &folded] {
+        let after = model.detect(&[view], &device).unwrap().remove(0);
+        assert_eq!(before.len(), after.len());
+        for (a, b) in before.iter().zip(&after).take(100) {
+            assert_eq!(a.label, b.label);
+            assert!((a.score - b.score).abs() <= 1e-4, "{} vs {}", a.score, b.score);
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -26,26 +26,28 @@ enum DatasetKind {
     name = "detect",
     version,
     about = "Object detection with SSDLite on MobileOne: boxes for images, COCO mAP over a dataset",
-    long_about = "Object detection with SSDLite (torchvision's SSD with separable heads, 320x320 input) on a \
+    long_about = "Object detection with SSDLite (torchvision's SSD with separable heads; the input size is the \
+                  checkpoint's) on a \
                   MobileOne trunk.\n\n\
                   With images (files or folders): prints a table of detections per image, saves the photos \
                   with labelled boxes into a fresh runs/detect/predict<N> folder (--out-dir to choose, \
                   --no-save to skip) and optionally COCO-style results (--json).\n\
-                  With --dataset coco: runs over a COCO layout (<data-root>/annotations/instances_<split>.json, \
-                  <data-root>/<split>/*.jpg) and prints the 12 COCO box statistics (pycocotools-exact).\n\n\
+                  With --dataset coco|yolo: runs over a COCO layout (<data-root>/annotations/instances_<split>.json, \
+                  <data-root>/<split>/*.jpg) or a YOLO data.yaml and prints the 12 COCO box statistics \
+                  (pycocotools-exact) over the categories the model predicts.\n\n\
                   Architecture, classes and normalisation come from the checkpoint's metadata; the flags \
                   below override them for checkpoints without metadata (e.g. trained with torchvision).\n\n\
-                  Without --weights it runs the bundled demo detector (models/ssdlite_mobileone_s0_synth.safetensors, \
-                  trained on the synthetic shapes of `dataset synth` only); with no image either, on \
-                  models/demo.png, drawn to ./demo_detections.png. MOBILEONE_MODELS_DIR names another \
-                  folder holding those files."
+                  Without --weights it runs the bundled person detector \
+                  (models/ssdlite_mobileone_s0_coco_person.safetensors: SSDLite-320 on Apple's ImageNet \
+                  MobileOne-S0, fine-tuned on COCO person boxes); with no image either, on the bundled \
+                  photo models/astronaut.jpg. MOBILEONE_MODELS_DIR names another folder holding those files."
 )]
 struct Cli {
     /// Images or folders of images (JPEG, PNG) [default without --weights: the bundled
-    /// models/demo.png].
+    /// models/astronaut.jpg].
     images: Vec<PathBuf>,
-    /// Detector weights (.safetensors with torchvision SSD key names) [default: the bundled demo
-    /// detector, models/ssdlite_mobileone_s0_synth.safetensors].
+    /// Detector weights (.safetensors with torchvision SSD key names) [default: the bundled person
+    /// detector, models/ssdlite_mobileone_s0_coco_person.safetensors].
     #[arg(long)]
     weights: Option<PathBuf>,
     /// MobileOne variant of the trunk (default: metadata, else guessed from the weights).
@@ -54,7 +56,8 @@ struct Cli {
     /// Number of classes including background (default: metadata, else the head's width).
     #[arg(long)]
     num_classes: Option<usize>,
-    /// Side of the square network input (default: metadata, else 320).
+    /// Side of the square network input (default: the checkpoint's metadata — 320 for the bundled
+    /// detector — else 320).
     #[arg(long)]
     image_size: Option<usize>,
     /// Keep detections scoring above this [default: 0.3 for images, 0.001 with --dataset].

@@ -21,18 +21,19 @@ use mobileone_eval::seg::{SegMetric, SegMetrics};
     about = "Semantic segmentation with DeepLabV3 on MobileOne: masks and overlays for images, mIoU over VOC/ADE20K",
     long_about = "Semantic segmentation with DeepLabV3 (torchvision's architecture: ASPP head, output stride \
                   32/16/8 by dilation) on a MobileOne trunk.\n\n\
-                  With images: writes <out-dir>/<name>_mask.png (class index per pixel) and \
-                  <name>_overlay.png (class colours over the photo, with a legend of the classes present), \
-                  and optionally the raw logits.\n\
+                  With images: saves <name>_mask.png (a palette PNG: class index per pixel, coloured) and \
+                  <name>_overlay.jpg|png (the classes found tinted over the photo, with their legend) into a \
+                  fresh runs/segment/predict<N> folder (--out-dir to choose, --no-save to skip), and \
+                  optionally the raw logits. Images run at full resolution unless --size N resizes the \
+                  shorter side.\n\
                   With --dataset: runs over a VOC 2012 or ADE20K folder and prints mIoU, mAcc, aAcc and \
                   per-class IoU (mmsegmentation's IoUMetric).\n\n\
                   Architecture settings come from the checkpoint's metadata; the flags below override them \
                   for checkpoints without metadata.\n\n\
                   Without --weights it runs the bundled demo segmenter \
                   (models/deeplabv3_mobileone_s0_synth.safetensors, trained on the synthetic shapes of \
-                  `dataset synth` only); with no image either, on models/demo.png, written to \
-                  ./demo_mask.png and ./demo_overlay.png. MOBILEONE_MODELS_DIR names another folder \
-                  holding those files."
+                  `dataset synth` only); with no image either, on models/demo.png. MOBILEONE_MODELS_DIR \
+                  names another folder holding those files."
 )]
 struct Cli {
     /// Images or folders of images (JPEG, PNG) [default without --weights: the bundled

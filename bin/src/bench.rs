@@ -110,19 +110,30 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.json {
         println!("{}", serde_json::json!({ "median_ms": median }));
     } else {
-        println!(
-            "mobileone {} ({}), batch {}, {}x{}, {} threads: median {:.2} ms (min {:.2}, max {:.2}, {} runs)",
+        let what = format!(
+            "mobileone {} ({}), batch {}",
             args.variant,
             if args.fused { "fused" } else { "train-time branches" },
-            args.batch,
-            args.size,
-            args.size,
-            mobileone::ops::current_threads(),
-            median,
-            times_ms[0],
-            times_ms[times_ms.len() - 1],
-            args.iters
+            args.batch
         );
+        println!("{}", bench_line(&what, (args.size, args.size), &mut times_ms));
     }
     Ok(())
+}
+
+/// The one `--bench` line of every tool: what ran, at which input size, on how many threads, and the
+/// median / mean / min / max of the runs in milliseconds.
+pub fn bench_line(what: &str, (width, height): (usize, usize), times_ms: &mut [f64]) -> String {
+    times_ms.sort_by(f64::total_cmp);
+    let n = times_ms.len().max(1);
+    let mean = times_ms.iter().sum::<f64>() / n as f64;
+    format!(
+        "bench {what}, {width}x{height}, {} threads: median {:.2} ms, mean {:.2}, min {:.2}, max {:.2} ({} runs)",
+        mobileone::ops::current_threads(),
+        times_ms.get(times_ms.len() / 2).copied().unwrap_or(f64::NAN),
+        mean,
+        times_ms.first().copied().unwrap_or(f64::NAN),
+        times_ms.last().copied().unwrap_or(f64::NAN),
+        times_ms.len()
+    )
 }

@@ -62,7 +62,7 @@ fn photos_give_tables_coco_json_and_drawings() {
     assert!(out.status.success(), "{}", stderr(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("pets.jpg (512x430): 7 detection(s)"),
+        stdout.contains("pets.jpg 512x430: "),
         "{stdout}"
     );
     let entries = results(&json);
@@ -281,7 +281,7 @@ fn without_weights_or_images_runs_the_bundled_model_into_fresh_run_folders() {
         let out = run_ok(&mut demo());
         let (stdout, message) = (String::from_utf8_lossy(&out.stdout), stderr(&out));
         assert!(message.contains("bundled detector") && message.contains("trained on nothing (test)"), "{message}");
-        assert!(stdout.contains("astronaut.jpg (512x512)"), "{stdout}");
+        assert!(stdout.contains("astronaut.jpg 512x512:"), "{stdout}");
         assert!(stdout.contains(&format!("runs/detect/{run}")), "{stdout}");
         // A JPEG input gives a JPEG picture of the same size.
         let picture = cwd.join("runs/detect").join(run).join("astronaut.jpg");
@@ -295,7 +295,7 @@ fn without_weights_or_images_runs_the_bundled_model_into_fresh_run_folders() {
     run_ok(demo().arg(&png).arg("--out-dir").arg(&elsewhere));
     assert!(elsewhere.join("pets_213x160.png").is_file());
     let stdout = String::from_utf8_lossy(&run_ok(demo().arg(&png).arg("--no-save")).stdout).into_owned();
-    assert!(stdout.contains("pets_213x160.png (213x160)") && !stdout.contains("saved to"), "{stdout}");
+    assert!(stdout.contains("pets_213x160.png 213x160:") && !stdout.contains("saved to"), "{stdout}");
     assert!(!cwd.join("runs/detect/predict3").exists());
 
     // Given weights, the images are the user's to name.
@@ -332,9 +332,120 @@ fn the_committed_person_detector_finds_the_astronaut() {
     let message = stderr(&out);
     assert!(message.contains("trained on coco-person") && message.contains("held-out mAP"), "{message}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("astronaut.jpg (512x512)"), "{stdout}");
+    assert!(stdout.contains("astronaut.jpg 512x512:"), "{stdout}");
     let first = stdout.lines().find(|l| l.trim_start().starts_with("1 ")).unwrap_or_default();
     assert!(first.contains("person"), "{stdout}");
     assert!(cwd.join("runs/detect/predict/astronaut.jpg").is_file());
     std::fs::remove_dir_all(&cwd).unwrap();
+}
+
+/// `../shared/cases/23-truncated-jpeg`: a JPEG cut at 60 % (Pillow: "image file is truncated"). It was
+/// decoded with grey rows and used; now every path refuses it by name: files (skipped, counted, exit
+/// 1, the readable images' results still written whole), and a dataset run (stops, writes nothing).
+#[test]
+fn a_truncated_jpeg_is_refused_by_name_everywhere() {
+    let case = common::shared_cases().join("23-truncated-jpeg");
+    let dir = scratch("detect", "truncated");
+    let json = dir.join("out.json");
+    let truncated = case.join("owl_truncated.jpg");
+    let baseline = case.join("owl_baseline.jpg");
+    let out = detect(&[
+        truncated.to_str().unwrap(),
+        baseline.to_str().unwrap(),
+        "--weights",
+        &weights(),
+        "--score-thresh",
+        "0.0",
+        "--json",
+        json.to_str().unwrap(),
+        "--out-dir",
+        dir.join("pictures").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let message = stderr(&out);
+    assert!(message.contains("owl_truncated.jpg") && message.contains("truncated"), "{message}");
+    assert!(message.contains("1 of 2 image(s) failed: owl_truncated.jpg"), "{message}");
+    // The intact image's detections and picture are written whole; none of the truncated one.
+    let entries = results(&json);
+    assert!(!entries.is_empty() && entries.iter().all(|e| e["file_name"] == "owl_baseline.jpg"));
+    assert!(dir.join("pictures/owl_baseline.jpg").is_file());
+    assert!(!dir.join("pictures/owl_truncated.jpg").exists());
+
+    let report = dir.join("dataset.json");
+    // The case's categories are shapes; map the test model's ten classes onto them.
+    let label_map: Vec<String> = (1..=10).map(|i| format!("class{i}={}", if i % 2 == 1 { "circle" } else { "ellipse" })).collect();
+    let label_map = label_map.join(",");
+    let out = detect(&[
+        "--dataset",
+        "coco",
+        "--data-root",
+        case.join("coco").to_str().unwrap(),
+        "--weights",
+        &weights(),
+        "--label-map",
+        &label_map,
+        "--json",
+        report.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("owl_truncated.jpg") && stderr(&out).contains("truncated"), "{}", stderr(&out));
+    assert!(!report.exists(), "nothing half-written");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A model is never scored on a dataset whose categories it does not know: class ids 1..10 of an
+/// unnamed model would collide with person…traffic light. Refused with both lists; `--label-map`
+/// states the correspondence.
+#[test]
+fn evaluating_on_unknown_categories_is_refused_with_both_lists() {
+    let root = shared_data().join("coco-val2017-samples");
+    let out = detect(&[
+        "--dataset",
+        "coco",
+        "--data-root",
+        root.to_str().unwrap(),
+        "--annotations",
+        root.join("instances_val2017_5.json").to_str().unwrap(),
+        "--image-dir",
+        root.join("images").to_str().unwrap(),
+        "--weights",
+        &weights(),
+    ]);
+    assert!(!out.status.success());
+    let message = stderr(&out);
+    assert!(message.contains("\"class1\"") && message.contains("person, bicycle"), "{message}");
+    assert!(message.contains("--label-map"), "{message}");
+}
+
+/// `detect FOLDER --json` takes image ids from the file names of `--annotations` (so the results
+/// evaluate against it), else from numeric file names, else 1, 2, … — and says which.
+#[test]
+fn result_image_ids_come_from_the_ground_truth_or_the_file_names() {
+    let root = shared_data().join("coco-val2017-samples");
+    let gt = root.join("instances_val2017_5.json");
+    let dir = scratch("detect", "image-ids");
+    let gt_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&gt).unwrap()).unwrap();
+    let id_of = |name: &str| -> u64 {
+        gt_json["images"].as_array().unwrap().iter().find(|i| i["file_name"] == name).unwrap()["id"].as_u64().unwrap()
+    };
+    for (extra, how) in [(Some(gt.to_str().unwrap()), "from the file names of"), (None, "the numbers in the file names")] {
+        let json = dir.join("r.json");
+        let mut args = vec![root.join("images").to_str().unwrap().to_string(), "--weights".into(), weights(), "--score-thresh".into(), "0.0".into(), "--no-save".into(), "--json".into(), json.to_str().unwrap().into()];
+        if let Some(gt) = extra {
+            args.extend(["--annotations".into(), gt.to_string()]);
+        }
+        let out = detect(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).contains(how));
+        for e in results(&json) {
+            assert_eq!(e["image_id"].as_u64().unwrap(), id_of(e["file_name"].as_str().unwrap()), "{e}");
+        }
+    }
+    // Names that are not numbers: 1, 2, … in order.
+    let png = fixtures().join("pets_213x160.png");
+    let json = dir.join("seq.json");
+    let out = detect(&[png.to_str().unwrap(), "--weights", &weights(), "--score-thresh", "0.0", "--no-save", "--json", json.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1, 2, … in the order listed"));
+    assert!(results(&json).iter().all(|e| e["image_id"] == 1));
+    std::fs::remove_dir_all(dir).unwrap();
 }

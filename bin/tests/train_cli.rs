@@ -50,7 +50,7 @@ fn detection_needs_coco_style_boxes() {
         "--out",
         &out,
     ]);
-    assert!(stderr.contains("COCO format"), "{stderr}");
+    assert!(stderr.contains("needs box annotations") && stderr.contains("coco, yolo or synth"), "{stderr}");
 }
 
 #[test]

@@ -336,16 +336,9 @@ fn bench(detector: &SsdDetector, path: &Path, runs: usize) -> Result<()> {
         detect_one(detector, &image)?;
         times.push(start.elapsed().as_secs_f64() * 1e3);
     }
-    times.sort_by(f64::total_cmp);
-    let mean = times.iter().sum::<f64>() / times.len() as f64;
-    println!(
-        "bench {}: {} run(s) at {0}x{0}, median {:.2} ms, mean {:.2} ms, min {:.2} ms",
-        detector.config.image_size,
-        times.len(),
-        times[times.len() / 2],
-        mean,
-        times[0]
-    );
+    let size = detector.config.image_size;
+    let what = format!("detect {} (network {size}x{size}, pre- and post-processing included)", file_name(path));
+    println!("{}", mobileone_cli::bench::bench_line(&what, (image.width() as usize, image.height() as usize), &mut times));
     Ok(())
 }
 

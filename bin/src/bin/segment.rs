@@ -290,16 +290,12 @@ fn bench(model: &DeepLabV3, input: &Tensor, options: InferenceOptions, runs: usi
             predict_logits(model, input, options).map(|_| start.elapsed().as_secs_f64() * 1e3)
         })
         .collect::<candle_core::Result<_>>()?;
-    times.sort_by(f64::total_cmp);
     let (_, _, h, w) = input.dims4()?;
-    println!(
-        "bench: {w}x{h}{}: median {:.1} ms, min {:.1} ms over {runs} runs",
-        options
-            .shorter_side
-            .map_or(String::new(), |n| format!(" (shorter side {n})")),
-        times[runs / 2],
-        times[0]
+    let what = format!(
+        "segment{}",
+        options.shorter_side.map_or(String::new(), |n| format!(" (shorter side resized to {n})"))
     );
+    println!("{}", mobileone_cli::bench::bench_line(&what, (w, h), &mut times));
     Ok(())
 }
 

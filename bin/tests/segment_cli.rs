@@ -3,7 +3,7 @@
 //! clear `error: ...` and exit code 1 or a counted skip, never a panic.
 mod common;
 
-use common::{run_err, run_ok, scratch, shared_data};
+use common::{run_err, run_ok, scratch, shared_cases, shared_data};
 use mobileone_cli::bundled;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -300,7 +300,7 @@ fn without_weights_or_images_runs_the_bundled_demo() {
     assert!(stderr.contains("bundled segmenter"), "{stderr}");
     assert!(stderr.contains("fused"), "{stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("demo.png: 160x160"), "{stdout}");
+    assert!(stdout.contains("demo.png 160x160:"), "{stdout}");
     let run = cwd.join("runs/segment/predict");
     assert_eq!(png_size(&run.join("demo_mask.png")), (160, 160));
     let (ow, oh) = png_size(&run.join("demo_overlay.png"));
@@ -310,7 +310,7 @@ fn without_weights_or_images_runs_the_bundled_demo() {
     // gets a fresh folder.
     let out = run_ok(demo().arg(&models));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("demo.png: 160x160"), "{stdout}");
+    assert!(stdout.contains("demo.png 160x160:"), "{stdout}");
     assert!(stdout.contains("runs/segment/predict2"), "{stdout}");
     assert_eq!(png_size(&cwd.join("runs/segment/predict2/demo_mask.png")), (160, 160));
 
@@ -345,4 +345,30 @@ fn the_committed_demo_segmenter_runs_out_of_the_box() {
         "background share {background}"
     );
     std::fs::remove_dir_all(&cwd).unwrap();
+}
+
+/// `../shared/cases/23-truncated-jpeg`: the JPEG cut at 60 % is refused by name (Pillow: "image file is
+/// truncated") and skipped; the intact image beside it is still segmented and saved; exit status 1.
+#[test]
+fn a_truncated_jpeg_is_skipped_by_name_and_the_rest_is_written() {
+    let case = shared_cases().join("23-truncated-jpeg");
+    let dir = scratch("segment", "truncated");
+    let weights = dir.join("voc.safetensors");
+    write_random_segmenter(&weights, 21);
+    let out = bin()
+        .arg(case.join("owl_truncated.jpg"))
+        .arg(case.join("owl_baseline.jpg"))
+        .arg("--weights")
+        .arg(&weights)
+        .args(["--size", "64", "--out-dir"])
+        .arg(dir.join("out"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("owl_truncated.jpg") && stderr.contains("truncated"), "{stderr}");
+    assert!(stderr.contains("1 of 2 image(s) failed"), "{stderr}");
+    assert!(dir.join("out/owl_baseline_mask.png").is_file());
+    assert!(!dir.join("out/owl_truncated_mask.png").exists());
+    std::fs::remove_dir_all(dir).unwrap();
 }

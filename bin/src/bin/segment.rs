@@ -196,73 +196,90 @@ fn segment_images(cli: &Cli, model: &DeepLabV3, spec: &SegmenterSpec, save: Opti
             );
         }
     }
+    let palette: Vec<[u8; 3]> = (0..spec.config.num_classes).map(|c| spec.color(c)).collect();
+    let (mut failures, mut decode_ms, mut segment_ms, mut done) = (Vec::new(), 0.0, 0.0, 0usize);
     for (i, path) in cli.images.iter().enumerate() {
-        let image = imageio::load_rgb(path)?;
-        let input = imageio::to_tensor(&image, spec.mean, spec.std)?;
-        if i == 0 {
-            if let Some(n) = cli.bench {
-                bench(model, &input, options(cli), n)?;
+        // An unreadable image is reported, skipped and counted; the others still run.
+        let outcome = (|| -> Result<()> {
+            let start = Instant::now();
+            let image = imageio::load_rgb(path)?;
+            decode_ms += start.elapsed().as_secs_f64() * 1e3;
+            let input = imageio::to_tensor(&image, spec.mean, spec.std)?;
+            if i == 0 {
+                if let Some(n) = cli.bench {
+                    bench(model, &input, options(cli), n)?;
+                }
             }
+            let start = Instant::now();
+            let logits = predict_logits(model, &input, options(cli))
+                .with_context(|| format!("segmentation of {} failed", path.display()))?;
+            let map = argmax_map(&logits)?;
+            let elapsed = start.elapsed().as_secs_f64() * 1e3;
+            segment_ms += elapsed;
+            done += 1;
+            let stem = file_stem(path);
+            let mut written = Vec::new();
+            let mask_path = cli
+                .mask_out
+                .clone()
+                .or_else(|| save.map(|dir| dir.join(format!("{stem}_mask.png"))));
+            if let Some(mask_path) = mask_path {
+                write_class_png(&mask_path, &map, &palette)?;
+                written.push(mask_path);
+            }
+            if let Some(dir) = save {
+                let overlay_path = output::picture_path(dir, path, "_overlay");
+                let overlay = overlay_with_legend(
+                    &image,
+                    &map,
+                    |c| spec.color(c as usize),
+                    |c| spec.class_name(c as usize),
+                    0.5,
+                )?;
+                output::write_picture(&overlay_path, &overlay)?;
+                written.push(overlay_path);
+            }
+            if let Some(logits_path) = &cli.logits_out {
+                npy::write_f32(logits_path, &logits)?;
+            }
+            let total = map.classes.len() as f64;
+            let present: Vec<String> = map
+                .histogram()
+                .iter()
+                .filter(|&&(_, n)| n as f64 / total >= 0.0005)
+                .map(|&(c, n)| format!("{} {:.1}%", spec.class_name(c as usize), 100.0 * n as f64 / total))
+                .collect();
+            println!(
+                "{} {}x{}: {}, {elapsed:.1} ms",
+                path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned()),
+                image.width(),
+                image.height(),
+                present.join(", ")
+            );
+            if !written.is_empty() {
+                let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+                println!("  wrote {}", names.join(" and "));
+            }
+            Ok(())
+        })();
+        if let Err(e) = outcome {
+            eprintln!("error: {e:#}");
+            failures.push(file_stem(path));
         }
-        let start = Instant::now();
-        let logits = predict_logits(model, &input, options(cli))
-            .with_context(|| format!("segmentation of {} failed", path.display()))?;
-        let map = argmax_map(&logits)?;
-        let elapsed = start.elapsed();
-        let stem = file_stem(path);
-        let mut written = Vec::new();
-        let palette: Vec<[u8; 3]> = (0..spec.config.num_classes).map(|c| spec.color(c)).collect();
-        let mask_path = cli
-            .mask_out
-            .clone()
-            .or_else(|| save.map(|dir| dir.join(format!("{stem}_mask.png"))));
-        if let Some(mask_path) = mask_path {
-            write_class_png(&mask_path, &map, &palette)?;
-            written.push(mask_path);
-        }
-        if let Some(dir) = save {
-            let overlay_path = output::picture_path(dir, path, "_overlay");
-            let overlay = overlay_with_legend(
-                &image,
-                &map,
-                |c| spec.color(c as usize),
-                |c| spec.class_name(c as usize),
-                0.5,
-            )?;
-            output::write_picture(&overlay_path, &overlay)?;
-            written.push(overlay_path);
-        }
-        if let Some(logits_path) = &cli.logits_out {
-            npy::write_f32(logits_path, &logits)?;
-        }
-        let total = map.classes.len() as f64;
-        let present: Vec<String> = map
-            .histogram()
-            .iter()
-            .filter(|&&(_, n)| n as f64 / total >= 0.0005)
-            .map(|&(c, n)| {
-                format!(
-                    "{} {:.1}%",
-                    spec.class_name(c as usize),
-                    100.0 * n as f64 / total
-                )
-            })
-            .collect();
+    }
+    if done > 0 {
         println!(
-            "{}: {}x{} in {:.0} ms: {}",
-            path.display(),
-            image.width(),
-            image.height(),
-            elapsed.as_secs_f64() * 1e3,
-            present.join(", ")
+            "Speed: {:.1} ms decode, {:.1} ms segmentation (network, resize, argmax) per image (mean of {done}){}",
+            decode_ms / cli.images.len() as f64,
+            segment_ms / done as f64,
+            cli.size.map_or(" at full resolution (--size N resizes the shorter side)".into(), |n| format!(", shorter side resized to {n}"))
         );
-        if !written.is_empty() {
-            let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
-            println!("  wrote {}", names.join(" and "));
-        }
     }
     if let Some(dir) = save {
         println!("results saved to {}", dir.display());
+    }
+    if !failures.is_empty() {
+        bail!("{} of {} image(s) failed: {}", failures.len(), cli.images.len(), failures.join(", "));
     }
     Ok(())
 }

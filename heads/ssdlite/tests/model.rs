@@ -15,6 +15,24 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The tiny torchvision-made detector of the parity fixtures.
+fn tiny_detector() -> (SsdDetector, Labels) {
+    SsdDetector::load(&fixture("tiny_ssdlite.safetensors"), &Overrides::default(), &Device::Cpu).unwrap()
+}
+
+/// The real 213×160 photo of the fixtures.
+fn pets() -> image::RgbImage {
+    image::open(fixture("pets_213x160.png")).unwrap().to_rgb8()
+}
+
+fn pets_view(img: &image::RgbImage) -> ImageView<'_> {
+    ImageView {
+        pixels: img.as_raw(),
+        height: img.height() as usize,
+        width: img.width() as usize,
+    }
+}
+
 fn small_config() -> SsdLiteConfig {
     SsdLiteConfig {
         trunk: MobileOneConfig {
@@ -81,18 +99,9 @@ fn training_loss_backpropagates_to_trunk_and_heads() {
 #[test]
 fn fused_checkpoint_round_trips_with_the_same_detections() {
     let device = Device::Cpu;
-    let (mut detector, labels) = SsdDetector::load(
-        &fixture("tiny_ssdlite.safetensors"),
-        &Overrides::default(),
-        &device,
-    )
-    .unwrap();
-    let img = image::open(fixture("pets_213x160.png")).unwrap().to_rgb8();
-    let view = ImageView {
-        pixels: img.as_raw(),
-        height: 160,
-        width: 213,
-    };
+    let (mut detector, labels) = tiny_detector();
+    let img = pets();
+    let view = pets_view(&img);
     let before = detector.detect(&[view], &device).unwrap().remove(0);
     detector.fuse().unwrap();
     let dir = std::env::temp_dir().join(format!("ssdlite-fused-{}", std::process::id()));
@@ -162,18 +171,9 @@ fn configuration_comes_from_shapes_when_metadata_is_missing() {
 #[test]
 fn a_fused_trunk_under_batchnorm_heads_loads_per_module() {
     let device = Device::Cpu;
-    let (detector, labels) = SsdDetector::load(
-        &fixture("tiny_ssdlite.safetensors"),
-        &Overrides::default(),
-        &device,
-    )
-    .unwrap();
-    let img = image::open(fixture("pets_213x160.png")).unwrap().to_rgb8();
-    let view = ImageView {
-        pixels: img.as_raw(),
-        height: 160,
-        width: 213,
-    };
+    let (detector, labels) = tiny_detector();
+    let img = pets();
+    let view = pets_view(&img);
     let before = detector.detect(&[view], &device).unwrap().remove(0);
     let mut mixed = detector.clone();
     mixed.body.reparameterize().unwrap();

@@ -25,11 +25,14 @@ fn weights() -> String {
         .to_string()
 }
 
+/// Runs `detect`; without `--out-dir` it saves no pictures (never into the source tree).
 fn detect(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_detect"))
-        .args(args)
-        .output()
-        .expect("detect runs")
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_detect"));
+    cmd.args(args);
+    if !args.contains(&"--out-dir") && !args.contains(&"--no-save") {
+        cmd.arg("--no-save");
+    }
+    cmd.output().expect("detect runs")
 }
 
 fn stderr(out: &Output) -> String {

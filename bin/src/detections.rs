@@ -118,8 +118,27 @@ pub fn draw(image: &mut RgbImage, detections: &[Detection], labels: &Labels) {
         draw_text(image, 4, 4, "no detections", scale, Rgb([255, 255, 255]));
         return;
     }
-    // Lowest scores first so the best boxes end up on top.
-    for d in detections.iter().rev() {
+    // Tags are placed best score first, each at the first spot that overlaps no placed tag: above the
+    // box, else inside it, stepping down one tag height at a time (the box's top if none is free).
+    let pad = 2u32;
+    let mut placed: Vec<(i64, i64, i64, i64)> = Vec::new();
+    let mut tags = Vec::with_capacity(detections.len());
+    for d in detections {
+        let [x1, y1, _, y2] = d.bbox.map(|v| v.round() as i64);
+        let text = format!("{} {:.2}", labels.name(d.label), d.score);
+        let (tw, th) = text_size(&text, scale);
+        let (tag_w, tag_h) = ((tw + 2 * pad) as i64, (th + 2 * pad) as i64);
+        // Keep the tag inside the picture.
+        let x = x1.min(image.width() as i64 - tag_w).max(0);
+        let free = |y: i64| placed.iter().all(|&(px, py, pw, ph)| x + tag_w <= px || px + pw <= x || y + tag_h <= py || py + ph <= y);
+        let above = y1 - tag_h;
+        let candidates = std::iter::once(above).filter(|&y| y >= 0).chain((0..).map(|k| y1.max(0) + k * tag_h).take_while(|&y| y + tag_h <= y2.max(y1 + tag_h)));
+        let y = candidates.clone().find(|&y| free(y)).unwrap_or(if above >= 0 { above } else { y1.max(0) });
+        placed.push((x, y, tag_w, tag_h));
+        tags.push((text, x, y, tag_w as u32, tag_h as u32));
+    }
+    // Lowest scores first so the best boxes and tags end up on top.
+    for (d, (text, x, y, tag_w, tag_h)) in detections.iter().zip(tags).rev() {
         let c = color(d.label);
         let [x1, y1, x2, y2] = d.bbox.map(|v| v.round() as i64);
         let (w, h) = ((x2 - x1).max(1) as u32, (y2 - y1).max(1) as u32);
@@ -127,30 +146,9 @@ pub fn draw(image: &mut RgbImage, detections: &[Detection], labels: &Labels) {
         fill_rect(image, x1, y2 - thickness as i64, w, thickness, c);
         fill_rect(image, x1, y1, thickness, h, c);
         fill_rect(image, x2 - thickness as i64, y1, thickness, h, c);
-        let text = format!("{} {:.2}", labels.name(d.label), d.score);
-        let (tw, th) = text_size(&text, scale);
-        let pad = 2;
-        // Keep the tag inside the picture.
-        let x1 = x1.min(image.width() as i64 - (tw + 2 * pad) as i64).max(0);
-        let tag_y = if y1 - (th + 2 * pad) as i64 >= 0 {
-            y1 - (th + 2 * pad) as i64
-        } else {
-            y1
-        };
-        fill_rect(image, x1, tag_y, tw + 2 * pad, th + 2 * pad, c);
+        fill_rect(image, x, y, tag_w, tag_h, c);
         let luma = 0.299 * c[0] as f32 + 0.587 * c[1] as f32 + 0.114 * c[2] as f32;
-        let ink = if luma > 140.0 {
-            Rgb([0, 0, 0])
-        } else {
-            Rgb([255, 255, 255])
-        };
-        draw_text(
-            image,
-            x1 + pad as i64,
-            tag_y + pad as i64,
-            &text,
-            scale,
-            ink,
-        );
+        let ink = if luma > 140.0 { Rgb([0, 0, 0]) } else { Rgb([255, 255, 255]) };
+        draw_text(image, x + pad as i64, y + pad as i64, &text, scale, ink);
     }
 }

@@ -231,18 +231,19 @@ impl Trainer {
                 "segmentation needs a batch of at least 2: the ASPP pooling branch's BatchNorm sees one value per image".into(),
             ));
         }
-        // The trunk's form follows the weights it starts from (a resumed run keeps its own).
-        let init = match (resume, &settings.init_backbone) {
+        // The trunk's form follows the weights it starts from (a resumed run keeps its own); each
+        // checkpoint is read once, here.
+        let start = match (resume, &settings.init_backbone) {
             (Some(path), _) => {
-                settings.fused_trunk = stored_state(&checkpoint::load(path)?, path)?
-                    .settings
-                    .fused_trunk;
-                None
+                let ckpt = checkpoint::load(path)?;
+                let state = stored_state(&ckpt, path)?;
+                settings.fused_trunk = state.settings.fused_trunk;
+                Some((ckpt, Some(state)))
             }
             (None, Some(path)) => {
                 let ckpt = checkpoint::load(path)?;
                 settings.fused_trunk = ckpt.is_fused(trunk_prefix(&ckpt));
-                Some(ckpt)
+                Some((ckpt, None))
             }
             (None, None) => None,
         };
@@ -288,10 +289,10 @@ impl Trainer {
             stop_after_steps: None,
             log_every: 50,
         };
-        match (resume, init) {
-            (Some(path), _) => trainer.restore(path, &settings)?,
-            (None, Some(ckpt)) => trainer.init_backbone(&ckpt)?,
-            (None, None) => {}
+        match start {
+            Some((ckpt, Some(state))) => trainer.restore(&ckpt, state, &settings)?,
+            Some((ckpt, None)) => trainer.init_backbone(&ckpt)?,
+            None => {}
         }
         Ok(trainer)
     }
@@ -350,13 +351,16 @@ impl Trainer {
         Ok(())
     }
 
-    fn restore(&mut self, path: &Path, settings: &RunSettings) -> Result<()> {
+    fn restore(
+        &mut self,
+        ckpt: &checkpoint::Checkpoint,
+        state: TrainState,
+        settings: &RunSettings,
+    ) -> Result<()> {
         let resume_err = |message: String| TrainError::Resume {
-            path: path.into(),
+            path: ckpt.path.clone(),
             message,
         };
-        let ckpt = checkpoint::load(path)?;
-        let state = stored_state(&ckpt, path)?;
         let (stored, given) = (state.settings.resumable_view(), settings.resumable_view());
         if stored != given {
             let differing: Vec<String> = given

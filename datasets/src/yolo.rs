@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::coco::{CocoAnnotation, CocoCategory, CocoFile, CocoImage};
+use crate::coco::{CocoAnnotation, CocoCategory, CocoDataset, CocoFile, CocoImage};
 use crate::error::{DatasetError, Result};
 
 /// File extensions read as images (ultralytics' list, lower-case).
@@ -71,8 +71,9 @@ pub struct YoloDataset {
 /// One split read into COCO form.
 #[derive(Debug, Clone)]
 pub struct YoloSplit {
-    /// Images (file names relative to `image_root`), annotations and categories.
-    pub coco: CocoFile,
+    /// Images (file names relative to `image_root`), annotations and categories, indexed; its `path`
+    /// names the YAML and the split ("…/data.yaml → `val` split") in errors.
+    pub dataset: CocoDataset,
     /// Folder the images' `file_name`s are relative to.
     pub image_root: PathBuf,
     pub image_ids: ImageIds,
@@ -264,8 +265,9 @@ impl YoloDataset {
                 });
             }
         }
+        let name = self.yaml.with_file_name(format!("{split} split"));
         Ok(YoloSplit {
-            coco,
+            dataset: CocoDataset::from_file(coco, &name)?,
             image_root,
             image_ids,
             dropped_empty,
@@ -355,7 +357,7 @@ fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 /// `image_root`), `labels/<split>/<stem>.txt` and `data.yaml`. Categories become classes 0, 1, … in
 /// id order; crowd annotations are left out (YOLO has no crowd flag) and counted in the return value.
 pub fn write_split(
-    coco: &CocoFile,
+    coco: &CocoDataset,
     image_root: &Path,
     out: &Path,
     split: &str,

@@ -142,14 +142,18 @@ impl DetectionTask {
 /// The train and val splits with their image folders: COCO instances JSON, or a YOLO `data.yaml`
 /// read into COCO form.
 fn read_splits(settings: &RunSettings) -> Result<[(CocoDataset, PathBuf); 2]> {
-    let read = |split: &str| -> Result<(CocoDataset, PathBuf)> {
-        match settings.dataset {
-            DatasetKind::Coco | DatasetKind::Synth => {
+    let splits = ["train", settings.val_split.as_str()];
+    match settings.dataset {
+        DatasetKind::Coco | DatasetKind::Synth => {
+            let read = |split: &str| -> Result<(CocoDataset, PathBuf)> {
                 let (json, dir) = coco_split(&settings.data_root, split)?;
                 Ok((CocoDataset::open(&json)?, dir))
-            }
-            DatasetKind::Yolo => {
-                let yolo = YoloDataset::open(&settings.data_root)?;
+            };
+            Ok([read(splits[0])?, read(splits[1])?])
+        }
+        DatasetKind::Yolo => {
+            let yolo = YoloDataset::open(&settings.data_root)?;
+            let read = |split: &str| -> Result<(CocoDataset, PathBuf)> {
                 let read = yolo.split(split)?;
                 if read.dropped_empty > 0 {
                     eprintln!(
@@ -158,15 +162,14 @@ fn read_splits(settings: &RunSettings) -> Result<[(CocoDataset, PathBuf); 2]> {
                         read.dropped_empty
                     );
                 }
-                let name = yolo.yaml.with_file_name(format!("{split} split"));
-                Ok((CocoDataset::from_file(read.coco, &name)?, read.image_root))
-            }
-            other => Err(TrainError::Config(format!(
-                "detection needs box annotations (--dataset coco, yolo or synth); {other:?} has none"
-            ))),
+                Ok((read.dataset, read.image_root))
+            };
+            Ok([read(splits[0])?, read(splits[1])?])
         }
-    };
-    Ok([read("train")?, read(&settings.val_split)?])
+        other => Err(TrainError::Config(format!(
+            "detection needs box annotations (--dataset coco, yolo or synth); {other:?} has none"
+        ))),
+    }
 }
 
 impl Task for DetectionTask {

@@ -158,7 +158,7 @@ fn convert(args: &ConvertArgs) -> Result<()> {
             .image_dir
             .as_deref()
             .context("coco-to-yolo needs --image-dir, the folder of the JSON's images")?;
-        let crowd = yolo::write_split(&dataset.to_file(), image_dir, &args.out, &args.split)?;
+        let crowd = yolo::write_split(&dataset, image_dir, &args.out, &args.split)?;
         println!(
             "wrote {} images and their labels to {} (split `{}`){}",
             dataset.images.len(),
@@ -172,12 +172,12 @@ fn convert(args: &ConvertArgs) -> Result<()> {
     for split in source.split_names() {
         let read = source.split(&split)?;
         let json = args.out.join("annotations").join(format!("instances_{split}.json"));
-        let bytes = serde_json::to_vec(&read.coco)?;
+        let bytes = serde_json::to_vec(&read.dataset.to_file())?;
         mobileone_datasets::io::write_atomic(&json, &bytes)?;
         println!(
             "{split}: {} images, {} boxes ({} without area left out), image ids {} → {} (images in {})",
-            read.coco.images.len(),
-            read.coco.annotations.len(),
+            read.dataset.images.len(),
+            read.dataset.annotations.len(),
             read.dropped_empty,
             match read.image_ids {
                 yolo::ImageIds::FromFileNames => "from the file names",
@@ -195,15 +195,13 @@ fn yolo_stats(yaml: &Path) -> Result<()> {
     for split in source.split_names() {
         let start = Instant::now();
         let read = source.split(&split)?;
-        let name = source.yaml.with_file_name(format!("{split} split"));
-        let dataset = CocoDataset::from_file(read.coco, &name)?;
         println!(
             "== YOLO {} split `{split}` (read in {:.2}s; {} label line(s) without area left out)",
             source.yaml.display(),
             start.elapsed().as_secs_f64(),
             read.dropped_empty
         );
-        println!("{}", DetectionStats::from_coco(&dataset));
+        println!("{}", DetectionStats::from_coco(&read.dataset));
     }
     Ok(())
 }

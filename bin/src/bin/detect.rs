@@ -399,8 +399,7 @@ fn evaluate_coco(cli: &Cli, detector: &SsdDetector, labels: &Labels) -> Result<(
         Some(DatasetKind::Yolo) => {
             let yolo = mobileone_datasets::yolo::YoloDataset::open(root)?;
             let split = yolo.split(cli.split.as_deref().unwrap_or("val"))?;
-            let name = yolo.yaml.with_file_name(format!("{} split", cli.split.as_deref().unwrap_or("val")));
-            (CocoDataset::from_file(split.coco, &name)?, cli.image_dir.clone().unwrap_or(split.image_root))
+            (split.dataset, cli.image_dir.clone().unwrap_or(split.image_root))
         }
         _ => {
             let split = cli.split.as_deref().unwrap_or("val2017");

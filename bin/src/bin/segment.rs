@@ -133,9 +133,18 @@ fn run(mut cli: Cli) -> Result<()> {
         bail!("--mask-out and --logits-out name one file: use them with a single image");
     }
     let (model, spec) = load_model(&cli)?;
-    let run = if cli.dataset.is_some() { "val" } else { "predict" };
+    let run = if cli.dataset.is_some() {
+        "val"
+    } else {
+        "predict"
+    };
     // The dataset report always needs its folder (metrics.json).
-    let save = output::save_dir("segment", run, cli.out_dir.as_deref(), cli.no_save && cli.dataset.is_none())?;
+    let save = output::save_dir(
+        "segment",
+        run,
+        cli.out_dir.as_deref(),
+        cli.no_save && cli.dataset.is_none(),
+    )?;
     match cli.dataset {
         Some(kind) => evaluate(&cli, kind, &model, spec, save.as_deref().expect("a folder")),
         None => segment_images(&cli, &model, &spec, save.as_deref()),
@@ -186,7 +195,12 @@ fn argmax_map(logits: &Tensor) -> Result<ClassMap> {
     })
 }
 
-fn segment_images(cli: &Cli, model: &DeepLabV3, spec: &SegmenterSpec, save: Option<&Path>) -> Result<()> {
+fn segment_images(
+    cli: &Cli,
+    model: &DeepLabV3,
+    spec: &SegmenterSpec,
+    save: Option<&Path>,
+) -> Result<()> {
     let mut stems = std::collections::HashSet::new();
     for path in &cli.images {
         if !stems.insert(file_stem(path)) {
@@ -196,7 +210,7 @@ fn segment_images(cli: &Cli, model: &DeepLabV3, spec: &SegmenterSpec, save: Opti
             );
         }
     }
-    let palette: Vec<[u8; 3]> = (0..spec.config.num_classes).map(|c| spec.color(c)).collect();
+    let palette = class_palette(spec);
     let (mut failures, mut decode_ms, mut segment_ms, mut done) = (Vec::new(), 0.0, 0.0, 0usize);
     for (i, path) in cli.images.iter().enumerate() {
         // An unreadable image is reported, skipped and counted; the others still run.
@@ -247,11 +261,20 @@ fn segment_images(cli: &Cli, model: &DeepLabV3, spec: &SegmenterSpec, save: Opti
                 .histogram()
                 .iter()
                 .filter(|&&(_, n)| n as f64 / total >= 0.0005)
-                .map(|&(c, n)| format!("{} {:.1}%", spec.class_name(c as usize), 100.0 * n as f64 / total))
+                .map(|&(c, n)| {
+                    format!(
+                        "{} {:.1}%",
+                        spec.class_name(c as usize),
+                        100.0 * n as f64 / total
+                    )
+                })
                 .collect();
             println!(
                 "{} {}x{}: {}, {elapsed:.1} ms",
-                path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned()),
+                path.file_name().map_or_else(
+                    || path.display().to_string(),
+                    |n| n.to_string_lossy().into_owned()
+                ),
                 image.width(),
                 image.height(),
                 present.join(", ")
@@ -279,9 +302,21 @@ fn segment_images(cli: &Cli, model: &DeepLabV3, spec: &SegmenterSpec, save: Opti
         println!("results saved to {}", dir.display());
     }
     if !failures.is_empty() {
-        bail!("{} of {} image(s) failed: {}", failures.len(), cli.images.len(), failures.join(", "));
+        bail!(
+            "{} of {} image(s) failed: {}",
+            failures.len(),
+            cli.images.len(),
+            failures.join(", ")
+        );
     }
     Ok(())
+}
+
+/// The colour of every class the model predicts, as the mask PNGs' palette.
+fn class_palette(spec: &SegmenterSpec) -> Vec<[u8; 3]> {
+    (0..spec.config.num_classes)
+        .map(|c| spec.color(c))
+        .collect()
 }
 
 fn file_stem(path: &Path) -> String {
@@ -310,9 +345,14 @@ fn bench(model: &DeepLabV3, input: &Tensor, options: InferenceOptions, runs: usi
     let (_, _, h, w) = input.dims4()?;
     let what = format!(
         "segment{}",
-        options.shorter_side.map_or(String::new(), |n| format!(" (shorter side resized to {n})"))
+        options
+            .shorter_side
+            .map_or(String::new(), |n| format!(" (shorter side resized to {n})"))
     );
-    println!("{}", mobileone_cli::bench::bench_line(&what, (w, h), &mut times));
+    println!(
+        "{}",
+        mobileone_cli::bench::bench_line(&what, (w, h), &mut times)
+    );
     Ok(())
 }
 
@@ -332,9 +372,10 @@ fn evaluate(
         DatasetKind::Voc => SegmentationDataset::voc(root, split, false),
         DatasetKind::Ade20k => SegmentationDataset::ade20k(root, split),
         DatasetKind::Folder => {
-            let config_path = cli.dataset_config.clone().unwrap_or_else(|| {
-                root.join(mobileone_datasets::segmentation::FOLDER_CONFIG_FILE)
-            });
+            let config_path = cli
+                .dataset_config
+                .clone()
+                .unwrap_or_else(|| root.join(mobileone_datasets::segmentation::FOLDER_CONFIG_FILE));
             mobileone_datasets::segmentation::FolderConfig::read(&config_path).and_then(|config| {
                 SegmentationDataset::folder(root, split.unwrap_or("val"), &config)
             })
@@ -362,6 +403,7 @@ fn evaluate(
         )
         .expect("valid template"),
     );
+    let palette = class_palette(&spec);
     let predictions_dir = out_dir.join("predictions");
     std::fs::create_dir_all(&predictions_dir)
         .with_context(|| format!("cannot create {}", predictions_dir.display()))?;
@@ -381,8 +423,11 @@ fn evaluate(
             .with_context(|| format!("segmentation of {} failed", item.image.display()))?;
         let map = argmax_map(&logits)?;
         metric.update(&map.classes, &labels.data)?;
-        let palette: Vec<[u8; 3]> = (0..spec.config.num_classes).map(|c| spec.color(c)).collect();
-        write_class_png(&predictions_dir.join(format!("{}.png", item.id)), &map, &palette)?;
+        write_class_png(
+            &predictions_dir.join(format!("{}.png", item.id)),
+            &map,
+            &palette,
+        )?;
         bar.inc(1);
     }
     bar.finish_and_clear();

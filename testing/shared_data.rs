@@ -29,6 +29,10 @@ pub fn shared_cases() -> PathBuf {
         .parent()
         .expect("MOBILEONE_DATA has a parent folder")
         .join("cases");
-    assert!(dir.is_dir(), "no cases folder beside MOBILEONE_DATA: {}", dir.display());
+    assert!(
+        dir.is_dir(),
+        "no cases folder beside MOBILEONE_DATA: {}",
+        dir.display()
+    );
     dir
 }

@@ -113,10 +113,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let what = format!(
             "mobileone {} ({}), batch {}",
             args.variant,
-            if args.fused { "fused" } else { "train-time branches" },
+            if args.fused {
+                "fused"
+            } else {
+                "train-time branches"
+            },
             args.batch
         );
-        println!("{}", bench_line(&what, (args.size, args.size), &mut times_ms));
+        println!(
+            "{}",
+            bench_line(&what, (args.size, args.size), &mut times_ms)
+        );
     }
     Ok(())
 }

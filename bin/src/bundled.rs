@@ -63,7 +63,10 @@ fn description(path: &Path) -> (Option<String>, Option<String>) {
     let Some(metadata) = header.metadata().as_ref() else {
         return (None, None);
     };
-    (metadata.get("trained_on").cloned(), recorded_metrics(metadata.get("metric")))
+    (
+        metadata.get("trained_on").cloned(),
+        recorded_metrics(metadata.get("metric")),
+    )
 }
 
 fn recorded_metrics(metric: Option<&String>) -> Option<String> {

@@ -102,7 +102,10 @@ impl EvalTransform {
         let mut out = vec![0f32; 3 * n];
         for y in 0..s {
             for x in 0..s {
-                let (sx, sy) = ((x + left) as i64 - pad_left as i64, (y + top) as i64 - pad_top as i64);
+                let (sx, sy) = (
+                    (x + left) as i64 - pad_left as i64,
+                    (y + top) as i64 - pad_top as i64,
+                );
                 let pixel = if sx >= 0 && sy >= 0 && (sx as u32) < w && (sy as u32) < h {
                     resized.get_pixel(sx as u32, sy as u32).0
                 } else {
@@ -139,7 +142,11 @@ pub struct Prediction {
 /// lower index, as `torch.topk` on CPU).
 pub fn top_k(probabilities: &[f32], k: usize, names: &[String]) -> Vec<Prediction> {
     let mut order: Vec<usize> = (0..probabilities.len()).collect();
-    order.sort_by(|&a, &b| probabilities[b].total_cmp(&probabilities[a]).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| {
+        probabilities[b]
+            .total_cmp(&probabilities[a])
+            .then(a.cmp(&b))
+    });
     order
         .into_iter()
         .take(k)
@@ -179,9 +186,12 @@ pub fn read_imagenet(dir: &Path) -> Result<LabelledImages> {
     } else {
         None
     };
-    let class_names = synset_lines
-        .as_ref()
-        .map(|lines| lines.iter().map(|(_, n)| n.split(',').next().unwrap_or(n).trim().to_string()).collect());
+    let class_names = synset_lines.as_ref().map(|lines| {
+        lines
+            .iter()
+            .map(|(_, n)| n.split(',').next().unwrap_or(n).trim().to_string())
+            .collect()
+    });
     let labels = dir.join("labels.txt");
     let items = if labels.is_file() {
         let text = std::fs::read_to_string(&labels)
@@ -192,11 +202,20 @@ pub fn read_imagenet(dir: &Path) -> Result<LabelledImages> {
                 continue;
             }
             let mut fields = line.split_whitespace();
-            let (Some(file), Some(class), None) = (fields.next(), fields.next(), fields.next()) else {
-                bail!("{} line {}: expected `<file> <class index>`", labels.display(), number + 1);
+            let (Some(file), Some(class), None) = (fields.next(), fields.next(), fields.next())
+            else {
+                bail!(
+                    "{} line {}: expected `<file> <class index>`",
+                    labels.display(),
+                    number + 1
+                );
             };
             let class: usize = class.parse().with_context(|| {
-                format!("{} line {}: class `{class}` is not an index", labels.display(), number + 1)
+                format!(
+                    "{} line {}: class `{class}` is not an index",
+                    labels.display(),
+                    number + 1
+                )
             })?;
             items.push((dir.join("images").join(file), class));
         }
@@ -247,7 +266,10 @@ mod tests {
     fn top_k_orders_by_probability_then_index() {
         let names: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
         let top = top_k(&[0.2, 0.5, 0.2], 3, &names);
-        assert_eq!(top.iter().map(|p| p.class_index).collect::<Vec<_>>(), vec![1, 0, 2]);
+        assert_eq!(
+            top.iter().map(|p| p.class_index).collect::<Vec<_>>(),
+            vec![1, 0, 2]
+        );
     }
 
     #[test]
@@ -256,7 +278,12 @@ mod tests {
         let cfg = serde_json::json!({"pretrained_cfg": {"input_size": [3, 256, 256], "crop_pct": 0.95,
             "interpolation": "bicubic", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}});
         t.update_from_json(&cfg).unwrap();
-        assert_eq!((t.input_size, t.crop_pct, t.interpolation), (256, 0.95, Filter::Bicubic));
-        assert!(t.update_from_json(&serde_json::json!({"input_size": [3, 224, 200]})).is_err());
+        assert_eq!(
+            (t.input_size, t.crop_pct, t.interpolation),
+            (256, 0.95, Filter::Bicubic)
+        );
+        assert!(t
+            .update_from_json(&serde_json::json!({"input_size": [3, 224, 200]}))
+            .is_err());
     }
 }

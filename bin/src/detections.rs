@@ -54,7 +54,13 @@ pub fn summary(detections: &[Detection], labels: &Labels) -> String {
     counts.sort_by(|a, b| b.1.cmp(&a.1));
     counts
         .iter()
-        .map(|(name, n)| if *n == 1 { format!("1 {name}") } else { format!("{n} {name}s") })
+        .map(|(name, n)| {
+            if *n == 1 {
+                format!("1 {name}")
+            } else {
+                format!("{n} {name}s")
+            }
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -85,7 +91,10 @@ pub fn table(detections: &[Detection], labels: &Labels, max_rows: usize) -> Stri
         );
     }
     if detections.len() > max_rows {
-        out += &format!("  … and {} more (all in --json)\n", detections.len() - max_rows);
+        out += &format!(
+            "  … and {} more (all in --json)\n",
+            detections.len() - max_rows
+        );
     }
     out
 }
@@ -130,10 +139,21 @@ pub fn draw(image: &mut RgbImage, detections: &[Detection], labels: &Labels) {
         let (tag_w, tag_h) = ((tw + 2 * pad) as i64, (th + 2 * pad) as i64);
         // Keep the tag inside the picture.
         let x = x1.min(image.width() as i64 - tag_w).max(0);
-        let free = |y: i64| placed.iter().all(|&(px, py, pw, ph)| x + tag_w <= px || px + pw <= x || y + tag_h <= py || py + ph <= y);
+        let free = |y: i64| {
+            placed.iter().all(|&(px, py, pw, ph)| {
+                x + tag_w <= px || px + pw <= x || y + tag_h <= py || py + ph <= y
+            })
+        };
         let above = y1 - tag_h;
-        let candidates = std::iter::once(above).filter(|&y| y >= 0).chain((0..).map(|k| y1.max(0) + k * tag_h).take_while(|&y| y + tag_h <= y2.max(y1 + tag_h)));
-        let y = candidates.clone().find(|&y| free(y)).unwrap_or(if above >= 0 { above } else { y1.max(0) });
+        let candidates = std::iter::once(above).filter(|&y| y >= 0).chain(
+            (0..)
+                .map(|k| y1.max(0) + k * tag_h)
+                .take_while(|&y| y + tag_h <= y2.max(y1 + tag_h)),
+        );
+        let y = candidates
+            .clone()
+            .find(|&y| free(y))
+            .unwrap_or(if above >= 0 { above } else { y1.max(0) });
         placed.push((x, y, tag_w, tag_h));
         tags.push((text, x, y, tag_w as u32, tag_h as u32));
     }
@@ -148,7 +168,11 @@ pub fn draw(image: &mut RgbImage, detections: &[Detection], labels: &Labels) {
         fill_rect(image, x2 - thickness as i64, y1, thickness, h, c);
         fill_rect(image, x, y, tag_w, tag_h, c);
         let luma = 0.299 * c[0] as f32 + 0.587 * c[1] as f32 + 0.114 * c[2] as f32;
-        let ink = if luma > 140.0 { Rgb([0, 0, 0]) } else { Rgb([255, 255, 255]) };
+        let ink = if luma > 140.0 {
+            Rgb([0, 0, 0])
+        } else {
+            Rgb([255, 255, 255])
+        };
         draw_text(image, x + pad as i64, y + pad as i64, &text, scale, ink);
     }
 }

@@ -22,8 +22,14 @@ pub fn text_px_for(width: u32, height: u32) -> f32 {
 /// Width and height in pixels of `text` drawn `px` pixels tall.
 pub fn text_size(text: &str, px: f32) -> (u32, u32) {
     let scaled = font().as_scaled(PxScale::from(px));
-    let width: f32 = text.chars().map(|c| scaled.h_advance(font().glyph_id(c))).sum();
-    (width.ceil() as u32, (scaled.ascent() - scaled.descent()).ceil() as u32)
+    let width: f32 = text
+        .chars()
+        .map(|c| scaled.h_advance(font().glyph_id(c)))
+        .sum();
+    (
+        width.ceil() as u32,
+        (scaled.ascent() - scaled.descent()).ceil() as u32,
+    )
 }
 
 /// Fills the rectangle, clipped to the image.
@@ -53,7 +59,10 @@ pub fn draw_text(image: &mut RgbImage, x: i64, y: i64, text: &str, px: f32, colo
         };
         let bounds = outline.px_bounds();
         outline.draw(|gx, gy, coverage| {
-            let (px, py) = (bounds.min.x as i64 + gx as i64, bounds.min.y as i64 + gy as i64);
+            let (px, py) = (
+                bounds.min.x as i64 + gx as i64,
+                bounds.min.y as i64 + gy as i64,
+            );
             if px < 0 || py < 0 || px >= w || py >= h {
                 return;
             }
@@ -82,8 +91,17 @@ mod tests {
             .map(|(x, y, _)| (x, y))
             .collect();
         assert!(!lit.is_empty());
-        assert!(lit.iter().all(|&(x, y)| (2..2 + w).contains(&x) && (2..2 + h).contains(&y)));
+        assert!(lit
+            .iter()
+            .all(|&(x, y)| (2..2 + w).contains(&x) && (2..2 + h).contains(&y)));
         // Drawing past the edges must not panic; non-ASCII text is drawn.
-        draw_text(&mut image, -5, 25, "clipped text – ünïcode", 30.0, Rgb([1, 2, 3]));
+        draw_text(
+            &mut image,
+            -5,
+            25,
+            "clipped text – ünïcode",
+            30.0,
+            Rgb([1, 2, 3]),
+        );
     }
 }

@@ -53,7 +53,8 @@ pub fn resolve(weights: &Path) -> Result<Resolved> {
         .map(|(_, v)| *v);
     let cache = hf_hub::Cache::from_env();
     let repo = cache.model(id.to_string());
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let offline =
+        std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     let path = match repo.get(WEIGHTS_FILE) {
         Some(path) => path,
         None if offline => anyhow::bail!(

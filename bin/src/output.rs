@@ -8,7 +8,12 @@ use image::RgbImage;
 
 /// The folder this run saves into: `out_dir` when given (created), `None` with `--no-save`, else the
 /// first free `runs/<tool>/<name>`, `<name>2`, `<name>3`, … under the current folder (created).
-pub fn save_dir(tool: &str, name: &str, out_dir: Option<&Path>, no_save: bool) -> Result<Option<PathBuf>> {
+pub fn save_dir(
+    tool: &str,
+    name: &str,
+    out_dir: Option<&Path>,
+    no_save: bool,
+) -> Result<Option<PathBuf>> {
     if no_save {
         return Ok(None);
     }
@@ -17,7 +22,13 @@ pub fn save_dir(tool: &str, name: &str, out_dir: Option<&Path>, no_save: bool) -
         None => {
             let base = Path::new("runs").join(tool);
             (1..)
-                .map(|n| if n == 1 { base.join(name) } else { base.join(format!("{name}{n}")) })
+                .map(|n| {
+                    if n == 1 {
+                        base.join(name)
+                    } else {
+                        base.join(format!("{name}{n}"))
+                    }
+                })
                 .find(|p| !p.exists())
                 .expect("some run folder is free")
         }
@@ -28,12 +39,17 @@ pub fn save_dir(tool: &str, name: &str, out_dir: Option<&Path>, no_save: bool) -
 
 /// `dir/<stem><suffix>.jpg` for a JPEG input, `.png` otherwise.
 pub fn picture_path(dir: &Path, input: &Path, suffix: &str) -> PathBuf {
-    let stem = input.file_stem().map_or("image".into(), |s| s.to_string_lossy().into_owned());
+    let stem = input
+        .file_stem()
+        .map_or("image".into(), |s| s.to_string_lossy().into_owned());
     let jpeg = input
         .extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg"));
-    dir.join(format!("{stem}{suffix}.{}", if jpeg { "jpg" } else { "png" }))
+    dir.join(format!(
+        "{stem}{suffix}.{}",
+        if jpeg { "jpg" } else { "png" }
+    ))
 }
 
 /// Writes a picture atomically, as JPEG (quality 95) or PNG by its extension.

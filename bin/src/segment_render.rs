@@ -43,9 +43,14 @@ pub fn write_class_png(path: &Path, map: &ClassMap, palette: &[[u8; 3]]) -> Resu
         mobileone_datasets::io::encode_label_png(&labels, Some(&full))?
     } else {
         let mut bytes = Cursor::new(Vec::new());
-        let data = map.classes.iter().map(|&c| c.min(u16::MAX as u32) as u16).collect();
+        let data = map
+            .classes
+            .iter()
+            .map(|&c| c.min(u16::MAX as u32) as u16)
+            .collect();
         let image: ImageBuffer<Luma<u16>, Vec<u16>> =
-            ImageBuffer::from_raw(map.width, map.height, data).context("class map has the wrong size")?;
+            ImageBuffer::from_raw(map.width, map.height, data)
+                .context("class map has the wrong size")?;
         image.write_to(&mut bytes, ImageFormat::Png)?;
         bytes.into_inner()
     };
@@ -86,8 +91,11 @@ pub fn overlay_with_legend(
     let total = map.classes.len().max(1) as f64;
     // Background stays the photo: only the classes found are tinted, and the legend lists exactly
     // those (classes under 0.05 % of the pixels, which would read "0.0 %", are left out).
-    let untinted: std::collections::HashSet<u32> =
-        present.iter().map(|&(c, _)| c).filter(|&c| name(c) == "background").collect();
+    let untinted: std::collections::HashSet<u32> = present
+        .iter()
+        .map(|&(c, _)| c)
+        .filter(|&c| name(c) == "background")
+        .collect();
     let lines: Vec<(u32, String)> = present
         .iter()
         .filter(|&&(c, n)| !untinted.contains(&c) && n as f64 / total >= 0.0005)

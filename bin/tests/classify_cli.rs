@@ -48,15 +48,25 @@ fn real_photos_give_timms_top5_in_order_and_its_probabilities() {
     assert_eq!(got.len(), 11);
     let mut worst = 0f64;
     for (entry, (rel, want)) in got.iter().zip(expected) {
-        assert!(entry["file"].as_str().unwrap().ends_with(rel.as_str()), "{entry} vs {rel}");
+        assert!(
+            entry["file"].as_str().unwrap().ends_with(rel.as_str()),
+            "{entry} vs {rel}"
+        );
         let predictions = entry["predictions"].as_array().unwrap();
         let want = want["top5"].as_array().unwrap();
         let classes = |list: &[serde_json::Value]| -> Vec<u64> {
-            list.iter().map(|p| p["class_index"].as_u64().unwrap()).collect()
+            list.iter()
+                .map(|p| p["class_index"].as_u64().unwrap())
+                .collect()
         };
-        assert_eq!(classes(predictions), classes(want), "{rel}: top-5 differs from timm's");
+        assert_eq!(
+            classes(predictions),
+            classes(want),
+            "{rel}: top-5 differs from timm's"
+        );
         for (p, w) in predictions.iter().zip(want) {
-            let diff = (p["probability"].as_f64().unwrap() - w["probability"].as_f64().unwrap()).abs();
+            let diff =
+                (p["probability"].as_f64().unwrap() - w["probability"].as_f64().unwrap()).abs();
             worst = worst.max(diff);
             assert!(diff <= 1e-3, "{rel}: probability {p} vs timm's {w}");
         }
@@ -89,7 +99,8 @@ fn hub_ids_resolve_from_the_local_cache_offline() {
                 .args(["--weights", "hf-hub:timm/mobileone_s0.apple_in1k", "--json"])
                 .arg(json),
         );
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
         v[0]["predictions"][0].clone()
     };
     let top = classify(&dir.join("a.json"));
@@ -111,7 +122,10 @@ fn hub_ids_resolve_from_the_local_cache_offline() {
             .arg(&photo)
             .args(["--weights", "hf-hub:timm/not_cached"]),
     );
-    assert!(stderr.contains("timm/not_cached") && stderr.contains("cache"), "{stderr}");
+    assert!(
+        stderr.contains("timm/not_cached") && stderr.contains("cache"),
+        "{stderr}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -126,7 +140,11 @@ fn imagenet_layouts_are_evaluated_with_top1_and_top5() {
     let lines: Vec<&str> = labels.lines().take(16).collect();
     for line in &lines {
         let file = line.split_whitespace().next().unwrap();
-        std::fs::copy(data.join("images").join(file), flat.join("images").join(file)).unwrap();
+        std::fs::copy(
+            data.join("images").join(file),
+            flat.join("images").join(file),
+        )
+        .unwrap();
     }
     std::fs::write(flat.join("labels.txt"), lines.join("\n")).unwrap();
     std::fs::copy(data.join("synset_words.txt"), flat.join("synset_words.txt")).unwrap();
@@ -142,10 +160,14 @@ fn imagenet_layouts_are_evaluated_with_top1_and_top5() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("16 images, top-1"), "{stdout}");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["images"], 16);
     assert_eq!(report["per_image"].as_array().unwrap().len(), 16);
-    let (top1, top5) = (report["top1"].as_f64().unwrap(), report["top5"].as_f64().unwrap());
+    let (top1, top5) = (
+        report["top1"].as_f64().unwrap(),
+        report["top5"].as_f64().unwrap(),
+    );
     assert!(top1 <= top5 && top5 <= 1.0, "{report}");
 
     // ImageFolder layout: classes are the sorted folder names.
@@ -179,10 +201,29 @@ fn bad_requests_fail_with_one_clear_message() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let stderr = run_err(bin().arg("classify").arg("/nonexistent/photo.jpg").arg("--weights").arg(s0_weights()));
-    assert_eq!(stderr.matches("No such file").count() + stderr.matches("does not exist").count(), 1, "{stderr}");
-    let stderr = run_err(bin().arg("classify").arg(&photo).args(["--weights", "/nonexistent/w.safetensors"]));
-    assert_eq!(stderr.matches("os error 2").count(), 1, "one OS error, not two: {stderr}");
+    let stderr = run_err(
+        bin()
+            .arg("classify")
+            .arg("/nonexistent/photo.jpg")
+            .arg("--weights")
+            .arg(s0_weights()),
+    );
+    assert_eq!(
+        stderr.matches("No such file").count() + stderr.matches("does not exist").count(),
+        1,
+        "{stderr}"
+    );
+    let stderr = run_err(
+        bin()
+            .arg("classify")
+            .arg(&photo)
+            .args(["--weights", "/nonexistent/w.safetensors"]),
+    );
+    assert_eq!(
+        stderr.matches("os error 2").count(),
+        1,
+        "one OS error, not two: {stderr}"
+    );
 }
 
 /// All 1300 ImageNet validation images of `MOBILEONE_DATA/imagenet-val-1300` through `classify
@@ -196,17 +237,28 @@ fn imagenet_1300_top1_and_top5_equal_timms() {
     let json = dir.join("eval.json");
     run_ok(
         bin()
-            .args(["classify", "--dataset", "imagenet", "--batch", "32", "--data-root"])
+            .args([
+                "classify",
+                "--dataset",
+                "imagenet",
+                "--batch",
+                "32",
+                "--data-root",
+            ])
             .arg(shared_data().join("imagenet-val-1300"))
             .arg("--weights")
             .arg(s0_weights())
             .arg("--json")
             .arg(&json),
     );
-    let ours: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let ours: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(ours["images"], 1300);
     for key in ["top1", "top5"] {
-        let (a, b) = (ours[key].as_f64().unwrap(), reference[key].as_f64().unwrap());
+        let (a, b) = (
+            ours[key].as_f64().unwrap(),
+            reference[key].as_f64().unwrap(),
+        );
         assert!((a - b).abs() <= 0.002, "{key}: ours {a}, timm {b}");
     }
     let theirs = reference["per_image_top5"].as_object().unwrap();
@@ -218,6 +270,9 @@ fn imagenet_1300_top1_and_top5_equal_timms() {
         .count();
     println!("top-5 lists identical to timm's (in order) on {same_top5} of 1300 images");
     // Measured: all 1300 (batch 32, AMD EPYC AVX-512); a near-tie may flip on another kernel path.
-    assert!(same_top5 >= 1297, "only {same_top5} of 1300 top-5 lists equal timm's");
+    assert!(
+        same_top5 >= 1297,
+        "only {same_top5} of 1300 top-5 lists equal timm's"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -64,10 +64,7 @@ fn photos_give_tables_coco_json_and_drawings() {
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("pets.jpg 512x430: "),
-        "{stdout}"
-    );
+    assert!(stdout.contains("pets.jpg 512x430: "), "{stdout}");
     let entries = results(&json);
     assert_eq!(entries.len(), 14);
     for e in &entries {
@@ -243,7 +240,10 @@ fn coco_samples_are_evaluated() {
     assert!(out.status.success(), "{}", stderr(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("5 images"), "{stdout}");
-    assert!(stdout.contains("evaluating 10 of the dataset's 80 categories"), "{stdout}");
+    assert!(
+        stdout.contains("evaluating 10 of the dataset's 80 categories"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]"),
         "{stdout}"
@@ -267,7 +267,15 @@ fn without_weights_or_images_runs_the_bundled_model_into_fresh_run_folders() {
     let cwd = scratch("detect", "bundled-cwd");
     run_ok(
         Command::new(env!("CARGO_BIN_EXE_mobileone"))
-            .args(["fuse", "--half", "--weights", &weights(), "--set", "trained_on=nothing (test)", "--out"])
+            .args([
+                "fuse",
+                "--half",
+                "--weights",
+                &weights(),
+                "--set",
+                "trained_on=nothing (test)",
+                "--out",
+            ])
             .arg(models.join(bundled::DETECTOR)),
     );
     std::fs::copy(
@@ -283,13 +291,19 @@ fn without_weights_or_images_runs_the_bundled_model_into_fresh_run_folders() {
     for run in ["predict", "predict2"] {
         let out = run_ok(&mut demo());
         let (stdout, message) = (String::from_utf8_lossy(&out.stdout), stderr(&out));
-        assert!(message.contains("bundled detector") && message.contains("trained on nothing (test)"), "{message}");
+        assert!(
+            message.contains("bundled detector") && message.contains("trained on nothing (test)"),
+            "{message}"
+        );
         assert!(stdout.contains("astronaut.jpg 512x512:"), "{stdout}");
         assert!(stdout.contains(&format!("runs/detect/{run}")), "{stdout}");
         // A JPEG input gives a JPEG picture of the same size.
         let picture = cwd.join("runs/detect").join(run).join("astronaut.jpg");
         assert_eq!(image::image_dimensions(&picture).unwrap(), (512, 512));
-        assert_eq!(image::ImageFormat::from_path(&picture).unwrap(), image::ImageFormat::Jpeg);
+        assert_eq!(
+            image::ImageFormat::from_path(&picture).unwrap(),
+            image::ImageFormat::Jpeg
+        );
     }
 
     // --out-dir decides where the drawing goes, --no-save draws nothing; a PNG gives a PNG.
@@ -297,8 +311,12 @@ fn without_weights_or_images_runs_the_bundled_model_into_fresh_run_folders() {
     let png = fixtures().join("pets_213x160.png");
     run_ok(demo().arg(&png).arg("--out-dir").arg(&elsewhere));
     assert!(elsewhere.join("pets_213x160.png").is_file());
-    let stdout = String::from_utf8_lossy(&run_ok(demo().arg(&png).arg("--no-save")).stdout).into_owned();
-    assert!(stdout.contains("pets_213x160.png 213x160:") && !stdout.contains("saved to"), "{stdout}");
+    let stdout =
+        String::from_utf8_lossy(&run_ok(demo().arg(&png).arg("--no-save")).stdout).into_owned();
+    assert!(
+        stdout.contains("pets_213x160.png 213x160:") && !stdout.contains("saved to"),
+        "{stdout}"
+    );
     assert!(!cwd.join("runs/detect/predict3").exists());
 
     // Given weights, the images are the user's to name.
@@ -333,10 +351,16 @@ fn the_committed_person_detector_finds_the_astronaut() {
             .current_dir(&cwd),
     );
     let message = stderr(&out);
-    assert!(message.contains("trained on coco-person") && message.contains("held-out mAP"), "{message}");
+    assert!(
+        message.contains("trained on coco-person") && message.contains("held-out mAP"),
+        "{message}"
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("astronaut.jpg 512x512:"), "{stdout}");
-    let first = stdout.lines().find(|l| l.trim_start().starts_with("1 ")).unwrap_or_default();
+    let first = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("1 "))
+        .unwrap_or_default();
     assert!(first.contains("person"), "{stdout}");
     assert!(cwd.join("runs/detect/predict/astronaut.jpg").is_file());
     std::fs::remove_dir_all(&cwd).unwrap();
@@ -366,8 +390,14 @@ fn a_truncated_jpeg_is_refused_by_name_everywhere() {
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let message = stderr(&out);
-    assert!(message.contains("owl_truncated.jpg") && message.contains("truncated"), "{message}");
-    assert!(message.contains("1 of 2 image(s) failed: owl_truncated.jpg"), "{message}");
+    assert!(
+        message.contains("owl_truncated.jpg") && message.contains("truncated"),
+        "{message}"
+    );
+    assert!(
+        message.contains("1 of 2 image(s) failed: owl_truncated.jpg"),
+        "{message}"
+    );
     // The intact image's detections and picture are written whole; none of the truncated one.
     let entries = results(&json);
     assert!(!entries.is_empty() && entries.iter().all(|e| e["file_name"] == "owl_baseline.jpg"));
@@ -376,7 +406,9 @@ fn a_truncated_jpeg_is_refused_by_name_everywhere() {
 
     let report = dir.join("dataset.json");
     // The case's categories are shapes; map the test model's ten classes onto them.
-    let label_map: Vec<String> = (1..=10).map(|i| format!("class{i}={}", if i % 2 == 1 { "circle" } else { "ellipse" })).collect();
+    let label_map: Vec<String> = (1..=10)
+        .map(|i| format!("class{i}={}", if i % 2 == 1 { "circle" } else { "ellipse" }))
+        .collect();
     let label_map = label_map.join(",");
     let out = detect(&[
         "--dataset",
@@ -391,7 +423,11 @@ fn a_truncated_jpeg_is_refused_by_name_everywhere() {
         report.to_str().unwrap(),
     ]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("owl_truncated.jpg") && stderr(&out).contains("truncated"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("owl_truncated.jpg") && stderr(&out).contains("truncated"),
+        "{}",
+        stderr(&out)
+    );
     assert!(!report.exists(), "nothing half-written");
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -416,7 +452,10 @@ fn evaluating_on_unknown_categories_is_refused_with_both_lists() {
     ]);
     assert!(!out.status.success());
     let message = stderr(&out);
-    assert!(message.contains("\"class1\"") && message.contains("person, bicycle"), "{message}");
+    assert!(
+        message.contains("\"class1\"") && message.contains("person, bicycle"),
+        "{message}"
+    );
     assert!(message.contains("--label-map"), "{message}");
 }
 
@@ -427,13 +466,33 @@ fn result_image_ids_come_from_the_ground_truth_or_the_file_names() {
     let root = shared_data().join("coco-val2017-samples");
     let gt = root.join("instances_val2017_5.json");
     let dir = scratch("detect", "image-ids");
-    let gt_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&gt).unwrap()).unwrap();
+    let gt_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&gt).unwrap()).unwrap();
     let id_of = |name: &str| -> u64 {
-        gt_json["images"].as_array().unwrap().iter().find(|i| i["file_name"] == name).unwrap()["id"].as_u64().unwrap()
+        gt_json["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["file_name"] == name)
+            .unwrap()["id"]
+            .as_u64()
+            .unwrap()
     };
-    for (extra, how) in [(Some(gt.to_str().unwrap()), "from the file names of"), (None, "the numbers in the file names")] {
+    for (extra, how) in [
+        (Some(gt.to_str().unwrap()), "from the file names of"),
+        (None, "the numbers in the file names"),
+    ] {
         let json = dir.join("r.json");
-        let mut args = vec![root.join("images").to_str().unwrap().to_string(), "--weights".into(), weights(), "--score-thresh".into(), "0.0".into(), "--no-save".into(), "--json".into(), json.to_str().unwrap().into()];
+        let mut args = vec![
+            root.join("images").to_str().unwrap().to_string(),
+            "--weights".into(),
+            weights(),
+            "--score-thresh".into(),
+            "0.0".into(),
+            "--no-save".into(),
+            "--json".into(),
+            json.to_str().unwrap().into(),
+        ];
         if let Some(gt) = extra {
             args.extend(["--annotations".into(), gt.to_string()]);
         }
@@ -441,13 +500,26 @@ fn result_image_ids_come_from_the_ground_truth_or_the_file_names() {
         assert!(out.status.success(), "{}", stderr(&out));
         assert!(String::from_utf8_lossy(&out.stdout).contains(how));
         for e in results(&json) {
-            assert_eq!(e["image_id"].as_u64().unwrap(), id_of(e["file_name"].as_str().unwrap()), "{e}");
+            assert_eq!(
+                e["image_id"].as_u64().unwrap(),
+                id_of(e["file_name"].as_str().unwrap()),
+                "{e}"
+            );
         }
     }
     // Names that are not numbers: 1, 2, … in order.
     let png = fixtures().join("pets_213x160.png");
     let json = dir.join("seq.json");
-    let out = detect(&[png.to_str().unwrap(), "--weights", &weights(), "--score-thresh", "0.0", "--no-save", "--json", json.to_str().unwrap()]);
+    let out = detect(&[
+        png.to_str().unwrap(),
+        "--weights",
+        &weights(),
+        "--score-thresh",
+        "0.0",
+        "--no-save",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("1, 2, … in the order listed"));
     assert!(results(&json).iter().all(|e| e["image_id"] == 1));
     std::fs::remove_dir_all(dir).unwrap();

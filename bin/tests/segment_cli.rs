@@ -312,7 +312,10 @@ fn without_weights_or_images_runs_the_bundled_demo() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("demo.png 160x160:"), "{stdout}");
     assert!(stdout.contains("runs/segment/predict2"), "{stdout}");
-    assert_eq!(png_size(&cwd.join("runs/segment/predict2/demo_mask.png")), (160, 160));
+    assert_eq!(
+        png_size(&cwd.join("runs/segment/predict2/demo_mask.png")),
+        (160, 160)
+    );
 
     // Given weights, the images are the user's to name.
     let err = run_err(demo().arg("--weights").arg(&trained));
@@ -366,7 +369,10 @@ fn a_truncated_jpeg_is_skipped_by_name_and_the_rest_is_written() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("owl_truncated.jpg") && stderr.contains("truncated"), "{stderr}");
+    assert!(
+        stderr.contains("owl_truncated.jpg") && stderr.contains("truncated"),
+        "{stderr}"
+    );
     assert!(stderr.contains("1 of 2 image(s) failed"), "{stderr}");
     assert!(dir.join("out/owl_baseline_mask.png").is_file());
     assert!(!dir.join("out/owl_truncated_mask.png").exists());

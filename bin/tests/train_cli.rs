@@ -50,7 +50,10 @@ fn detection_needs_coco_style_boxes() {
         "--out",
         &out,
     ]);
-    assert!(stderr.contains("needs box annotations") && stderr.contains("coco, yolo or synth"), "{stderr}");
+    assert!(
+        stderr.contains("needs box annotations") && stderr.contains("coco, yolo or synth"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -100,12 +103,30 @@ fn a_box_without_area_in_float32_is_dropped_as_torchvision_drops_it() {
     let result = Command::new(env!("CARGO_BIN_EXE_train"))
         .args(["det", "--dataset", "coco", "--data-root"])
         .arg(&root)
-        .args(["--size", "64", "--batch", "2", "--epochs", "1", "--augment", "none", "--threads", "1", "--out", &out])
+        .args([
+            "--size",
+            "64",
+            "--batch",
+            "2",
+            "--epochs",
+            "1",
+            "--augment",
+            "none",
+            "--threads",
+            "1",
+            "--out",
+            &out,
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(result.status.success(), "{stderr}");
-    assert!(stderr.contains("1 box(es) without area in float32 left out"), "{stderr}");
-    assert!(std::path::Path::new(&out).join("fused.safetensors").is_file());
+    assert!(
+        stderr.contains("1 box(es) without area in float32 left out"),
+        "{stderr}"
+    );
+    assert!(std::path::Path::new(&out)
+        .join("fused.safetensors")
+        .is_file());
     std::fs::remove_dir_all(&out).unwrap();
 }

@@ -12,7 +12,9 @@ use crate::io::LabelMap;
 use crate::segmentation::{IGNORE_INDEX, VOC_CLASSES};
 
 /// torchvision's `CAT_LIST`: the COCO category id of each VOC class (index 0, background, has none).
-pub const VOC_CATEGORY_IDS: [u64; 21] = [0, 5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 63, 7, 72];
+pub const VOC_CATEGORY_IDS: [u64; 21] = [
+    0, 5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 63, 7, 72,
+];
 
 /// The VOC class of a COCO category id, if it is one of the 20.
 pub fn voc_class(category_id: u64) -> Option<u8> {

@@ -51,7 +51,8 @@ fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
         Ok((width, height, pixels))
     };
     // libjpeg reports errors by unwinding through the decoder (mozjpeg's error manager, and ours below).
-    let (width, height, pixels) = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+    let (width, height, pixels) = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+    {
         Ok(Ok(decoded)) => decoded,
         Ok(Err(e)) => return Err(format!("cannot decode JPEG: {e}")),
         Err(payload) => {
@@ -86,8 +87,10 @@ fn libjpeg_message(cinfo: &mut mozjpeg_sys::jpeg_common_struct) -> String {
         let mut buffer = [0u8; 256];
         match err.format_message {
             Some(format) => {
-                let format: unsafe extern "C-unwind" fn(&mut mozjpeg_sys::jpeg_common_struct, *mut u8) =
-                    std::mem::transmute(format);
+                let format: unsafe extern "C-unwind" fn(
+                    &mut mozjpeg_sys::jpeg_common_struct,
+                    *mut u8,
+                ) = std::mem::transmute(format);
                 format(cinfo, buffer.as_mut_ptr());
                 let end = buffer.iter().position(|&c| c == 0).unwrap_or(buffer.len());
                 String::from_utf8_lossy(&buffer[..end]).into_owned()
@@ -97,7 +100,10 @@ fn libjpeg_message(cinfo: &mut mozjpeg_sys::jpeg_common_struct) -> String {
     }
 }
 
-unsafe extern "C-unwind" fn fail_on_warning(cinfo: &mut mozjpeg_sys::jpeg_common_struct, level: i32) {
+unsafe extern "C-unwind" fn fail_on_warning(
+    cinfo: &mut mozjpeg_sys::jpeg_common_struct,
+    level: i32,
+) {
     // SAFETY: as above.
     let code = unsafe { (*cinfo.err).msg_code };
     if level < 0 && code != mozjpeg_sys::JWRN_EXTRANEOUS_DATA as i32 {
@@ -235,9 +241,19 @@ fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Coefficients
             ww += w;
         }
         for x in 0..ksize {
-            let w = if x < xmax && ww != 0.0 { k[x] / ww } else if x < xmax { k[x] } else { 0.0 };
+            let w = if x < xmax && ww != 0.0 {
+                k[x] / ww
+            } else if x < xmax {
+                k[x]
+            } else {
+                0.0
+            };
             let fixed = w * (1u32 << PRECISION_BITS) as f64;
-            weights[xx * ksize + x] = if w < 0.0 { (-0.5 + fixed) as i32 } else { (0.5 + fixed) as i32 };
+            weights[xx * ksize + x] = if w < 0.0 {
+                (-0.5 + fixed) as i32
+            } else {
+                (0.5 + fixed) as i32
+            };
         }
         bounds.push((xmin, xmax));
     }
@@ -255,7 +271,13 @@ fn clip8(sum: i32) -> u8 {
 }
 
 /// Horizontal pass over rows `first_row..first_row + rows` of an RGB buffer `in_w` wide.
-fn horizontal_pass(src: &[u8], in_w: usize, first_row: usize, rows: usize, c: &Coefficients) -> Vec<u8> {
+fn horizontal_pass(
+    src: &[u8],
+    in_w: usize,
+    first_row: usize,
+    rows: usize,
+    c: &Coefficients,
+) -> Vec<u8> {
     let out_w = c.bounds.len();
     let half = 1i32 << (PRECISION_BITS - 1);
     let mut out = vec![0u8; rows * out_w * 3];
@@ -317,7 +339,11 @@ pub fn resize(image: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbI
         let last_row = vertical.bounds[out_h - 1].0 + vertical.bounds[out_h - 1].1;
         let (temp, temp_w, offset) = if need_h {
             let horizontal = coefficients(in_w, out_w, filter);
-            (horizontal_pass(src, in_w, first_row, last_row - first_row, &horizontal), out_w, first_row)
+            (
+                horizontal_pass(src, in_w, first_row, last_row - first_row, &horizontal),
+                out_w,
+                first_row,
+            )
         } else {
             (src.clone(), in_w, 0)
         };
@@ -352,7 +378,8 @@ pub fn shorter_side_size(width: u32, height: u32, size: u32) -> (u32, u32) {
 /// torchvision's `CenterCrop` offsets: `int(round((in - out) / 2))`, Python's round (half to even).
 /// Returns (left, top). Callers pad first when the image is smaller than the crop.
 pub fn center_crop_offsets(width: u32, height: u32, crop_w: u32, crop_h: u32) -> (u32, u32) {
-    let offset = |size: u32, crop: u32| ((size as f64 - crop as f64) / 2.0).round_ties_even() as u32;
+    let offset =
+        |size: u32, crop: u32| ((size as f64 - crop as f64) / 2.0).round_ties_even() as u32;
     (offset(width, crop_w), offset(height, crop_h))
 }
 
@@ -376,7 +403,12 @@ mod tests {
     #[test]
     fn resize_of_a_constant_image_is_constant() {
         let image = RgbImage::from_pixel(37, 23, image::Rgb([200, 7, 255]));
-        for filter in [Filter::Box, Filter::Bilinear, Filter::Bicubic, Filter::Lanczos] {
+        for filter in [
+            Filter::Box,
+            Filter::Bilinear,
+            Filter::Bicubic,
+            Filter::Lanczos,
+        ] {
             let out = resize(&image, 11, 50, filter);
             assert!(out.pixels().all(|p| p.0 == [200, 7, 255]), "{filter:?}");
         }

@@ -106,16 +106,24 @@ impl FolderConfig {
     /// Reads a config JSON; errors name the file and the field.
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| DatasetError::io(path, e))?;
-        let config: Self = serde_json::from_str(&text)
-            .map_err(|e| DatasetError::invalid(path, format!("not a segmentation folder config: {e}")))?;
+        let config: Self = serde_json::from_str(&text).map_err(|e| {
+            DatasetError::invalid(path, format!("not a segmentation folder config: {e}"))
+        })?;
         if config.classes.is_empty() || config.classes.len() > 255 {
-            return Err(DatasetError::invalid(path, "`classes` must list 1 to 255 names"));
+            return Err(DatasetError::invalid(
+                path,
+                "`classes` must list 1 to 255 names",
+            ));
         }
         if let Some(palette) = &config.palette {
             if palette.len() != config.classes.len() {
                 return Err(DatasetError::invalid(
                     path,
-                    format!("`palette` has {} colours for {} classes", palette.len(), config.classes.len()),
+                    format!(
+                        "`palette` has {} colours for {} classes",
+                        palette.len(),
+                        config.classes.len()
+                    ),
                 ));
             }
         }
@@ -244,15 +252,25 @@ impl SegmentationDataset {
     pub fn folder(root: impl AsRef<Path>, split: &str, config: &FolderConfig) -> Result<Self> {
         let root = root.as_ref();
         let sub = |pattern: &str| root.join(pattern.replace("{split}", split));
-        let (image_dir, mask_dir, list) = (sub(&config.img_dir), sub(&config.ann_dir), sub(&config.split_file));
+        let (image_dir, mask_dir, list) = (
+            sub(&config.img_dir),
+            sub(&config.ann_dir),
+            sub(&config.split_file),
+        );
         let stems: Vec<String> = if list.is_file() {
             let text = std::fs::read_to_string(&list).map_err(|e| DatasetError::io(&list, e))?;
-            text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect()
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect()
         } else {
             let suffix = config.seg_map_suffix.as_str();
             let mut stems = Vec::new();
             for entry in std::fs::read_dir(&mask_dir).map_err(|e| DatasetError::io(&mask_dir, e))? {
-                let name = entry.map_err(|e| DatasetError::io(&mask_dir, e))?.file_name();
+                let name = entry
+                    .map_err(|e| DatasetError::io(&mask_dir, e))?
+                    .file_name();
                 if let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(suffix)) {
                     stems.push(stem.to_string());
                 }
@@ -272,7 +290,11 @@ impl SegmentationDataset {
                     ));
                 }
             }
-            items.push(SegmentationItem { id, image, annotation });
+            items.push(SegmentationItem {
+                id,
+                image,
+                annotation,
+            });
         }
         Ok(Self {
             root: root.to_path_buf(),

@@ -90,7 +90,10 @@ impl YoloDataset {
                 .map(|n| path.join(n))
                 .find(|p| p.is_file())
                 .ok_or_else(|| {
-                    DatasetError::invalid(path, "no data.yaml in this folder (YOLO layout expected)")
+                    DatasetError::invalid(
+                        path,
+                        "no data.yaml in this folder (YOLO layout expected)",
+                    )
                 })?
         } else {
             path.to_path_buf()
@@ -105,7 +108,11 @@ impl YoloDataset {
                 if m.keys().copied().ne(0..n) {
                     return Err(DatasetError::invalid(
                         &yaml,
-                        format!("`names` keys must be 0..{}, found {:?}", n, m.keys().collect::<Vec<_>>()),
+                        format!(
+                            "`names` keys must be 0..{}, found {:?}",
+                            n,
+                            m.keys().collect::<Vec<_>>()
+                        ),
                     ));
                 }
                 m.into_values().collect()
@@ -128,13 +135,20 @@ impl YoloDataset {
             None => base.to_path_buf(),
         };
         let mut splits = BTreeMap::new();
-        for (name, entry) in [("train", data.train), ("val", data.val), ("test", data.test)] {
+        for (name, entry) in [
+            ("train", data.train),
+            ("val", data.val),
+            ("test", data.test),
+        ] {
             if let Some(entry) = entry {
                 let list = match entry {
                     SplitEntry::One(s) => vec![s],
                     SplitEntry::Many(v) => v,
                 };
-                splits.insert(name.to_string(), list.iter().map(|s| root.join(s)).collect());
+                splits.insert(
+                    name.to_string(),
+                    list.iter().map(|s| root.join(s)).collect(),
+                );
             }
         }
         Ok(Self {
@@ -155,7 +169,10 @@ impl YoloDataset {
         let sources = self.splits.get(split).ok_or_else(|| {
             DatasetError::invalid(
                 &self.yaml,
-                format!("no `{split}` split (it lists: {})", self.split_names().join(", ")),
+                format!(
+                    "no `{split}` split (it lists: {})",
+                    self.split_names().join(", ")
+                ),
             )
         })?;
         let mut files = Vec::new();
@@ -175,7 +192,10 @@ impl YoloDataset {
             } else {
                 return Err(DatasetError::invalid(
                     &self.yaml,
-                    format!("`{split}`: {} is neither a folder nor a .txt list", source.display()),
+                    format!(
+                        "`{split}`: {} is neither a folder nor a .txt list",
+                        source.display()
+                    ),
                 ));
             }
         }
@@ -243,8 +263,9 @@ impl YoloDataset {
                 Err(e) => return Err(DatasetError::io(&label_path, e)),
             };
             for (line_index, line) in text.lines().enumerate() {
-                let object = parse_line(line, self.names.len())
-                    .map_err(|m| DatasetError::invalid(&label_path, format!("line {}: {m}", line_index + 1)))?;
+                let object = parse_line(line, self.names.len()).map_err(|m| {
+                    DatasetError::invalid(&label_path, format!("line {}: {m}", line_index + 1))
+                })?;
                 let Some((class, [cx, cy, w, h])) = object else {
                     continue;
                 };
@@ -295,7 +316,10 @@ pub fn label_path(image: &Path) -> PathBuf {
 }
 
 /// One label line: `None` for a blank line, else the class and the normalised (cx, cy, w, h).
-fn parse_line(line: &str, num_classes: usize) -> std::result::Result<Option<(usize, [f64; 4])>, String> {
+fn parse_line(
+    line: &str,
+    num_classes: usize,
+) -> std::result::Result<Option<(usize, [f64; 4])>, String> {
     let fields: Vec<&str> = line.split_whitespace().collect();
     if fields.is_empty() {
         return Ok(None);
@@ -331,7 +355,10 @@ fn parse_line(line: &str, num_classes: usize) -> std::result::Result<Option<(usi
         }
     };
     if box4[2] < 0.0 || box4[3] < 0.0 {
-        return Err(format!("negative width or height ({}, {})", box4[2], box4[3]));
+        return Err(format!(
+            "negative width or height ({}, {})",
+            box4[2], box4[3]
+        ));
     }
     Ok(Some((class, box4)))
 }
@@ -364,8 +391,11 @@ pub fn write_split(
 ) -> Result<usize> {
     let mut categories: Vec<&CocoCategory> = coco.categories.iter().collect();
     categories.sort_by_key(|c| c.id);
-    let class_of: std::collections::HashMap<u64, usize> =
-        categories.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
+    let class_of: std::collections::HashMap<u64, usize> = categories
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.id, i))
+        .collect();
     let images_dir = out.join("images").join(split);
     let labels_dir = out.join("labels").join(split);
     for dir in [&images_dir, &labels_dir] {
@@ -382,9 +412,20 @@ pub fn write_split(
             .images
             .iter()
             .find(|i| i.id == ann.image_id)
-            .ok_or_else(|| DatasetError::invalid(out, format!("annotation {} names unknown image {}", ann.id, ann.image_id)))?;
+            .ok_or_else(|| {
+                DatasetError::invalid(
+                    out,
+                    format!("annotation {} names unknown image {}", ann.id, ann.image_id),
+                )
+            })?;
         let class = class_of.get(&ann.category_id).ok_or_else(|| {
-            DatasetError::invalid(out, format!("annotation {} names unknown category {}", ann.id, ann.category_id))
+            DatasetError::invalid(
+                out,
+                format!(
+                    "annotation {} names unknown category {}",
+                    ann.id, ann.category_id
+                ),
+            )
         })?;
         let (w, h) = (image.width as f64, image.height as f64);
         let [x, y, bw, bh] = ann.bbox;
@@ -403,9 +444,15 @@ pub fn write_split(
         let dst = images_dir.join(file);
         std::fs::copy(&src, &dst).map_err(|e| DatasetError::io(&src, e))?;
         let label = labels_dir.join(Path::new(file).with_extension("txt"));
-        crate::io::write_atomic(&label, lines.get(&image.id).map_or("", String::as_str).as_bytes())?;
+        crate::io::write_atomic(
+            &label,
+            lines.get(&image.id).map_or("", String::as_str).as_bytes(),
+        )?;
     }
-    let names: Vec<String> = categories.iter().map(|c| format!("  {}: {}", class_of[&c.id], c.name)).collect();
+    let names: Vec<String> = categories
+        .iter()
+        .map(|c| format!("  {}: {}", class_of[&c.id], c.name))
+        .collect();
     let yaml = out.join("data.yaml");
     let mut text = String::from("path: .\n");
     for s in ["train", "val", "test"] {
@@ -433,13 +480,26 @@ mod tests {
     #[test]
     fn lines_boxes_polygons_and_errors() {
         assert_eq!(parse_line("  ", 1), Ok(None));
-        assert_eq!(parse_line("0 0.5 0.5 0.2 0.4", 1), Ok(Some((0, [0.5, 0.5, 0.2, 0.4]))));
+        assert_eq!(
+            parse_line("0 0.5 0.5 0.2 0.4", 1),
+            Ok(Some((0, [0.5, 0.5, 0.2, 0.4])))
+        );
         let (c, b) = parse_line("1 0.1 0.2 0.3 0.2 0.2 0.6", 2).unwrap().unwrap();
         assert_eq!(c, 1);
-        assert!((b[0] - 0.2).abs() < 1e-12 && (b[2] - 0.2).abs() < 1e-12 && (b[3] - 0.4).abs() < 1e-12);
-        assert!(parse_line("2 0.5 0.5 0.2 0.4", 2).unwrap_err().contains("out of range"));
-        assert!(parse_line("0 0.5 nan 0.2 0.4", 1).unwrap_err().contains("finite"));
-        assert!(parse_line("0 0.5 0.5 0.2", 1).unwrap_err().contains("found 3"));
-        assert!(parse_line("x 0.5 0.5 0.2 0.4", 1).unwrap_err().contains("class"));
+        assert!(
+            (b[0] - 0.2).abs() < 1e-12 && (b[2] - 0.2).abs() < 1e-12 && (b[3] - 0.4).abs() < 1e-12
+        );
+        assert!(parse_line("2 0.5 0.5 0.2 0.4", 2)
+            .unwrap_err()
+            .contains("out of range"));
+        assert!(parse_line("0 0.5 nan 0.2 0.4", 1)
+            .unwrap_err()
+            .contains("finite"));
+        assert!(parse_line("0 0.5 0.5 0.2", 1)
+            .unwrap_err()
+            .contains("found 3"));
+        assert!(parse_line("x 0.5 0.5 0.2 0.4", 1)
+            .unwrap_err()
+            .contains("class"));
     }
 }

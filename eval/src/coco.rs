@@ -108,7 +108,9 @@ pub enum CocoError {
         second: usize,
     },
     /// An input shape that pycocotools refuses (`annToRLE`, `frPyObjects`, `loadRes`).
-    #[error("{source_name}: {item}[{index}] (id {id}): {message} (pycocotools raises {exception})")]
+    #[error(
+        "{source_name}: {item}[{index}] (id {id}): {message} (pycocotools raises {exception})"
+    )]
     Refused {
         source_name: String,
         item: &'static str,
@@ -498,16 +500,16 @@ fn validate_detections(
             _ => {}
         }
         if iou_type == IouType::Segm {
-            check_result_segmentation(ann.segmentation.as_ref()).map_err(|(message, exception)| {
-                CocoError::Refused {
+            check_result_segmentation(ann.segmentation.as_ref()).map_err(
+                |(message, exception)| CocoError::Refused {
                     source_name: source_name.to_string(),
                     item: "detections",
                     index,
                     id: index as u64 + 1,
                     message,
                     exception,
-                }
-            })?;
+                },
+            )?;
         }
         if categories.contains(&ann.category_id) {
             kept.push(ann);

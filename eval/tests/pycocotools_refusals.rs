@@ -26,7 +26,8 @@ fn read(path: &Path) -> Value {
 
 /// Evaluates `gt` / `dt` written to a scratch folder; the outcome as the fixture states it.
 fn outcome(name: &str, gt: &Value, dt: &Value, iou_type: IouType) -> Result<[f64; 12], String> {
-    let dir = std::env::temp_dir().join(format!("eval-cases-{name}-{}", std::process::id()).replace('/', "_"));
+    let dir = std::env::temp_dir()
+        .join(format!("eval-cases-{name}-{}", std::process::id()).replace('/', "_"));
     std::fs::create_dir_all(&dir).unwrap();
     let (g, d) = (dir.join("gt.json"), dir.join("dt.json"));
     std::fs::write(&g, gt.to_string()).unwrap();
@@ -45,15 +46,26 @@ fn check(key: &str, gt: &Value, dt: &Value, iou_type: IouType) {
     match (&want.get("raises"), got) {
         (Some(exception), Err(message)) => {
             let exception = exception.as_str().unwrap();
-            assert!(message.contains(exception), "{key}: pycocotools raises {exception}; ours: {message}");
-            assert!(message.contains("gt.json") || message.contains("dt.json"), "{key}: names no file: {message}");
+            assert!(
+                message.contains(exception),
+                "{key}: pycocotools raises {exception}; ours: {message}"
+            );
+            assert!(
+                message.contains("gt.json") || message.contains("dt.json"),
+                "{key}: names no file: {message}"
+            );
             println!("{key}: refused as pycocotools ({exception}): {message}");
         }
-        (Some(exception), Ok(stats)) => panic!("{key}: pycocotools raises {exception}, we evaluated {stats:?}"),
+        (Some(exception), Ok(stats)) => {
+            panic!("{key}: pycocotools raises {exception}, we evaluated {stats:?}")
+        }
         (None, Ok(stats)) => {
             let want: Vec<f64> = serde_json::from_value(want["stats"].clone()).unwrap();
             for (a, b) in stats.iter().zip(&want) {
-                assert!((a - b).abs() <= 1e-12, "{key}: {stats:?} vs pycocotools {want:?}");
+                assert!(
+                    (a - b).abs() <= 1e-12,
+                    "{key}: {stats:?} vs pycocotools {want:?}"
+                );
             }
         }
         (None, Err(message)) => panic!("{key}: pycocotools evaluates, we refused: {message}"),
@@ -70,7 +82,10 @@ fn a_first_polygon_of_four_numbers_and_its_kind() {
     for (name, segmentation) in [
         ("first_polygon_2_numbers", json!([[10, 10]])),
         ("empty_polygon_list", json!([])),
-        ("second_polygon_4_numbers", json!([[10, 10, 50, 10, 50, 40, 10, 40], [1, 1, 2, 2]])),
+        (
+            "second_polygon_4_numbers",
+            json!([[10, 10, 50, 10, 50, 40, 10, 40], [1, 1, 2, 2]]),
+        ),
     ] {
         let mut g = gt.clone();
         g["annotations"][0]["segmentation"] = segmentation;
@@ -82,8 +97,18 @@ fn a_first_polygon_of_four_numbers_and_its_kind() {
 fn mask_results_must_be_compressed_rle() {
     let dir = cases().join("21-rle-counts-list-in-results");
     let gt = read(&dir.join("gt_poly.json"));
-    check("21/rle_str/segm", &gt, &read(&dir.join("dt_rle_str.json")), IouType::Segm);
-    check("21/rle_list/segm", &gt, &read(&dir.join("dt_rle_list.json")), IouType::Segm);
+    check(
+        "21/rle_str/segm",
+        &gt,
+        &read(&dir.join("dt_rle_str.json")),
+        IouType::Segm,
+    );
+    check(
+        "21/rle_list/segm",
+        &gt,
+        &read(&dir.join("dt_rle_list.json")),
+        IouType::Segm,
+    );
     let polygons: Vec<Value> = read(&dir.join("dt_rle_str.json"))
         .as_array()
         .unwrap()
@@ -93,5 +118,10 @@ fn mask_results_must_be_compressed_rle() {
                    "segmentation": [[10, 10, 50, 10, 50, 40, 10, 40]]})
         })
         .collect();
-    check("21/polygon_results/segm", &gt, &Value::Array(polygons), IouType::Segm);
+    check(
+        "21/polygon_results/segm",
+        &gt,
+        &Value::Array(polygons),
+        IouType::Segm,
+    );
 }

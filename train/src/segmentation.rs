@@ -7,8 +7,8 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use deeplabv3::{segmentation_loss, DeepLabV3, SegmenterSpec};
-use mobileone_datasets::transforms::{PhotometricDistort, RandomHorizontalFlip, Resize};
 use mobileone_datasets::segmentation::FolderConfig;
+use mobileone_datasets::transforms::{PhotometricDistort, RandomHorizontalFlip, Resize};
 use mobileone_datasets::{
     Batch, Compose, Loader, LoaderConfig, Normalize, SegmentationDataset, Transform,
 };
@@ -39,7 +39,11 @@ fn open_split(settings: &RunSettings, train: bool) -> Result<SegmentationDataset
                 .clone()
                 .unwrap_or_else(|| root.join(mobileone_datasets::segmentation::FOLDER_CONFIG_FILE));
             let config = FolderConfig::read(&config_path)?;
-            let split = if train { "train" } else { settings.val_split.as_str() };
+            let split = if train {
+                "train"
+            } else {
+                settings.val_split.as_str()
+            };
             SegmentationDataset::folder(root, split, &config)?
         }
         DatasetKind::Voc | DatasetKind::Synth => {
@@ -48,10 +52,12 @@ fn open_split(settings: &RunSettings, train: bool) -> Result<SegmentationDataset
         DatasetKind::Ade20k => {
             SegmentationDataset::ade20k(root, Some(if train { "training" } else { "validation" }))?
         }
-        DatasetKind::Coco | DatasetKind::Yolo => return Err(TrainError::Config(format!(
+        DatasetKind::Coco | DatasetKind::Yolo => {
+            return Err(TrainError::Config(format!(
             "segmentation reads VOC or ADE20K layouts (--dataset voc, ade20k or synth), not {:?}",
             settings.dataset
-        ))),
+        )))
+        }
     })
 }
 

@@ -120,7 +120,13 @@ impl RunSettings {
     fn resumable_view(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("settings serialise");
         let map = v.as_object_mut().expect("settings are an object");
-        for key in ["data_root", "workers", "init_backbone", "val_every", "dataset_config"] {
+        for key in [
+            "data_root",
+            "workers",
+            "init_backbone",
+            "val_every",
+            "dataset_config",
+        ] {
             map.remove(key);
         }
         v
@@ -485,19 +491,26 @@ impl Trainer {
     fn insert_summary(&self, metadata: &mut HashMap<String, String>) {
         metadata.insert("epoch".into(), self.state.epoch.to_string());
         let settings = &self.state.settings;
-        let data = settings
-            .data_root
-            .file_name()
-            .map_or_else(|| settings.data_root.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let data = settings.data_root.file_name().map_or_else(
+            || settings.data_root.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
         metadata.insert(
             "trained_on".into(),
             format!(
                 "{data} ({}, {} training images, {} epochs at {} px{})",
-                serde_json::to_value(settings.dataset).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+                serde_json::to_value(settings.dataset)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
                 self.task.train_loader().num_samples(),
                 self.state.epoch,
                 settings.image_size,
-                if settings.init_backbone.is_some() { ", trunk from ImageNet weights" } else { ", from random initialisation" }
+                if settings.init_backbone.is_some() {
+                    ", trunk from ImageNet weights"
+                } else {
+                    ", from random initialisation"
+                }
             ),
         );
         if let Some(v) = self
@@ -580,7 +593,8 @@ impl Trainer {
                 pb.set_position(self.state.step_in_epoch);
                 pb.set_message(message.clone());
                 if logging
-                    && (self.state.global_step % self.log_every == 0 || last_log.elapsed().as_secs() >= 30)
+                    && (self.state.global_step % self.log_every == 0
+                        || last_log.elapsed().as_secs() >= 30)
                 {
                     last_log = Instant::now();
                     eprintln!(

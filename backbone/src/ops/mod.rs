@@ -53,7 +53,6 @@ impl Activation {
     }
 }
 
-
 /// 2D convolution of `x` (N, C_in, H, W) with `weight` (C_out, C_in/groups, K, K), then `bias`
 /// (C_out) and `act`, in one pass where a native kernel applies.
 pub fn conv2d(

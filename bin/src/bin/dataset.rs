@@ -112,26 +112,41 @@ fn coco_to_voc(args: &CocoToVocArgs) -> Result<()> {
     let images_root = std::fs::canonicalize(&args.data_root)
         .with_context(|| format!("cannot find {}", args.data_root.display()))?;
     for split in &args.splits {
-        let json = images_root.join("annotations").join(format!("instances_{split}2017.json"));
+        let json = images_root
+            .join("annotations")
+            .join(format!("instances_{split}2017.json"));
         let dataset = CocoDataset::open(&json)?;
         let labels = args.out.join("labels").join(split);
-        std::fs::create_dir_all(&labels).with_context(|| format!("cannot create {}", labels.display()))?;
+        std::fs::create_dir_all(&labels)
+            .with_context(|| format!("cannot create {}", labels.display()))?;
         let mut list = String::new();
         for image in &dataset.images {
             if split == "train" && !keep_for_training(&dataset, image.id) {
                 continue;
             }
-            let stem = Path::new(&image.file_name).file_stem().map(|s| s.to_string_lossy().into_owned())
+            let stem = Path::new(&image.file_name)
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| image.id.to_string());
             let mask = voc_mask(&dataset, image.id)?;
-            let png = mobileone_datasets::io::encode_label_png(&mask, Some(&mobileone_datasets::io::voc_palette()))?;
+            let png = mobileone_datasets::io::encode_label_png(
+                &mask,
+                Some(&mobileone_datasets::io::voc_palette()),
+            )?;
             mobileone_datasets::io::write_atomic(&labels.join(format!("{stem}.png")), &png)?;
             list.push_str(&stem);
             list.push('\n');
         }
         let count = list.lines().count();
-        mobileone_datasets::io::write_atomic(&args.out.join(format!("{split}.txt")), list.as_bytes())?;
-        println!("{split}: {count} of {} images written to {}", dataset.images.len(), labels.display());
+        mobileone_datasets::io::write_atomic(
+            &args.out.join(format!("{split}.txt")),
+            list.as_bytes(),
+        )?;
+        println!(
+            "{split}: {count} of {} images written to {}",
+            dataset.images.len(),
+            labels.display()
+        );
     }
     let config = mobileone_datasets::segmentation::FolderConfig {
         classes: voc_class_names(),
@@ -144,9 +159,15 @@ fn coco_to_voc(args: &CocoToVocArgs) -> Result<()> {
         img_suffix: ".jpg".into(),
         seg_map_suffix: ".png".into(),
     };
-    let path = args.out.join(mobileone_datasets::segmentation::FOLDER_CONFIG_FILE);
+    let path = args
+        .out
+        .join(mobileone_datasets::segmentation::FOLDER_CONFIG_FILE);
     mobileone_datasets::io::write_atomic(&path, serde_json::to_string_pretty(&config)?.as_bytes())?;
-    println!("wrote {} (train with: train seg --dataset folder --data-root {})", path.display(), args.out.display());
+    println!(
+        "wrote {} (train with: train seg --dataset folder --data-root {})",
+        path.display(),
+        args.out.display()
+    );
     Ok(())
 }
 
@@ -164,14 +185,21 @@ fn convert(args: &ConvertArgs) -> Result<()> {
             dataset.images.len(),
             args.out.display(),
             args.split,
-            if crowd > 0 { format!("; {crowd} crowd annotation(s) left out (YOLO has no crowd flag)") } else { String::new() }
+            if crowd > 0 {
+                format!("; {crowd} crowd annotation(s) left out (YOLO has no crowd flag)")
+            } else {
+                String::new()
+            }
         );
         return Ok(());
     }
     let source = YoloDataset::open(&args.from)?;
     for split in source.split_names() {
         let read = source.split(&split)?;
-        let json = args.out.join("annotations").join(format!("instances_{split}.json"));
+        let json = args
+            .out
+            .join("annotations")
+            .join(format!("instances_{split}.json"));
         let bytes = serde_json::to_vec(&read.dataset.to_file())?;
         mobileone_datasets::io::write_atomic(&json, &bytes)?;
         println!(
@@ -251,7 +279,11 @@ fn synth(args: SynthArgs) -> Result<()> {
 fn stats(path: &Path) -> Result<()> {
     if path.is_file() {
         let is_yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
-        return if is_yaml { yolo_stats(path) } else { coco_stats(path) };
+        return if is_yaml {
+            yolo_stats(path)
+        } else {
+            coco_stats(path)
+        };
     }
     if !path.is_dir() {
         bail!("{}: no such file or folder", path.display());
@@ -265,7 +297,10 @@ fn stats(path: &Path) -> Result<()> {
     if folder_config.is_file() {
         let config = mobileone_datasets::segmentation::FolderConfig::read(&folder_config)?;
         for split in ["train", "val", "test"] {
-            if path.join(config.split_file.replace("{split}", split)).is_file() {
+            if path
+                .join(config.split_file.replace("{split}", split))
+                .is_file()
+            {
                 let dataset = SegmentationDataset::folder(path, split, &config)?;
                 segmentation_stats(&format!("segmentation folder, split `{split}`"), &dataset)?;
                 found = true;

@@ -168,7 +168,10 @@ fn file_name(path: &Path) -> String {
     )
 }
 
-fn detect_one(detector: &SsdDetector, image: &image::RgbImage) -> Result<(Vec<Detection>, StageTimes)> {
+fn detect_one(
+    detector: &SsdDetector,
+    image: &image::RgbImage,
+) -> Result<(Vec<Detection>, StageTimes)> {
     let view = ImageView {
         pixels: image.as_raw(),
         height: image.height() as usize,
@@ -220,14 +223,29 @@ fn image_ids(files: &[PathBuf], annotations: Option<&Path>) -> Result<(Vec<u64>,
         let by_name: std::collections::HashMap<&str, u64> = dataset
             .images
             .iter()
-            .map(|i| (Path::new(&i.file_name).file_name().and_then(|n| n.to_str()).unwrap_or(""), i.id))
+            .map(|i| {
+                (
+                    Path::new(&i.file_name)
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .unwrap_or(""),
+                    i.id,
+                )
+            })
             .collect();
         let ids = files
             .iter()
             .map(|f| {
-                by_name.get(file_name(f).as_str()).copied().with_context(|| {
-                    format!("{} is not an image of {} (no such file_name)", f.display(), path.display())
-                })
+                by_name
+                    .get(file_name(f).as_str())
+                    .copied()
+                    .with_context(|| {
+                        format!(
+                            "{} is not an image of {} (no such file_name)",
+                            f.display(),
+                            path.display()
+                        )
+                    })
             })
             .collect::<Result<Vec<u64>>>()?;
         return Ok((ids, format!("from the file names of {}", path.display())));
@@ -247,7 +265,12 @@ fn image_ids(files: &[PathBuf], annotations: Option<&Path>) -> Result<(Vec<u64>,
     }
 }
 
-fn detect_images(cli: &Cli, detector: &SsdDetector, labels: &Labels, save: Option<&Path>) -> Result<()> {
+fn detect_images(
+    cli: &Cli,
+    detector: &SsdDetector,
+    labels: &Labels,
+    save: Option<&Path>,
+) -> Result<()> {
     let files = imageio::expand_inputs(&cli.images)?;
     let (ids, id_source) = image_ids(&files, cli.annotations.as_deref())?;
     let bar = progress_bar(files.len(), files.len() > 1);
@@ -264,12 +287,21 @@ fn detect_images(cli: &Cli, detector: &SsdDetector, labels: &Labels, save: Optio
             speed.add(decode, times);
             let ms = (times.preprocess + times.inference + times.postprocess).as_secs_f64() * 1e3;
             bar.suspend(|| {
-                println!("{name} {}x{}: {}, {ms:.1} ms", image.width(), image.height(), summary(&detections, labels));
+                println!(
+                    "{name} {}x{}: {}, {ms:.1} ms",
+                    image.width(),
+                    image.height(),
+                    summary(&detections, labels)
+                );
                 print!("{}", table(&detections, labels, cli.show));
             });
             results.extend(coco_results(&detections, labels, ids[index], &name));
             if let Some(dir) = save {
-                draw(&mut image, &detections[..detections.len().min(cli.show.max(1))], labels);
+                draw(
+                    &mut image,
+                    &detections[..detections.len().min(cli.show.max(1))],
+                    labels,
+                );
                 output::write_picture(&output::picture_path(dir, path, ""), &image)?;
             }
             Ok(())
@@ -337,8 +369,18 @@ fn bench(detector: &SsdDetector, path: &Path, runs: usize) -> Result<()> {
         times.push(start.elapsed().as_secs_f64() * 1e3);
     }
     let size = detector.config.image_size;
-    let what = format!("detect {} (network {size}x{size}, pre- and post-processing included)", file_name(path));
-    println!("{}", mobileone_cli::bench::bench_line(&what, (image.width() as usize, image.height() as usize), &mut times));
+    let what = format!(
+        "detect {} (network {size}x{size}, pre- and post-processing included)",
+        file_name(path)
+    );
+    println!(
+        "{}",
+        mobileone_cli::bench::bench_line(
+            &what,
+            (image.width() as usize, image.height() as usize),
+            &mut times
+        )
+    );
     Ok(())
 }
 
@@ -353,8 +395,11 @@ fn match_labels(labels: &Labels, dataset: &CocoDataset, label_map: &[String]) ->
             .with_context(|| format!("--label-map `{pair}`: expected MODEL=DATASET"))?;
         renamed.insert(model.trim().to_string(), data.trim().to_string());
     }
-    let by_name: std::collections::HashMap<&str, u64> =
-        dataset.categories.iter().map(|c| (c.name.as_str(), c.id)).collect();
+    let by_name: std::collections::HashMap<&str, u64> = dataset
+        .categories
+        .iter()
+        .map(|c| (c.name.as_str(), c.id))
+        .collect();
     let mut category_ids = vec![0u64; labels.names.len()];
     let mut missing = Vec::new();
     for (label, name) in labels.names.iter().enumerate().skip(1) {
@@ -383,11 +428,15 @@ fn match_labels(labels: &Labels, dataset: &CocoDataset, label_map: &[String]) ->
 /// The ground truth restricted to `category_ids` (pycocotools' `params.catIds`): a detector is
 /// scored on the categories it predicts, the images staying the same.
 fn restricted_ground_truth(dataset: &CocoDataset, category_ids: &[u64]) -> Result<GroundTruth> {
-    let keep: std::collections::HashSet<u64> = category_ids.iter().copied().filter(|&c| c != 0).collect();
+    let keep: std::collections::HashSet<u64> =
+        category_ids.iter().copied().filter(|&c| c != 0).collect();
     let mut file = dataset.to_file();
     file.categories.retain(|c| keep.contains(&c.id));
     file.annotations.retain(|a| keep.contains(&a.category_id));
-    Ok(GroundTruth::from_json(&serde_json::to_vec(&file)?, &dataset.path.display().to_string())?)
+    Ok(GroundTruth::from_json(
+        &serde_json::to_vec(&file)?,
+        &dataset.path.display().to_string(),
+    )?)
 }
 
 fn evaluate_coco(cli: &Cli, detector: &SsdDetector, labels: &Labels) -> Result<()> {
@@ -399,16 +448,24 @@ fn evaluate_coco(cli: &Cli, detector: &SsdDetector, labels: &Labels) -> Result<(
         Some(DatasetKind::Yolo) => {
             let yolo = mobileone_datasets::yolo::YoloDataset::open(root)?;
             let split = yolo.split(cli.split.as_deref().unwrap_or("val"))?;
-            (split.dataset, cli.image_dir.clone().unwrap_or(split.image_root))
+            (
+                split.dataset,
+                cli.image_dir.clone().unwrap_or(split.image_root),
+            )
         }
         _ => {
             let split = cli.split.as_deref().unwrap_or("val2017");
             let annotations = cli.annotations.clone().unwrap_or_else(|| {
-                root.join("annotations").join(format!("instances_{split}.json"))
+                root.join("annotations")
+                    .join(format!("instances_{split}.json"))
             });
-            let dataset = CocoDataset::open(&annotations)
-                .with_context(|| format!("cannot read COCO annotations {}", annotations.display()))?;
-            (dataset, cli.image_dir.clone().unwrap_or_else(|| root.join(split)))
+            let dataset = CocoDataset::open(&annotations).with_context(|| {
+                format!("cannot read COCO annotations {}", annotations.display())
+            })?;
+            (
+                dataset,
+                cli.image_dir.clone().unwrap_or_else(|| root.join(split)),
+            )
         }
     };
     let annotations = dataset.path.clone();
@@ -423,7 +480,11 @@ fn evaluate_coco(cli: &Cli, detector: &SsdDetector, labels: &Labels) -> Result<(
         "evaluating {} of the dataset's {} categories (those the model predicts): {}",
         evaluated.len(),
         dataset.categories.len(),
-        evaluated.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>().join(", ")
+        evaluated
+            .iter()
+            .map(|(_, n)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let bar = progress_bar(dataset.images.len(), true);
     let mut results: Vec<CocoResult> = Vec::new();

@@ -381,13 +381,19 @@ const IMAGENET_CLASSES: &str = include_str!("../../assets/imagenet_classes.txt")
 
 /// The eval transform: timm's MobileOne defaults, then the hub config, the checkpoint metadata and
 /// the flags, each overriding the one before.
-fn eval_transform(args: &ClassifyArgs, ckpt: &Checkpoint, hub_config: Option<&Path>) -> Result<EvalTransform> {
+fn eval_transform(
+    args: &ClassifyArgs,
+    ckpt: &Checkpoint,
+    hub_config: Option<&Path>,
+) -> Result<EvalTransform> {
     let mut t = EvalTransform::default();
     if let Some(path) = hub_config {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
-        t.update_from_json(&json).with_context(|| format!("{}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        t.update_from_json(&json)
+            .with_context(|| format!("{}", path.display()))?;
     }
     t.update_from_metadata(&ckpt.metadata)
         .with_context(|| format!("{}", args.model.weights.display()))?;
@@ -413,14 +419,18 @@ fn eval_transform(args: &ClassifyArgs, ckpt: &Checkpoint, hub_config: Option<&Pa
 }
 
 /// Softmax probabilities of a batch of images.
-fn predict(model: &MobileOne, transform: &EvalTransform, images: &[RgbImage]) -> Result<Vec<Vec<f32>>> {
+fn predict(
+    model: &MobileOne,
+    transform: &EvalTransform,
+    images: &[RgbImage],
+) -> Result<Vec<Vec<f32>>> {
     use rayon::prelude::*;
     let inputs: Vec<Vec<f32>> = images.par_iter().map(|im| transform.apply(im)).collect();
     let x = transform.batch(inputs)?;
     let feats = model.forward_features(&x, false)?;
-    let logits = model
-        .forward_head(&feats[4])?
-        .context("the weights have no classifier (`head.fc`): they are a backbone-only checkpoint")?;
+    let logits = model.forward_head(&feats[4])?.context(
+        "the weights have no classifier (`head.fc`): they are a backbone-only checkpoint",
+    )?;
     Ok(candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?)
 }
 
@@ -446,7 +456,10 @@ fn classify(args: &ClassifyArgs) -> Result<()> {
     );
     match &args.dataset {
         Some(_) => {
-            let root = args.data_root.as_deref().expect("clap requires --data-root");
+            let root = args
+                .data_root
+                .as_deref()
+                .expect("clap requires --data-root");
             let set = classify::read_imagenet(root)?;
             if let Some(n) = &set.class_names {
                 names = n.clone();
@@ -457,7 +470,12 @@ fn classify(args: &ClassifyArgs) -> Result<()> {
     }
 }
 
-fn classify_images(args: &ClassifyArgs, model: &MobileOne, transform: &EvalTransform, names: &[String]) -> Result<()> {
+fn classify_images(
+    args: &ClassifyArgs,
+    model: &MobileOne,
+    transform: &EvalTransform,
+    names: &[String],
+) -> Result<()> {
     use rayon::prelude::*;
     let files = imageio::expand_inputs(&args.inputs)?;
     let mut results = Vec::with_capacity(files.len());
@@ -471,7 +489,13 @@ fn classify_images(args: &ClassifyArgs, model: &MobileOne, transform: &EvalTrans
             let predictions = classify::top_k(probs, args.top as usize, names);
             println!("{} ({}x{}):", file.display(), image.width(), image.height());
             for (rank, p) in predictions.iter().enumerate() {
-                println!("  {:>2}. {:>6.2}%  {:>4}  {}", rank + 1, p.probability * 100.0, p.class_index, p.label);
+                println!(
+                    "  {:>2}. {:>6.2}%  {:>4}  {}",
+                    rank + 1,
+                    p.probability * 100.0,
+                    p.class_index,
+                    p.label
+                );
             }
             results.push(serde_json::json!({"file": file, "predictions": predictions}));
         }
@@ -523,7 +547,11 @@ fn evaluate_imagenet(
         }
         let seen = (done * args.batch as usize + chunk.len()) as f64;
         bar.set_position(seen as u64);
-        bar.set_message(format!("top-1 {:.2}% top-5 {:.2}%", 100.0 * top1 as f64 / seen, 100.0 * top5 as f64 / seen));
+        bar.set_message(format!(
+            "top-1 {:.2}% top-5 {:.2}%",
+            100.0 * top1 as f64 / seen,
+            100.0 * top5 as f64 / seen
+        ));
     }
     bar.finish_and_clear();
     let n = set.items.len();
@@ -555,5 +583,6 @@ fn evaluate_imagenet(
 /// Writes pretty JSON atomically (a temporary file, then a rename).
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value)? + "\n";
-    checkpoint::write_atomic(path, text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
+    checkpoint::write_atomic(path, text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }

@@ -162,7 +162,11 @@ fn run() -> Result<i32> {
         variant: cli.variant,
         backbone_lr_mult: cli
             .backbone_lr_mult
-            .unwrap_or(if cli.init_backbone.is_some() { 0.2 } else { 1.0 }),
+            .unwrap_or(if cli.init_backbone.is_some() {
+                0.2
+            } else {
+                1.0
+            }),
         fused_trunk: false,
         dataset_config: cli.dataset_config,
         val_split: cli.val_split,
@@ -179,7 +183,9 @@ fn run() -> Result<i32> {
         seed: cli.seed,
         workers: cli.workers,
         val_every: cli.val_every,
-        augment: cli.augment.unwrap_or(if det { Augment::Flip } else { Augment::Full }),
+        augment: cli
+            .augment
+            .unwrap_or(if det { Augment::Flip } else { Augment::Full }),
         aux_loss: cli.aux_loss,
         output_stride: cli.output_stride,
         head_channels: cli

@@ -106,7 +106,11 @@ pub fn resolve_spec(
         .or(meta.num_classes)
         .unwrap_or(stored_classes);
     if num_classes != stored_classes {
-        let source = if overrides.num_classes.is_some() { "--num-classes" } else { "the metadata's `num_classes`" };
+        let source = if overrides.num_classes.is_some() {
+            "--num-classes"
+        } else {
+            "the metadata's `num_classes`"
+        };
         return Err(invalid(format!(
             "{source} says {num_classes} classes, but the checkpoint has {stored_classes} (its classifier \
              `classifier.4.weight` has {stored_classes} outputs)"

@@ -283,7 +283,10 @@ fn metadata_of_another_task_or_inconsistent_metadata_is_refused() {
     let err = resolve(&[("task", "detection")]).unwrap_err();
     assert!(err.contains("`detection` checkpoint"), "{err}");
     let err = resolve(&[("class_names", r#"["a", "b"]"#)]).unwrap_err();
-    assert!(err.contains("has 4 classes but its metadata lists 2 class names"), "{err}");
+    assert!(
+        err.contains("has 4 classes but its metadata lists 2 class names"),
+        "{err}"
+    );
     let err = resolve(&[("output_stride", "4")]).unwrap_err();
     assert!(err.contains("output stride"), "{err}");
     let err = resolve(&[("num_classes", "four")]).unwrap_err();

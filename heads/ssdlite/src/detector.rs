@@ -114,9 +114,7 @@ impl SsdDetector {
     pub fn stored_form(checkpoint: &Checkpoint) -> Form {
         Form {
             trunk_fused: checkpoint.is_fused("backbone.body."),
-            heads_fused: checkpoint
-                .tensors
-                .contains_key("backbone.extra.0.0.0.bias"),
+            heads_fused: checkpoint.tensors.contains_key("backbone.extra.0.0.0.bias"),
         }
     }
 

@@ -17,7 +17,12 @@ fn fixture(name: &str) -> PathBuf {
 
 /// The tiny torchvision-made detector of the parity fixtures.
 fn tiny_detector() -> (SsdDetector, Labels) {
-    SsdDetector::load(&fixture("tiny_ssdlite.safetensors"), &Overrides::default(), &Device::Cpu).unwrap()
+    SsdDetector::load(
+        &fixture("tiny_ssdlite.safetensors"),
+        &Overrides::default(),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 /// The real 213×160 photo of the fixtures.
@@ -180,11 +185,22 @@ fn a_fused_trunk_under_batchnorm_heads_loads_per_module() {
     let dir = std::env::temp_dir().join(format!("ssdlite-mixed-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("mixed.safetensors");
-    mobileone::checkpoint::save(&path, &mixed.named_tensors(), &to_metadata(&mixed.config, &labels)).unwrap();
+    mobileone::checkpoint::save(
+        &path,
+        &mixed.named_tensors(),
+        &to_metadata(&mixed.config, &labels),
+    )
+    .unwrap();
     let checkpoint = mobileone::checkpoint::load(&path).unwrap();
-    assert!(checkpoint.tensors.contains_key("backbone.extra.0.0.1.running_var"));
-    assert_eq!(SsdDetector::stored_form(&checkpoint), mobileone::Form::FUSED_TRUNK);
-    let (reloaded, _) = SsdDetector::from_checkpoint(&checkpoint, &Overrides::default(), &device).unwrap();
+    assert!(checkpoint
+        .tensors
+        .contains_key("backbone.extra.0.0.1.running_var"));
+    assert_eq!(
+        SsdDetector::stored_form(&checkpoint),
+        mobileone::Form::FUSED_TRUNK
+    );
+    let (reloaded, _) =
+        SsdDetector::from_checkpoint(&checkpoint, &Overrides::default(), &device).unwrap();
     assert!(!reloaded.is_fused());
     let mut folded = reloaded.clone();
     folded.fuse().unwrap();
@@ -194,7 +210,12 @@ fn a_fused_trunk_under_batchnorm_heads_loads_per_module() {
         assert_eq!(before.len(), after.len());
         for (a, b) in before.iter().zip(&after).take(100) {
             assert_eq!(a.label, b.label);
-            assert!((a.score - b.score).abs() <= 1e-4, "{} vs {}", a.score, b.score);
+            assert!(
+                (a.score - b.score).abs() <= 1e-4,
+                "{} vs {}",
+                a.score,
+                b.score
+            );
         }
     }
     std::fs::remove_dir_all(dir).unwrap();

@@ -138,6 +138,36 @@ pub struct Prediction {
     pub probability: f32,
 }
 
+/// One console line's worth: `golden retriever 89.1%, Labrador retriever 5.2%, …`.
+pub fn summary(predictions: &[Prediction]) -> String {
+    predictions
+        .iter()
+        .map(|p| format!("{} {:.1}%", p.label, p.probability * 100.0))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Writes the predictions on the picture, most probable first, one per line (`89.1% golden
+/// retriever`) in white on a dark panel at its top-left corner, sized to the image.
+pub fn draw(image: &mut RgbImage, predictions: &[Prediction]) {
+    use crate::draw::{draw_text, fill_rect, text_px_for, text_size};
+    use image::Rgb;
+    let px = text_px_for(image.width(), image.height());
+    let lines: Vec<String> = predictions
+        .iter()
+        .map(|p| format!("{:.1}% {}", p.probability * 100.0, p.label))
+        .collect();
+    let pad = (px / 4.0).ceil() as u32;
+    let line_height = text_size("Ag", px).1;
+    let width = lines.iter().map(|l| text_size(l, px).0).max().unwrap_or(0) + 2 * pad;
+    let height = line_height * lines.len() as u32 + 2 * pad;
+    fill_rect(image, 0, 0, width, height, Rgb([24, 24, 24]));
+    for (i, line) in lines.iter().enumerate() {
+        let y = pad + i as u32 * line_height;
+        draw_text(image, pad as i64, y as i64, line, px, Rgb([255, 255, 255]));
+    }
+}
+
 /// The `k` most probable classes of one row of softmax probabilities, most probable first (ties by
 /// lower index, as `torch.topk` on CPU).
 pub fn top_k(probabilities: &[f32], k: usize, names: &[String]) -> Vec<Prediction> {

@@ -29,7 +29,7 @@ fn classify_json(inputs: &[PathBuf], extra: &[&str], json: &Path) -> serde_json:
             .arg("--weights")
             .arg(s0_weights())
             .args(extra)
-            .arg("--json")
+            .args(["--no-save", "--json"])
             .arg(json),
     );
     serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
@@ -96,7 +96,12 @@ fn hub_ids_resolve_from_the_local_cache_offline() {
                 .env("HF_HUB_OFFLINE", "1")
                 .arg("classify")
                 .arg(&photo)
-                .args(["--weights", "hf-hub:timm/mobileone_s0.apple_in1k", "--json"])
+                .args([
+                    "--weights",
+                    "hf-hub:timm/mobileone_s0.apple_in1k",
+                    "--no-save",
+                    "--json",
+                ])
                 .arg(json),
         );
         let v: serde_json::Value =
@@ -275,4 +280,87 @@ fn imagenet_1300_top1_and_top5_equal_timms() {
         "only {same_top5} of 1300 top-5 lists equal timm's"
     );
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Pictures go into a fresh numbered run folder (runs/classify/predict, predict2, …) with the top
+/// classes written on them, a JPEG as JPEG and a PNG as PNG; `--out-dir` chooses, `--no-save` writes
+/// none; one console line per image and a speed summary; an unreadable image (case 23, a cut JPEG)
+/// is reported by name and skipped while the others are still classified and saved (exit 1).
+#[test]
+fn pictures_go_to_fresh_run_folders_and_a_bad_image_is_skipped_by_name() {
+    let data = shared_data();
+    let cwd = scratch("classify", "run-folders");
+    let photo = data.join("photos/pets.jpg");
+    let run = |args: &[&std::ffi::OsStr]| {
+        let mut cmd = bin();
+        cmd.current_dir(&cwd)
+            .arg("classify")
+            .args(args)
+            .arg("--weights")
+            .arg(s0_weights());
+        cmd
+    };
+    for folder in ["predict", "predict2"] {
+        let out = run_ok(&mut run(&[photo.as_os_str()]));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert!(lines[0].starts_with("pets.jpg 512x430: "), "{stdout}");
+        assert!(
+            lines[0].ends_with(" ms") && lines[0].contains('%'),
+            "{stdout}"
+        );
+        assert!(stdout.contains("Speed: "), "{stdout}");
+        assert!(
+            stdout.contains(&format!("runs/classify/{folder}")),
+            "{stdout}"
+        );
+        let picture = cwd.join("runs/classify").join(folder).join("pets.jpg");
+        assert_eq!(image::image_dimensions(&picture).unwrap(), (512, 430));
+        assert_eq!(
+            image::ImageFormat::from_path(&picture).unwrap(),
+            image::ImageFormat::Jpeg
+        );
+        // The label panel darkens the top-left corner; the rest is the photo.
+        let drawn = image::open(&picture).unwrap().to_rgb8();
+        let original = image::open(&photo).unwrap().to_rgb8();
+        assert_ne!(drawn.get_pixel(1, 1), original.get_pixel(1, 1));
+    }
+    let png = cwd.join("pets.png");
+    image::open(&photo).unwrap().save(&png).unwrap();
+    let elsewhere = cwd.join("pictures");
+    run_ok(&mut run(&[
+        png.as_os_str(),
+        "--out-dir".as_ref(),
+        elsewhere.as_os_str(),
+    ]));
+    assert!(elsewhere.join("pets.png").is_file());
+    let stdout =
+        String::from_utf8_lossy(&run_ok(&mut run(&[png.as_os_str(), "--no-save".as_ref()])).stdout)
+            .into_owned();
+    assert!(!stdout.contains("saved"), "{stdout}");
+    assert!(!cwd.join("runs/classify/predict3").exists());
+
+    let case = common::shared_cases().join("23-truncated-jpeg");
+    let bad = run(&[
+        case.join("owl_truncated.jpg").as_os_str(),
+        case.join("owl_baseline.jpg").as_os_str(),
+        "--out-dir".as_ref(),
+        cwd.join("owls").as_os_str(),
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        message.contains("owl_truncated.jpg") && message.contains("truncated"),
+        "{message}"
+    );
+    assert!(
+        message.contains("1 of 2 image(s) failed: owl_truncated.jpg"),
+        "{message}"
+    );
+    assert!(String::from_utf8_lossy(&bad.stdout).contains("owl_baseline.jpg 200x150: "));
+    assert!(cwd.join("owls/owl_baseline.jpg").is_file());
+    assert!(!cwd.join("owls/owl_truncated.jpg").exists());
+    std::fs::remove_dir_all(cwd).unwrap();
 }

@@ -181,38 +181,6 @@ fn detect_one(
     Ok((found.remove(0), times))
 }
 
-/// Mean milliseconds per image of decoding and each detection stage.
-#[derive(Default)]
-struct Speed {
-    images: usize,
-    decode: f64,
-    preprocess: f64,
-    inference: f64,
-    postprocess: f64,
-}
-
-impl Speed {
-    fn add(&mut self, decode: std::time::Duration, t: StageTimes) {
-        self.images += 1;
-        self.decode += decode.as_secs_f64() * 1e3;
-        self.preprocess += t.preprocess.as_secs_f64() * 1e3;
-        self.inference += t.inference.as_secs_f64() * 1e3;
-        self.postprocess += t.postprocess.as_secs_f64() * 1e3;
-    }
-
-    fn line(&self, size: usize) -> String {
-        let n = self.images.max(1) as f64;
-        format!(
-            "Speed: {:.1} ms decode, {:.1} ms preprocess, {:.1} ms inference, {:.1} ms postprocess per image at {size}x{size} (mean of {})",
-            self.decode / n,
-            self.preprocess / n,
-            self.inference / n,
-            self.postprocess / n,
-            self.images
-        )
-    }
-}
-
 /// The COCO `image_id` of each file: from the `file_name`s of `--annotations` when given, else the
 /// file stems when every one is a distinct number (COCO's `000000128372.jpg` → 128372), else 1, 2, ….
 /// Returns the ids and how they were chosen.
@@ -276,7 +244,7 @@ fn detect_images(
     let bar = progress_bar(files.len(), files.len() > 1);
     let mut results: Vec<CocoResult> = Vec::new();
     let mut failures = Vec::new();
-    let mut speed = Speed::default();
+    let mut speed = output::Speed::default();
     for (index, path) in files.iter().enumerate() {
         let name = file_name(path);
         let outcome = (|| -> Result<()> {
@@ -284,7 +252,7 @@ fn detect_images(
             let mut image = imageio::load_rgb(path)?;
             let decode = start.elapsed();
             let (detections, times) = detect_one(detector, &image)?;
-            speed.add(decode, times);
+            speed.add([decode, times.preprocess, times.inference, times.postprocess]);
             let ms = (times.preprocess + times.inference + times.postprocess).as_secs_f64() * 1e3;
             bar.suspend(|| {
                 println!(
@@ -321,8 +289,9 @@ fn detect_images(
             json.display()
         );
     }
-    if speed.images > 0 {
-        println!("{}", speed.line(detector.config.image_size));
+    if speed.images() > 0 {
+        let size = detector.config.image_size;
+        println!("{}", speed.line(&format!("at {size}x{size}")));
     }
     if let Some(dir) = save {
         println!("results saved to {}", dir.display());

@@ -9,7 +9,7 @@ use image::RgbImage;
 use mobileone::checkpoint::{self, load_mobileone, Checkpoint};
 use mobileone::{MobileOne, MobileOneConfig, Variant};
 use mobileone_cli::classify::{self, EvalTransform};
-use mobileone_cli::{bench, hub, imageio, npy};
+use mobileone_cli::{bench, hub, imageio, npy, output};
 use mobileone_train::trainer::TRAIN_STATE_KEY;
 
 #[derive(Parser)]
@@ -107,6 +107,13 @@ struct ClassifyArgs {
     /// probability}]}; with --dataset, {top1, top5, images, per_image: [...]}.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Save the pictures (each photo with its top classes written on it) here instead of a fresh
+    /// runs/classify/predict<N> folder.
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+    /// Save no pictures.
+    #[arg(long, conflicts_with = "out_dir")]
+    no_save: bool,
     /// Evaluate on a labelled set instead: `imagenet` reads --data-root as DIR/labels.txt
     /// (`<file> <class>` lines, images in DIR/images/) or the ImageFolder layout (DIR/<wnid>/*).
     #[arg(long, value_parser = ["imagenet"], requires = "data_root")]
@@ -424,14 +431,34 @@ fn predict(
     transform: &EvalTransform,
     images: &[RgbImage],
 ) -> Result<Vec<Vec<f32>>> {
+    let images: Vec<&RgbImage> = images.iter().collect();
+    Ok(predict_timed(model, transform, &images)?.0)
+}
+
+/// [`predict`] and the time of its three stages for the whole batch: the eval transform, the network,
+/// the softmax.
+fn predict_timed(
+    model: &MobileOne,
+    transform: &EvalTransform,
+    images: &[&RgbImage],
+) -> Result<(Vec<Vec<f32>>, [std::time::Duration; 3])> {
     use rayon::prelude::*;
+    let start = std::time::Instant::now();
     let inputs: Vec<Vec<f32>> = images.par_iter().map(|im| transform.apply(im)).collect();
     let x = transform.batch(inputs)?;
+    let preprocessed = std::time::Instant::now();
     let feats = model.forward_features(&x, false)?;
     let logits = model.forward_head(&feats[4])?.context(
         "the weights have no classifier (`head.fc`): they are a backbone-only checkpoint",
     )?;
-    Ok(candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?)
+    let inferred = std::time::Instant::now();
+    let probabilities = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+    let times = [
+        preprocessed - start,
+        inferred - preprocessed,
+        inferred.elapsed(),
+    ];
+    Ok((probabilities, times))
 }
 
 fn classify(args: &ClassifyArgs) -> Result<()> {
@@ -470,6 +497,15 @@ fn classify(args: &ClassifyArgs) -> Result<()> {
     }
 }
 
+fn file_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into(),
+    )
+}
+
+/// Classifies each image: one console line per image, the pictures in a fresh run folder, a speed
+/// summary; an unreadable image is reported and skipped, the others still run (then exit 1).
 fn classify_images(
     args: &ClassifyArgs,
     model: &MobileOne,
@@ -477,25 +513,51 @@ fn classify_images(
     names: &[String],
 ) -> Result<()> {
     use rayon::prelude::*;
+    use std::time::{Duration, Instant};
     let files = imageio::expand_inputs(&args.inputs)?;
-    let mut results = Vec::with_capacity(files.len());
+    let save = output::save_dir("classify", "predict", args.out_dir.as_deref(), args.no_save)?;
+    let (mut results, mut failures, mut speed) = (Vec::new(), Vec::new(), output::Speed::default());
     for chunk in files.chunks(args.batch as usize) {
-        let images = chunk
+        let loaded: Vec<(Result<RgbImage>, Duration)> = chunk
             .par_iter()
-            .map(|f| imageio::load_rgb(f))
-            .collect::<Result<Vec<_>>>()?;
-        let probabilities = predict(model, transform, &images)?;
-        for ((file, image), probs) in chunk.iter().zip(&images).zip(&probabilities) {
+            .map(|f| {
+                let start = Instant::now();
+                (imageio::load_rgb(f), start.elapsed())
+            })
+            .collect();
+        let mut batch = Vec::new();
+        for (file, (image, decode)) in chunk.iter().zip(loaded) {
+            match image {
+                Ok(image) => batch.push((file, image, decode)),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    failures.push(file_name(file));
+                }
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let images: Vec<&RgbImage> = batch.iter().map(|(_, image, _)| image).collect();
+        let (probabilities, [pre, inference, post]) = predict_timed(model, transform, &images)?;
+        let n = batch.len() as u32;
+        for ((file, image, decode), probs) in batch.iter().zip(&probabilities) {
+            let started = Instant::now();
             let predictions = classify::top_k(probs, args.top as usize, names);
-            println!("{} ({}x{}):", file.display(), image.width(), image.height());
-            for (rank, p) in predictions.iter().enumerate() {
-                println!(
-                    "  {:>2}. {:>6.2}%  {:>4}  {}",
-                    rank + 1,
-                    p.probability * 100.0,
-                    p.class_index,
-                    p.label
-                );
+            let post = post / n + started.elapsed();
+            speed.add([*decode, pre / n, inference / n, post]);
+            println!(
+                "{} {}x{}: {}, {:.1} ms",
+                file_name(file),
+                image.width(),
+                image.height(),
+                classify::summary(&predictions),
+                ((pre + inference) / n + post).as_secs_f64() * 1e3
+            );
+            if let Some(dir) = &save {
+                let mut picture = image.clone();
+                classify::draw(&mut picture, &predictions);
+                output::write_picture(&output::picture_path(dir, file, ""), &picture)?;
             }
             results.push(serde_json::json!({"file": file, "predictions": predictions}));
         }
@@ -503,6 +565,24 @@ fn classify_images(
     if let Some(path) = &args.json {
         write_json(path, &serde_json::Value::Array(results))?;
         println!("wrote {}", path.display());
+    }
+    if speed.images() > 0 {
+        let s = transform.input_size;
+        println!(
+            "{}",
+            speed.line(&format!("at {s}x{s}, batches of up to {}", args.batch))
+        );
+    }
+    if let Some(dir) = save {
+        println!("results saved to {}", dir.display());
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} of {} image(s) failed: {}",
+            failures.len(),
+            files.len(),
+            failures.join(", ")
+        );
     }
     Ok(())
 }

@@ -211,26 +211,33 @@ fn segment_images(
         }
     }
     let palette = class_palette(spec);
-    let (mut failures, mut decode_ms, mut segment_ms, mut done) = (Vec::new(), 0.0, 0.0, 0usize);
+    let (mut failures, mut speed) = (Vec::new(), output::Speed::default());
     for (i, path) in cli.images.iter().enumerate() {
         // An unreadable image is reported, skipped and counted; the others still run.
         let outcome = (|| -> Result<()> {
             let start = Instant::now();
             let image = imageio::load_rgb(path)?;
-            decode_ms += start.elapsed().as_secs_f64() * 1e3;
+            let decoded = Instant::now();
             let input = imageio::to_tensor(&image, spec.mean, spec.std)?;
             if i == 0 {
                 if let Some(n) = cli.bench {
                     bench(model, &input, options(cli), n)?;
                 }
             }
-            let start = Instant::now();
+            let preprocessed = Instant::now();
+            // Inference includes the resizes of --size (input down, logits back up).
             let logits = predict_logits(model, &input, options(cli))
                 .with_context(|| format!("segmentation of {} failed", path.display()))?;
+            let inferred = Instant::now();
             let map = argmax_map(&logits)?;
-            let elapsed = start.elapsed().as_secs_f64() * 1e3;
-            segment_ms += elapsed;
-            done += 1;
+            let done = Instant::now();
+            speed.add([
+                decoded - start,
+                preprocessed - decoded,
+                inferred - preprocessed,
+                done - inferred,
+            ]);
+            let elapsed = (done - decoded).as_secs_f64() * 1e3;
             let stem = file_stem(path);
             let mut written = Vec::new();
             let mask_path = cli
@@ -290,13 +297,12 @@ fn segment_images(
             failures.push(file_stem(path));
         }
     }
-    if done > 0 {
-        println!(
-            "Speed: {:.1} ms decode, {:.1} ms segmentation (network, resize, argmax) per image (mean of {done}){}",
-            decode_ms / cli.images.len() as f64,
-            segment_ms / done as f64,
-            cli.size.map_or(" at full resolution (--size N resizes the shorter side)".into(), |n| format!(", shorter side resized to {n}"))
+    if speed.images() > 0 {
+        let at = cli.size.map_or(
+            "at full resolution (--size N resizes the shorter side)".into(),
+            |n| format!("with the shorter side resized to {n}"),
         );
+        println!("{}", speed.line(&at));
     }
     if let Some(dir) = save {
         println!("results saved to {}", dir.display());

@@ -18,7 +18,7 @@ use ssdlite::config::to_metadata;
 use ssdlite::{ImageView, Labels, SsdDetector, SsdLiteConfig, Target};
 
 use crate::error::{Result, TrainError};
-use crate::task::{coco_split, detached, Augment, DatasetKind, Task, Validation};
+use crate::task::{coco_split, detached, warn_if_upscaled, Augment, DatasetKind, Task, Validation};
 use crate::RunSettings;
 
 pub struct DetectionTask {
@@ -87,17 +87,8 @@ impl DetectionTask {
             ])),
             Augment::None => Arc::new(resize),
         };
-        let mut sides: Vec<u32> = train.images.iter().map(|i| i.width.max(i.height)).collect();
-        sides.sort_unstable();
-        if let Some(&median) = sides.get(sides.len() / 2) {
-            if (median as usize) < settings.image_size {
-                eprintln!(
-                    "warning: the training images' longer side is {median} px (median) but --size is {}: \
-                     every image is upscaled, which costs time for no detail; --size {median} would be faster",
-                    settings.image_size
-                );
-            }
-        }
+        let sides = train.images.iter().map(|i| i.width.max(i.height)).collect();
+        warn_if_upscaled(sides, settings.image_size, "longer");
         let dropped = train.degenerate_boxes();
         if dropped > 0 {
             eprintln!(

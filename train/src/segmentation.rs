@@ -15,7 +15,7 @@ use mobileone_datasets::{
 use mobileone_eval::seg::SegMetric;
 
 use crate::error::{Result, TrainError};
-use crate::task::{detached, Augment, DatasetKind, Task, Validation};
+use crate::task::{detached, warn_if_upscaled, Augment, DatasetKind, Task, Validation};
 use crate::RunSettings;
 
 /// torchvision's segmentation reference weighs the auxiliary loss by 0.5.
@@ -78,22 +78,16 @@ impl SegmentationTask {
                 val.len()
             )));
         }
-        let mut sides: Vec<u32> = train
-            .items
-            .iter()
-            .take(16)
-            .filter_map(|item| mobileone_datasets::io::image_size(&item.image).ok())
-            .map(|(w, h)| w.min(h))
-            .collect();
-        sides.sort_unstable();
-        if let Some(&median) = sides.get(sides.len() / 2) {
-            if settings.augment != Augment::Full && (median as usize) < settings.image_size {
-                eprintln!(
-                    "warning: the training images' shorter side is about {median} px but --size is {}: \
-                     they are upscaled; --size {median} would be faster",
-                    settings.image_size
-                );
-            }
+        if settings.augment != Augment::Full {
+            // The first 16 images stand for the set: reading every header would cost a pass.
+            let sides = train
+                .items
+                .iter()
+                .take(16)
+                .filter_map(|item| mobileone_datasets::io::image_size(&item.image).ok())
+                .map(|(w, h)| w.min(h))
+                .collect();
+            warn_if_upscaled(sides, settings.image_size, "shorter");
         }
         let mut spec = SegmenterSpec::new(
             settings.variant,

@@ -148,3 +148,18 @@ pub fn coco_split(root: &Path, split: &str) -> Result<(PathBuf, PathBuf)> {
 pub fn detached(tensors: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
     tensors.into_iter().map(|(k, t)| (k, t.detach())).collect()
 }
+
+/// Warns when most training images are smaller than the network input (`size`), so every one is
+/// upscaled: `sides` holds each image's side that the transform stretches to `size` (the longer side
+/// for the detector's square resize, the shorter for the segmenter's resize), `which` names it.
+pub(crate) fn warn_if_upscaled(mut sides: Vec<u32>, size: usize, which: &str) {
+    sides.sort_unstable();
+    if let Some(&median) = sides.get(sides.len() / 2) {
+        if (median as usize) < size {
+            eprintln!(
+                "warning: the training images' {which} side is {median} px (median) but --size is {size}: \
+                 every image is upscaled, which costs time for no detail; --size {median} would be faster"
+            );
+        }
+    }
+}

@@ -2,6 +2,7 @@
 
 use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
 use mobileone::layers::{Activation, ConvConfig};
+use mobileone::ops::simd::{set_simd_level, SimdLevel};
 use mobileone::ops::{conv2d, reference_conv2d};
 use mobileone::parity::max_relative_error;
 
@@ -129,13 +130,54 @@ fn config(stride: usize, padding: usize, dilation: usize, groups: usize) -> Conv
 
 const ACTS: [Activation; 3] = [Activation::None, Activation::Relu, Activation::Relu6];
 
+/// Runs `check` on every SIMD level this CPU supports (the kernels forced down to each in turn) and
+/// names the levels it cannot run as not exercised here; returns the worst error over the levels.
+/// The machines alternate between AVX2-only and AVX-512 kinds (and aarch64 under emulation), so every
+/// level is tested somewhere.
+fn on_every_level(what: &str, check: impl Fn() -> f32) -> f32 {
+    static FORCING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = FORCING.lock().unwrap_or_else(|e| e.into_inner());
+    let mut worst = 0f32;
+    let mut skipped = Vec::new();
+    for level in SimdLevel::ALL {
+        if set_simd_level(Some(level)).is_err() {
+            skipped.push(level.to_string());
+            continue;
+        }
+        let error = check();
+        set_simd_level(None).unwrap();
+        eprintln!("{what}, {level}: worst relative error {error:e}");
+        worst = worst.max(error);
+    }
+    eprintln!(
+        "{what}: not exercised on this CPU: {}",
+        if skipped.is_empty() {
+            "none".into()
+        } else {
+            skipped.join(", ")
+        }
+    );
+    worst
+}
+
 #[test]
 fn depthwise_matches_reference() {
+    let worst = on_every_level("depthwise", depthwise_cases);
+    assert!(worst <= TOLERANCE);
+}
+
+fn depthwise_cases() -> f32 {
     let mut worst = 0f32;
-    // Widths below, at and above one 8-lane vector; odd sizes for the stride-2 phases. H and W
-    // share their parity: candle's reference conv2d backward uses one output padding for both.
-    // Width 40 gives stride-2 rows vectors that need no masking.
-    for input in [[2, 5, 9, 11], [1, 3, 6, 8], [1, 4, 17, 21], [1, 2, 12, 40]] {
+    // Widths below, at and above one 4-, 8- and 16-lane vector; odd sizes for the stride-2 phases.
+    // H and W share their parity: candle's reference conv2d backward uses one output padding for
+    // both. Widths 40 (8 lanes) and 80 (16 lanes) give stride-2 rows vectors that need no masking.
+    for input in [
+        [2, 5, 9, 11],
+        [1, 3, 6, 8],
+        [1, 4, 17, 21],
+        [1, 2, 12, 40],
+        [1, 2, 10, 80],
+    ] {
         let c = input[1];
         for (kernel, stride, padding, dilation) in [
             (3, 1, 1, 1),
@@ -191,11 +233,16 @@ fn depthwise_matches_reference() {
             worst = worst.max(case.check());
         }
     }
-    eprintln!("depthwise: worst relative error {worst:e}");
+    worst
 }
 
 #[test]
 fn pointwise_matches_reference() {
+    let worst = on_every_level("pointwise", pointwise_cases);
+    assert!(worst <= TOLERANCE);
+}
+
+fn pointwise_cases() -> f32 {
     let mut worst = 0f32;
     // Large enough for the GEMM to split into several tiles across rows and columns.
     for (input, out_channels) in [
@@ -226,11 +273,16 @@ fn pointwise_matches_reference() {
         act: Activation::Relu,
     };
     worst = worst.max(strided.check());
-    eprintln!("pointwise: worst relative error {worst:e}");
+    worst
 }
 
 #[test]
 fn dense_matches_reference() {
+    let worst = on_every_level("dense", dense_cases);
+    assert!(worst <= TOLERANCE);
+}
+
+fn dense_cases() -> f32 {
     let mut worst = 0f32;
     for (kernel, stride, padding, dilation) in [
         (3, 2, 1, 1),
@@ -251,7 +303,7 @@ fn dense_matches_reference() {
             worst = worst.max(case.check());
         }
     }
-    eprintln!("dense: worst relative error {worst:e}");
+    worst
 }
 
 #[test]

@@ -1,22 +1,28 @@
 //! Depthwise KxK convolution (groups = input channels, each input channel feeding `multiplier`
 //! consecutive output channels) with fused bias and activation, and its backward pass.
 //!
-//! Forward, stride 1 or 2 with K in {1, 3, 5} on AVX2: each output row is computed straight from
-//! the input rows, 8 outputs per vector, one FMA per tap; rows in the vertical padding read a zero
-//! row and vectors that cross a row end use masked loads (masked lanes read 0); stride 2 keeps the
-//! even lanes of 16 loaded values. Everything else (other strides or kernels, no AVX2, backward)
-//! copies each plane into a zero-padded buffer split into stride×stride phases, so that every tap
-//! reads a contiguous run of the buffer for consecutive outputs of a row.
+//! Every kernel is written once over `pulp::Simd` and runs on the level [`super::simd`] chooses
+//! (AVX-512, AVX2, NEON, scalar). Forward, stride 1 with K in {1, 3, 5}: each output row is computed
+//! straight from the input rows, a vector of outputs at a time, one FMA per tap; rows in the
+//! vertical padding read a zero row and vectors that cross a row end use masked loads (masked lanes
+//! read 0). Everything else (stride 2 and others, other kernels, very wide planes, backward) copies
+//! each plane into a zero-padded buffer split into stride×stride phases, so that every tap reads a
+//! contiguous run of the buffer for consecutive outputs of a row. (Stride 2 read in place would need
+//! an ordered even-lane shuffle, which `pulp` does not offer portably: its deinterleave returns the
+//! lanes in an ISA-specific order.)
 
+use super::simd::{dispatch, vectorized};
 use super::{
-    activate, cpu_slice, has_avx2_fma, output_size, pre_activation_grad, with_cpu_slices,
-    Activation, Geometry, SendPtr,
+    activate, cpu_slice, output_size, pre_activation_grad, with_cpu_slices, Activation, Geometry,
+    SendPtr,
 };
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use pulp::{MemMask, Simd, WithSimd};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// Extra buffer elements so a full 8-lane load at the end of the last row stays in bounds.
+/// Extra buffer elements so a full vector load (up to 16 lanes) at the end of the last row stays in
+/// bounds.
 const SLACK: usize = 16;
 /// A row of zeros that the direct kernels read in place of rows in the vertical padding.
 static ZEROS: [f32; MAX_DIRECT_WIDTH] = [0.0; MAX_DIRECT_WIDTH];
@@ -177,17 +183,11 @@ impl PlaneLayout {
 
 /// `dst[j] = src[j * step]`.
 pub(super) fn copy_strided(src: &[f32], step: usize, dst: &mut [f32]) {
-    match step {
-        1 => dst.copy_from_slice(&src[..dst.len()]),
-        #[cfg(target_arch = "x86_64")]
-        2 if has_avx2_fma() => {
-            // SAFETY: the CPU supports AVX2.
-            unsafe { avx2::copy_even(src, dst) }
-        }
-        _ => {
-            for (d, v) in dst.iter_mut().zip(src.iter().step_by(step)) {
-                *d = *v;
-            }
+    if step == 1 {
+        dst.copy_from_slice(&src[..dst.len()]);
+    } else {
+        for (d, v) in dst.iter_mut().zip(src.iter().step_by(step)) {
+            *d = *v;
         }
     }
 }
@@ -202,34 +202,38 @@ fn forward_plane(
     out: &mut [f32],
 ) {
     debug_assert!(buf.len() >= l.buffer_len() && out.len() == l.out_height * l.out_width);
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2+FMA; the buffer holds SLACK elements past the last row.
-        unsafe {
-            match weights.len() {
-                1 => return avx2::forward_plane::<1>(l, buf, weights, bias, act, out),
-                9 => return avx2::forward_plane::<9>(l, buf, weights, bias, act, out),
-                25 => return avx2::forward_plane::<25>(l, buf, weights, bias, act, out),
-                _ => {}
+    let plane = PlaneArgs {
+        l,
+        input: buf,
+        weights,
+        bias,
+        act,
+        out,
+    };
+    match weights.len() {
+        1 => dispatch(Phased::<1>(plane)),
+        9 => dispatch(Phased::<9>(plane)),
+        25 => dispatch(Phased::<25>(plane)),
+        _ => {
+            let PlaneArgs { out, .. } = plane;
+            for oy in 0..l.out_height {
+                let row = &buf[oy * l.phase_width..];
+                for (ox, o) in out[oy * l.out_width..(oy + 1) * l.out_width]
+                    .iter_mut()
+                    .enumerate()
+                {
+                    let mut acc = bias;
+                    for (&tap, &w) in l.taps.iter().zip(weights) {
+                        acc += w * row[tap + ox];
+                    }
+                    *o = activate(acc, act);
+                }
             }
-        }
-    }
-    for oy in 0..l.out_height {
-        let row = &buf[oy * l.phase_width..];
-        for (ox, o) in out[oy * l.out_width..(oy + 1) * l.out_width]
-            .iter_mut()
-            .enumerate()
-        {
-            let mut acc = bias;
-            for (&tap, &w) in l.taps.iter().zip(weights) {
-                acc += w * row[tap + ox];
-            }
-            *o = activate(acc, act);
         }
     }
 }
 
-/// Computes a stride-1 or stride-2 plane straight from the input (no padded copy) when a kernel exists for it;
+/// Computes a stride-1 plane straight from the input (no padded copy) when a kernel exists for it;
 /// returns false otherwise.
 fn forward_plane_direct(
     l: &PlaneLayout,
@@ -239,212 +243,196 @@ fn forward_plane_direct(
     act: Activation,
     out: &mut [f32],
 ) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if l.width <= MAX_DIRECT_WIDTH && has_avx2_fma() {
-        use avx2::forward_plane_direct as direct;
-        // SAFETY: the CPU supports AVX2+FMA; the kernel masks every load to the plane's rows.
-        unsafe {
-            match (l.kernel, l.stride) {
-                (1, 1) => direct::<1, 1, 1>(l, plane, weights, bias, act, out),
-                (3, 1) => direct::<3, 9, 1>(l, plane, weights, bias, act, out),
-                (5, 1) => direct::<5, 25, 1>(l, plane, weights, bias, act, out),
-                (1, 2) => direct::<1, 1, 2>(l, plane, weights, bias, act, out),
-                (3, 2) => direct::<3, 9, 2>(l, plane, weights, bias, act, out),
-                (5, 2) => direct::<5, 25, 2>(l, plane, weights, bias, act, out),
-                _ => return false,
-            }
-        }
-        return true;
+    if l.width > MAX_DIRECT_WIDTH {
+        return false;
     }
-    let _ = (l, plane, weights, bias, act, out);
-    false
+    let args = PlaneArgs {
+        l,
+        input: plane,
+        weights,
+        bias,
+        act,
+        out,
+    };
+    match (l.kernel, l.stride) {
+        (1, 1) => dispatch(Direct::<1, 1>(args)),
+        (3, 1) => dispatch(Direct::<3, 9>(args)),
+        (5, 1) => dispatch(Direct::<5, 25>(args)),
+        _ => return false,
+    }
+    true
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{Activation, PlaneLayout, ZEROS};
-    use std::arch::x86_64::*;
+/// One output plane's inputs: the input plane (or its padded, phase-split copy), the channel's taps,
+/// bias and activation.
+struct PlaneArgs<'a> {
+    l: &'a PlaneLayout,
+    input: &'a [f32],
+    weights: &'a [f32],
+    bias: f32,
+    act: Activation,
+    out: &'a mut [f32],
+}
+
+#[inline(always)]
+fn activate_v<S: Simd>(simd: S, acc: S::f32s, act: Activation) -> S::f32s {
+    let zero = simd.splat_f32s(0.0);
+    match act {
+        Activation::None => acc,
+        Activation::Relu => simd.max_f32s(acc, zero),
+        Activation::Relu6 => simd.min_f32s(simd.max_f32s(acc, zero), simd.splat_f32s(6.0)),
+    }
+}
+
+/// A full vector from `ptr` (unaligned).
+///
+/// # Safety
+/// `ptr .. ptr + lanes` must be readable.
+#[inline(always)]
+unsafe fn load<S: Simd>(ptr: *const f32) -> S::f32s {
+    (ptr as *const S::f32s).read_unaligned()
+}
+
+/// Mask of the lanes `i` of a vector starting at column `col` with `0 <= col + i < end`.
+#[inline(always)]
+fn lanes_in<S: Simd>(simd: S, col: isize, end: isize) -> MemMask<S::m32s> {
+    let lanes = S::F32_LANES as isize;
+    let first = (-col).clamp(0, lanes);
+    let stop = (end - col).clamp(first, lanes);
+    simd.mask_between_m32s(first as u32, stop as u32)
+}
+
+/// Stores the first `count` lanes of `v` at `ptr` (all of them when `count` is the lane count).
+///
+/// # Safety
+/// `ptr .. ptr + count` must be writable.
+#[inline(always)]
+unsafe fn store_first<S: Simd>(simd: S, ptr: *mut f32, count: usize, v: S::f32s) {
+    if count >= S::F32_LANES {
+        (ptr as *mut S::f32s).write_unaligned(v);
+    } else {
+        simd.mask_store_ptr_f32s(simd.mask_between_m32s(0, count as u32), ptr, v);
+    }
+}
+
+/// Stride-1 KxK plane read straight from the unpadded input: rows outside the plane read a zero row,
+/// and vectors that reach past a row's ends use masked loads (masked lanes read 0). `T` = K·K.
+struct Direct<'a, const K: usize, const T: usize>(PlaneArgs<'a>);
+
+impl<const K: usize, const T: usize> WithSimd for Direct<'_, K, T> {
+    type Output = ();
 
     #[inline(always)]
-    unsafe fn activate(acc: __m256, act: Activation) -> __m256 {
-        let zero = _mm256_setzero_ps();
-        match act {
-            Activation::None => acc,
-            Activation::Relu => _mm256_max_ps(acc, zero),
-            Activation::Relu6 => _mm256_min_ps(_mm256_max_ps(acc, zero), _mm256_set1_ps(6.0)),
-        }
-    }
-
-    /// Lanes `i` of a vector starting at column `start` with `0 <= start + i < end`.
-    #[inline(always)]
-    unsafe fn lanes_in(start: isize, end: isize) -> __m256i {
-        let col = _mm256_add_epi32(
-            _mm256_set1_epi32(start as i32),
-            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-        );
-        _mm256_andnot_si256(
-            _mm256_cmpgt_epi32(_mm256_setzero_si256(), col),
-            _mm256_cmpgt_epi32(_mm256_set1_epi32(end as i32), col),
-        )
-    }
-
-    /// Even lanes of the 16 values `a ++ b`: [a0 a2 a4 a6 b0 b2 b4 b6].
-    #[inline(always)]
-    unsafe fn even_lanes(a: __m256, b: __m256) -> __m256 {
-        // [a0 a2 b0 b2 | a4 a6 b4 b6], then swap the middle 64-bit pairs.
-        let mixed = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
-        _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(
-            mixed,
-        )))
-    }
-
-    /// 8 values `src[col + S*i]` of a row of width `w`, 0 outside the row.
-    #[inline(always)]
-    unsafe fn load_row<const S: usize>(
-        row: *const f32,
-        col: isize,
-        w: isize,
-        interior: bool,
-    ) -> __m256 {
-        let src = row.wrapping_offset(col);
-        match (S, interior) {
-            (1, true) => _mm256_loadu_ps(src),
-            (1, false) => _mm256_maskload_ps(src, lanes_in(col, w)),
-            (_, true) => even_lanes(_mm256_loadu_ps(src), _mm256_loadu_ps(src.wrapping_add(8))),
-            (_, false) => even_lanes(
-                _mm256_maskload_ps(src, lanes_in(col, w)),
-                _mm256_maskload_ps(src.wrapping_add(8), lanes_in(col + 8, w)),
-            ),
-        }
-    }
-
-    /// Stride-S (1 or 2) KxK plane read straight from the unpadded input: rows outside the plane
-    /// read a zero row, and vectors that reach past a row's ends use masked loads (masked lanes
-    /// read 0); stride 2 keeps the even lanes of 16 consecutive values.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn forward_plane_direct<const K: usize, const T: usize, const S: usize>(
-        l: &PlaneLayout,
-        plane: &[f32],
-        weights: &[f32],
-        bias: f32,
-        act: Activation,
-        out: &mut [f32],
-    ) {
+    fn with_simd<S: Simd>(self, simd: S) {
+        let PlaneArgs {
+            l,
+            input: plane,
+            weights,
+            bias,
+            act,
+            out,
+        } = self.0;
         let (h, w, p, d) = (l.height, l.width, l.padding as isize, l.dilation);
         let (oh, ow) = (l.out_height, l.out_width);
         debug_assert!(plane.len() == h * w && out.len() == oh * ow && weights.len() == T);
-        let mut wv = [_mm256_setzero_ps(); T];
-        for t in 0..T {
-            wv[t] = _mm256_set1_ps(weights[t]);
-        }
-        let b = _mm256_set1_ps(bias);
-        let store_tail = lanes_in(0, (ow % 8) as isize);
+        let lanes = S::F32_LANES;
+        let wv: [S::f32s; T] = std::array::from_fn(|t| simd.splat_f32s(weights[t]));
+        let b = simd.splat_f32s(bias);
         for oy in 0..oh {
             // Rows in the padding read zeros, so every output sees the same K*K taps.
             let mut rows = [ZEROS.as_ptr(); K];
             for (ky, row) in rows.iter_mut().enumerate() {
-                let iy = (oy * S + ky * d) as isize - p;
+                let iy = (oy + ky * d) as isize - p;
                 if iy >= 0 && (iy as usize) < h {
-                    *row = plane.as_ptr().add(iy as usize * w);
+                    *row = plane[iy as usize * w..].as_ptr();
                 }
             }
-            let dst = out.as_mut_ptr().add(oy * ow);
             let mut ox = 0usize;
             while ox < ow {
-                let first = (ox * S) as isize - p;
-                let interior = first >= 0 && first as usize + 8 * S + (K - 1) * d <= w;
+                let first = ox as isize - p;
+                let interior = first >= 0 && first as usize + lanes + (K - 1) * d <= w;
                 // One accumulator per kernel row: K short dependency chains instead of one long.
-                let mut partial = [_mm256_setzero_ps(); K];
+                let mut partial = [simd.splat_f32s(0.0); K];
                 partial[0] = b;
                 for kx in 0..K {
                     let col = first + (kx * d) as isize;
                     for ky in 0..K {
-                        let v = load_row::<S>(rows[ky], col, w as isize, interior);
-                        partial[ky] = _mm256_fmadd_ps(wv[ky * K + kx], v, partial[ky]);
+                        let src = rows[ky].wrapping_offset(col);
+                        // SAFETY: rows[ky] is a row of w values (a plane row or ZEROS, which is
+                        // MAX_DIRECT_WIDTH ≥ w long); an edge vector reads only its lanes inside it.
+                        let v = unsafe {
+                            if interior {
+                                load::<S>(src)
+                            } else {
+                                simd.mask_load_ptr_f32s(lanes_in(simd, col, w as isize), src)
+                            }
+                        };
+                        partial[ky] = simd.mul_add_f32s(wv[ky * K + kx], v, partial[ky]);
                     }
                 }
                 let mut acc = partial[0];
                 for p in &partial[1..] {
-                    acc = _mm256_add_ps(acc, *p);
+                    acc = simd.add_f32s(acc, *p);
                 }
-                acc = activate(acc, act);
-                if ox + 8 <= ow {
-                    _mm256_storeu_ps(dst.add(ox), acc);
-                } else {
-                    _mm256_maskstore_ps(dst.add(ox), store_tail, acc);
+                // SAFETY: outputs ox .. min(ox + lanes, ow) of row oy are in `out`.
+                unsafe {
+                    store_first(
+                        simd,
+                        out.as_mut_ptr().add(oy * ow + ox),
+                        ow - ox,
+                        activate_v(simd, acc, act),
+                    );
                 }
-                ox += 8;
+                ox += lanes;
             }
         }
     }
+}
 
-    /// `dst[j] = src[2 * j]`, 8 outputs per step from two loads.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn copy_even(src: &[f32], dst: &mut [f32]) {
-        let mut j = 0;
-        while 2 * j + 16 <= src.len() && j + 8 <= dst.len() {
-            let a = _mm256_loadu_ps(src.as_ptr().add(2 * j));
-            let b = _mm256_loadu_ps(src.as_ptr().add(2 * j + 8));
-            // [a0 a2 b0 b2 | a4 a6 b4 b6] → [a0 a2 a4 a6 b0 b2 b4 b6]
-            let even = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
-            let even = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(
-                even,
-            )));
-            _mm256_storeu_ps(dst.as_mut_ptr().add(j), even);
-            j += 8;
-        }
-        for (d, v) in dst[j..].iter_mut().zip(src[2 * j..].iter().step_by(2)) {
-            *d = *v;
-        }
-    }
+/// [`forward_plane`] for `T` taps on the padded, phase-split buffer: a vector of outputs per step,
+/// every tap a contiguous load.
+struct Phased<'a, const T: usize>(PlaneArgs<'a>);
 
-    /// AVX2 body of [`super::forward_plane`] for `T` taps, 8 outputs per step.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn forward_plane<const T: usize>(
-        l: &PlaneLayout,
-        buf: &[f32],
-        weights: &[f32],
-        bias: f32,
-        act: Activation,
-        out: &mut [f32],
-    ) {
-        let mut w = [_mm256_setzero_ps(); T];
-        let mut taps = [0usize; T];
-        for t in 0..T {
-            w[t] = _mm256_set1_ps(weights[t]);
-            taps[t] = l.taps[t];
-        }
-        let b = _mm256_set1_ps(bias);
-        let zero = _mm256_setzero_ps();
-        let six = _mm256_set1_ps(6.0);
+impl<const T: usize> WithSimd for Phased<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let PlaneArgs {
+            l,
+            input: buf,
+            weights,
+            bias,
+            act,
+            out,
+        } = self.0;
+        let lanes = S::F32_LANES;
+        let w: [S::f32s; T] = std::array::from_fn(|t| simd.splat_f32s(weights[t]));
+        let taps: [usize; T] = std::array::from_fn(|t| l.taps[t]);
+        let b = simd.splat_f32s(bias);
         let ow = l.out_width;
-        let tail = _mm256_cmpgt_epi32(
-            _mm256_set1_epi32((ow % 8) as i32),
-            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-        );
         for oy in 0..l.out_height {
-            let src = buf.as_ptr().add(oy * l.phase_width);
-            let dst = out.as_mut_ptr().add(oy * ow);
+            let src = buf[oy * l.phase_width..].as_ptr();
             let mut ox = 0;
             while ox < ow {
                 // Three interleaved accumulators keep the FMA dependency chains short.
-                let mut partial = [b, _mm256_setzero_ps(), _mm256_setzero_ps()];
+                let mut partial = [b, simd.splat_f32s(0.0), simd.splat_f32s(0.0)];
                 for t in 0..T {
-                    let v = _mm256_loadu_ps(src.add(taps[t] + ox));
-                    partial[t % 3] = _mm256_fmadd_ps(w[t], v, partial[t % 3]);
+                    // SAFETY: the buffer holds SLACK ≥ lanes elements past the last row.
+                    let v = unsafe { load::<S>(src.add(taps[t] + ox)) };
+                    partial[t % 3] = simd.mul_add_f32s(w[t], v, partial[t % 3]);
                 }
-                let mut acc = _mm256_add_ps(partial[0], _mm256_add_ps(partial[1], partial[2]));
-                acc = match act {
-                    Activation::None => acc,
-                    Activation::Relu => _mm256_max_ps(acc, zero),
-                    Activation::Relu6 => _mm256_min_ps(_mm256_max_ps(acc, zero), six),
-                };
-                if ox + 8 <= ow {
-                    _mm256_storeu_ps(dst.add(ox), acc);
-                } else {
-                    _mm256_maskstore_ps(dst.add(ox), tail, acc);
+                let acc = simd.add_f32s(partial[0], simd.add_f32s(partial[1], partial[2]));
+                // SAFETY: outputs ox .. min(ox + lanes, ow) of row oy are in `out`.
+                unsafe {
+                    store_first(
+                        simd,
+                        out.as_mut_ptr().add(oy * ow + ox),
+                        ow - ox,
+                        activate_v(simd, acc, act),
+                    );
                 }
-                ox += 8;
+                ox += lanes;
             }
         }
     }
@@ -482,24 +470,11 @@ impl ChannelBackward<'_> {
         grad_w: &mut [f64],
         grad_buf: &mut [f32],
     ) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            // SAFETY: the CPU supports AVX2+FMA.
-            return unsafe { self.plane_avx2(input_buf, grad, grad_w, grad_buf) };
-        }
-        self.plane(input_buf, grad, grad_w, grad_buf)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn plane_avx2(
-        &self,
-        input_buf: &[f32],
-        grad: &[f32],
-        grad_w: &mut [f64],
-        grad_buf: &mut [f32],
-    ) {
-        self.plane(input_buf, grad, grad_w, grad_buf)
+        // Auto-vectorised with the current SIMD level's instructions.
+        vectorized(
+            #[inline(always)]
+            || self.plane(input_buf, grad, grad_w, grad_buf),
+        )
     }
 }
 

@@ -400,16 +400,10 @@ fn bias_activation_body(row: &mut [f32], bias: f32, act: Activation) {
     }
 }
 
-/// [`bias_activation_body`], vectorised for AVX2 where the CPU has it.
+/// [`bias_activation_body`], auto-vectorised with the current SIMD level's instructions.
 fn bias_activation(row: &mut [f32], bias: f32, act: Activation) {
-    #[cfg(target_arch = "x86_64")]
-    if super::has_avx2_fma() {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(row: &mut [f32], bias: f32, act: Activation) {
-            bias_activation_body(row, bias, act)
-        }
-        // SAFETY: the CPU supports AVX2+FMA.
-        return unsafe { avx2(row, bias, act) };
-    }
-    bias_activation_body(row, bias, act)
+    super::simd::vectorized(
+        #[inline(always)]
+        || bias_activation_body(row, bias, act),
+    )
 }

@@ -11,6 +11,7 @@ pub(crate) mod batch_norm;
 pub(crate) mod branch_merge;
 mod depthwise;
 mod gemm_conv;
+pub mod simd;
 
 use candle_core::{DType, Result, Tensor};
 
@@ -233,19 +234,6 @@ pub(crate) fn with_cpu_slices<R>(
         })
         .collect::<Result<Vec<_>>>()?;
     f(&slices)
-}
-
-/// Whether the AVX2+FMA kernels can run on this CPU (detected once, then cached by std).
-#[inline]
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// An output vector that the kernel then writes completely, without zeroing it first (the same

@@ -1,0 +1,183 @@
+//! The SIMD instruction set the native kernels run on, chosen at run time through `pulp`: AVX-512
+//! (`x86-64-v4`), AVX2 + FMA (`x86-64-v3`), NEON on aarch64, scalar last. Each kernel is written once,
+//! generic over [`pulp::Simd`], and compiled for every level.
+//!
+//! The level is the best the CPU supports unless lowered, by `MOBILEONE_SIMD=scalar|avx2|avx512|neon`
+//! (read once) or [`set_simd_level`], so a machine with AVX-512 also tests and benchmarks the AVX2 and
+//! scalar paths. The GEMMs (`gemm` crate) choose their own kernels and are not lowered by this.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+use pulp::{Simd, WithSimd};
+
+/// An instruction-set level of the native kernels, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SimdLevel {
+    /// Plain Rust, one lane (every CPU).
+    Scalar,
+    /// aarch64 Advanced SIMD, 4 f32 lanes.
+    Neon,
+    /// x86-64-v3: AVX2 + FMA, 8 f32 lanes.
+    Avx2,
+    /// x86-64-v4: AVX-512 F/BW/CD/DQ/VL, 16 f32 lanes.
+    Avx512,
+}
+
+impl SimdLevel {
+    /// Every level, lowest first.
+    pub const ALL: [SimdLevel; 4] = [Self::Scalar, Self::Neon, Self::Avx2, Self::Avx512];
+
+    /// Whether this CPU can run the level.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Self::Scalar => true,
+            #[cfg(target_arch = "aarch64")]
+            Self::Neon => pulp::aarch64::Neon::try_new().is_some(),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => pulp::x86::V3::try_new().is_some(),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => pulp::x86::V4::try_new().is_some(),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// The highest level this CPU supports.
+    pub fn best() -> Self {
+        *Self::ALL
+            .iter()
+            .rev()
+            .find(|l| l.is_supported())
+            .unwrap_or(&Self::Scalar)
+    }
+
+    /// f32 lanes per vector.
+    pub fn lanes(self) -> usize {
+        match self {
+            Self::Scalar => 1,
+            Self::Neon => 4,
+            Self::Avx2 => 8,
+            Self::Avx512 => 16,
+        }
+    }
+}
+
+impl fmt::Display for SimdLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Scalar => "scalar",
+            Self::Neon => "neon",
+            Self::Avx2 => "avx2",
+            Self::Avx512 => "avx512",
+        })
+    }
+}
+
+impl FromStr for SimdLevel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|l| l.to_string() == s.trim().to_ascii_lowercase())
+            .ok_or_else(|| {
+                format!("unknown SIMD level `{s}`: expected scalar, neon, avx2 or avx512")
+            })
+    }
+}
+
+/// Level set by [`set_simd_level`]: 0 = none, else 1 + index in [`SimdLevel::ALL`].
+static OVERRIDE: AtomicU8 = AtomicU8::new(0);
+
+/// The level from `MOBILEONE_SIMD`, read once; an unknown or unsupported value is reported once on
+/// stderr and ignored (the best level runs).
+fn env_level() -> Option<SimdLevel> {
+    static LEVEL: OnceLock<Option<SimdLevel>> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let value = std::env::var("MOBILEONE_SIMD").ok()?;
+        match value.parse::<SimdLevel>() {
+            Ok(level) if level.is_supported() => Some(level),
+            Ok(level) => {
+                eprintln!(
+                    "warning: MOBILEONE_SIMD={value}: this CPU cannot run {level}; using {}",
+                    SimdLevel::best()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("warning: MOBILEONE_SIMD: {e}; using {}", SimdLevel::best());
+                None
+            }
+        }
+    })
+}
+
+/// The level the kernels run on now: [`set_simd_level`]'s, else `MOBILEONE_SIMD`'s, else the best.
+pub fn simd_level() -> SimdLevel {
+    match OVERRIDE.load(Ordering::Relaxed) {
+        0 => env_level().unwrap_or_else(SimdLevel::best),
+        i => SimdLevel::ALL[i as usize - 1],
+    }
+}
+
+/// Makes the kernels run on `level` (process-wide, for tests and benchmarks), or back on the default
+/// with `None`.
+///
+/// # Errors
+/// When this CPU cannot run `level`.
+pub fn set_simd_level(level: Option<SimdLevel>) -> Result<(), String> {
+    let code = match level {
+        None => 0,
+        Some(level) if level.is_supported() => {
+            1 + SimdLevel::ALL.iter().position(|&l| l == level).unwrap_or(0) as u8
+        }
+        Some(level) => return Err(format!("this CPU cannot run {level}")),
+    };
+    OVERRIDE.store(code, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Runs `op` compiled for the current level.
+#[inline]
+pub(crate) fn dispatch<Op: WithSimd>(op: Op) -> Op::Output {
+    match simd_level() {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => {
+            if let Some(simd) = pulp::x86::V4::try_new() {
+                return Simd::vectorize(simd, op);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => {
+            if let Some(simd) = pulp::x86::V3::try_new() {
+                return Simd::vectorize(simd, op);
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        SimdLevel::Neon => {
+            if let Some(simd) = pulp::aarch64::Neon::try_new() {
+                return Simd::vectorize(simd, op);
+            }
+        }
+        _ => {}
+    }
+    Simd::vectorize(pulp::Scalar::new(), op)
+}
+
+/// Runs `f` compiled for the current level: loops inside it are auto-vectorised with that level's
+/// instructions (`f` and what it calls should be `#[inline(always)]`).
+#[inline]
+pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    struct Closure<F>(F);
+    impl<R, F: FnOnce() -> R> WithSimd for Closure<F> {
+        type Output = R;
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, _: S) -> R {
+            (self.0)()
+        }
+    }
+    dispatch(Closure(f))
+}

@@ -1,17 +1,24 @@
 #!/usr/bin/env python3
-"""CPU latency of the fused MobileOne S0-S4: ONNX Runtime, PyTorch eager and `mobileone bench`, side by side.
+"""CPU latency, side by side in one run: ONNX Runtime, OpenVINO and `mobileone bench`, on the fused MobileOne
+S0-S4 classifiers and on the whole SSDLite-320 and DeepLabV3-512 networks.
 
-For each variant and batch size this builds timm's `mobileone_sN` with random weights, reparameterizes it,
-exports it to ONNX, and times ONNX Runtime, PyTorch eager and the release `mobileone bench --json` with the
-same thread count. The three are timed in alternating short rounds, so load from other processes on the
-machine hits all of them alike. Each round gives one median per engine; the table reports the median of
-those round medians, the ratios ours/ORT and ours/PyTorch, and ours/ORT over the fastest round of each
-(the least disturbed one, a better estimate on a busy machine).
+Each model is built in PyTorch with random weights exactly as the parity fixtures build it (timm's
+`mobileone_sN`, reparameterised; torchvision's SSD with SSDLite extras and heads, 91 classes; torchvision's
+DeepLabV3 with a 256-wide ASPP, rates 12/24/36, output stride 16, 21 classes), exported to ONNX and run by
+ONNX Runtime (CPU provider) and OpenVINO (CPU, f32 precision hint; bf16 too where the CPU has bf16 or AMX,
+for reference), with the same thread count as the release `mobileone bench --json` (which builds the same
+networks natively). The whole networks are timed without default boxes / NMS (SSDLite: trunk, extras and
+heads; DeepLabV3: trunk, head and the final bilinear resize).
 
-    tools/reference/.venv/bin/python tools/bench/cpu_bench.py            # S0-S4, batch 1 and 8, 2 threads
-    tools/reference/.venv/bin/python tools/bench/cpu_bench.py --variants s0 --batches 1 --rounds 3
+The engines run in alternating short rounds (pauses between them so idle worker threads stop spinning), so
+load from elsewhere hits all alike; the table gives the median of the round medians and ours / ORT. Ours runs
+once per SIMD level given by --simd (MOBILEONE_SIMD; the GEMMs keep gemm's own choice), so an AVX-512
+machine also measures the AVX2 path.
 
-Build the binary first: `cargo build --release -p mobileone-cli --bin mobileone`.
+    tools/reference/.venv/bin/python tools/bench/cpu_bench.py                 # everything, 2 threads
+    tools/reference/.venv/bin/python tools/bench/cpu_bench.py --models s0 ssdlite --rounds 3
+
+Build first: `cargo build --release -p mobileone-cli --bin mobileone`; `pip install openvino` in the venv.
 """
 
 import argparse
@@ -26,19 +33,26 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools" / "reference"))
 PAUSE_S = 0.5
+CLASSIFIERS = ["s0", "s1", "s2", "s3", "s4"]
+WHOLE = {"ssdlite": 320, "deeplabv3": 512}
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["s0", "s1", "s2", "s3", "s4"])
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--models", nargs="+", default=CLASSIFIERS + list(WHOLE),
+                   help="s0..s4 (classifiers, 224 px), ssdlite (S0, 320 px), deeplabv3 (S0, 512 px)")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="batch sizes of the classifiers")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=7, help="alternating rounds per engine")
-    p.add_argument("--iters", type=int, default=10, help="timed forward passes per round at batch 1 (batch B: iters/B, at least 2)")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds per engine")
+    p.add_argument("--iters", type=int, default=10,
+                   help="timed passes per round at batch 1 (batch B: iters/B, at least 2)")
+    p.add_argument("--simd", nargs="+", default=None,
+                   help="SIMD levels to run ours at (default: the best this CPU has, and avx2 if that is avx512)")
+    p.add_argument("--no-bf16", action="store_true", help="skip OpenVINO bf16")
     p.add_argument("--binary", type=Path, default=REPO / "target" / "release" / "mobileone")
-    p.add_argument("--markdown", type=Path, help="also write the table here")
+    p.add_argument("--markdown", type=Path, help="also write the report here")
     return p.parse_args()
 
 
@@ -52,6 +66,22 @@ def cpu_name():
     return platform.processor() or "unknown CPU"
 
 
+def cpu_flags():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") or line.startswith("Features"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def simd_summary(flags):
+    wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_bf16",
+              "amx_tile", "asimd", "sve"]
+    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/neon"
+
+
 def time_callable(fn, iters):
     times = []
     for _ in range(iters):
@@ -61,89 +91,146 @@ def time_callable(fn, iters):
     return times
 
 
+def build_torch(name):
+    """(module, input size, our `bench --model` name) of one benchmark model, fused, in eval mode."""
+    import timm
+    import torch.nn as nn
+    from timm.utils.model import reparameterize_model
+
+    if name in CLASSIFIERS:
+        return reparameterize_model(timm.create_model(f"mobileone_{name}", pretrained=False)).eval(), 224, "classifier"
+    if name == "ssdlite":
+        from ssdlite_fixtures import build_model
+
+        body = timm.create_model("mobileone_s0", pretrained=False, num_classes=0)
+        ssd = build_model(body, (256, 1024), [512, 256, 256, 128], 91).eval()
+        ssd.backbone.body = reparameterize_model(ssd.backbone.body)
+
+        class Network(nn.Module):
+            """The SSD network without the transform, default boxes and post-processing."""
+
+            def __init__(self, ssd):
+                super().__init__()
+                self.backbone, self.head = ssd.backbone, ssd.head
+
+            def forward(self, x):
+                out = self.head(list(self.backbone(x).values()))
+                return out["bbox_regression"], out["cls_logits"]
+
+        return Network(ssd).eval(), WHOLE[name], "ssdlite"
+    if name == "deeplabv3":
+        from deeplabv3_fixtures import build
+
+        model = build(16, (12, 24, 36), variant="s0", num_classes=21, width=256)
+        model.aux_classifier = None
+        model.backbone.body = reparameterize_model(model.backbone.body)
+
+        class Network(nn.Module):
+            def __init__(self, model):
+                super().__init__()
+                self.model = model
+
+            def forward(self, x):
+                return self.model(x)["out"]
+
+        return Network(model).eval(), WHOLE[name], "deeplabv3"
+    sys.exit(f"error: unknown model {name!r} (s0..s4, ssdlite, deeplabv3)")
+
+
 def main():
     args = parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    import numpy as np
     import onnxruntime as ort
-    import timm
+    import openvino as ov
     import torch
-    from timm.utils.model import reparameterize_model
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if not args.binary.exists():
         sys.exit(f"error: {args.binary} not found; run `cargo build --release -p mobileone-cli --bin mobileone`")
+    flags = cpu_flags()
+    if args.simd is None:
+        best = json.loads(subprocess.run([str(args.binary), "bench", "--iters", "1", "--warmup", "0", "--fused",
+                                          "--json"], check=True, capture_output=True, text=True).stdout)["simd"]
+        args.simd = [best] + (["avx2"] if best == "avx512" else [])
+    bf16 = not args.no_bf16 and ({"avx512_bf16", "amx_bf16"} & flags)
+    core = ov.Core()
 
+    engines = ["ONNX Runtime", "OpenVINO f32"] + (["OpenVINO bf16"] if bf16 else []) + \
+        [f"ours ({level})" for level in args.simd]
     rows = []
+    uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in args.variants:
-            model = timm.create_model(f"mobileone_{variant}", pretrained=False).eval()
-            model = reparameterize_model(model)
-            for batch in args.batches:
+        for name in args.models:
+            model, size, ours_model = build_torch(name)
+            variant = name if name in CLASSIFIERS else "s0"
+            for batch in (args.batches if name in CLASSIFIERS else [1]):
                 iters = max(2, args.iters // batch)
-                x = torch.randn(batch, 3, args.size, args.size)
-                onnx_path = Path(tmp) / f"mobileone_{variant}_b{batch}.onnx"
-                torch.onnx.export(model, (x,), str(onnx_path), input_names=["x"], output_names=["logits"],
-                                  opset_version=17, dynamo=False)
+                x = torch.randn(batch, 3, size, size)
+                onnx_path = Path(tmp) / f"{name}_b{batch}.onnx"
+                torch.onnx.export(model, (x,), str(onnx_path), input_names=["x"], opset_version=17, dynamo=False)
                 so = ort.SessionOptions()
                 so.intra_op_num_threads = args.threads
                 so.inter_op_num_threads = 1
                 so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
                 session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
                 x_np = x.numpy()
-
-                def run_ort():
-                    session.run(None, {"x": x_np})
-
-                def run_torch():
-                    with torch.inference_mode():
-                        model(x)
-
-                ours_cmd = [str(args.binary), "bench", "--variant", variant, "--size", str(args.size),
-                            "--batch", str(batch), "--threads", str(args.threads), "--iters", str(iters),
-                            "--warmup", "2", "--fused", "--json"]
-                for warm in (run_ort, run_torch):
-                    time_callable(warm, max(2, 10 // batch))  # oneDNN / ORT pick and cache kernels first
-                ort_rounds, torch_rounds, ours_rounds = [], [], []
+                runners = {"ONNX Runtime": lambda: session.run(None, {"x": x_np})}
+                for precision in ["f32"] + (["bf16"] if bf16 else []):
+                    compiled = core.compile_model(str(onnx_path), "CPU", {
+                        "INFERENCE_NUM_THREADS": args.threads, "INFERENCE_PRECISION_HINT": precision,
+                        "PERFORMANCE_HINT": "LATENCY"})
+                    request = compiled.create_infer_request()
+                    runners[f"OpenVINO {precision}"] = (lambda r: lambda: r.infer({0: x_np}))(request)
+                for warm in runners.values():
+                    time_callable(warm, max(2, 10 // batch))  # engines pick and cache kernels first
+                rounds = {e: [] for e in engines}
                 for _ in range(args.rounds):
-                    # The pauses let each engine's idle worker threads stop spinning (OpenMP, ORT's
-                    # pool) before the next engine runs, so none is timed against the previous one.
-                    time.sleep(PAUSE_S)
-                    ort_rounds.append(statistics.median(time_callable(run_ort, iters)))
-                    time.sleep(PAUSE_S)
-                    torch_rounds.append(statistics.median(time_callable(run_torch, iters)))
-                    time.sleep(PAUSE_S)
-                    out = subprocess.run(ours_cmd, check=True, capture_output=True, text=True).stdout
-                    ours_rounds.append(json.loads(out)["median_ms"])
-                ort_ms, torch_ms = statistics.median(ort_rounds), statistics.median(torch_rounds)
-                ours_ms = statistics.median(ours_rounds)
-                best_ratio = min(ours_rounds) / min(ort_rounds)
-                rows.append((variant.upper(), batch, ort_ms, torch_ms, ours_ms, best_ratio))
-                print(f"{variant} batch {batch}: ORT {ort_ms:.2f} ms, PyTorch {torch_ms:.2f} ms, "
-                      f"mobileone {ours_ms:.2f} ms", file=sys.stderr, flush=True)
+                    for engine in engines:
+                        # The pause lets the previous engine's idle worker threads stop spinning.
+                        time.sleep(PAUSE_S)
+                        if engine in runners:
+                            rounds[engine].append(statistics.median(time_callable(runners[engine], iters)))
+                            continue
+                        level = engine[len("ours ("):-1]
+                        cmd = [str(args.binary), "bench", "--model", ours_model, "--variant", variant,
+                               "--size", str(size), "--batch", str(batch), "--threads", str(args.threads),
+                               "--iters", str(iters), "--warmup", "2", "--fused", "--json"]
+                        out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                             env={**os.environ, "MOBILEONE_SIMD": level}).stdout
+                        result = json.loads(out)
+                        if result["simd"] != level:
+                            sys.exit(f"error: asked for {level}, ours ran {result['simd']}")
+                        rounds[engine].append(result["median_ms"])
+                medians = {e: statistics.median(r) for e, r in rounds.items()}
+                label = name.upper() if name in CLASSIFIERS else {"ssdlite": "SSDLite-320 (S0)",
+                                                                  "deeplabv3": "DeepLabV3-512 OS16 (S0)"}[name]
+                rows.append((label, batch, medians))
+                print(f"{label} batch {batch}: " + ", ".join(f"{e} {m:.2f} ms" for e, m in medians.items()),
+                      file=sys.stderr, flush=True)
     load_after = os.getloadavg()
 
+    ours = [e for e in engines if e.startswith("ours")]
     lines = [
-        f"CPU: {cpu_name()}, {os.cpu_count()} logical cores, {args.threads} threads, {args.size}x{args.size}, "
-        f"fused random-weight models, median of {args.rounds} alternating rounds' medians; "
-        f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after. "
-        f"onnxruntime {ort.__version__}, torch {torch.__version__}, timm {timm.__version__}.",
+        f"CPU: {cpu_name()} ({os.cpu_count()} logical cores; SIMD: {simd_summary(flags)}), {args.threads} threads, "
+        f"random-weight fused models, median of {args.rounds} alternating rounds' medians. "
+        f"`uptime` before: {uptime_before}; load average after {load_after[0]:.2f} (before {load_before[0]:.2f}). "
+        f"onnxruntime {ort.__version__}, openvino {ov.__version__}, torch {torch.__version__}.",
         "",
-        "| variant | batch | ONNX Runtime (ms) | PyTorch eager (ms) | mobileone (ms) | ours / ORT | ours / PyTorch "
-        "| ours / ORT, fastest rounds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | batch | " + " | ".join(f"{e} (ms)" for e in engines) + " | " +
+        " | ".join(f"{e} / ORT" for e in ours) + " |",
+        "|---|---|" + "---:|" * (len(engines) + len(ours)),
     ]
-    for variant, batch, ort_ms, torch_ms, ours_ms, best_ratio in rows:
-        lines.append(f"| {variant} | {batch} | {ort_ms:.2f} | {torch_ms:.2f} | {ours_ms:.2f} | "
-                     f"{ours_ms / ort_ms:.2f} | {ours_ms / torch_ms:.2f} | {best_ratio:.2f} |")
-    table = "\n".join(lines)
-    print(table)
+    for label, batch, medians in rows:
+        lines.append(f"| {label} | {batch} | " + " | ".join(f"{medians[e]:.2f}" for e in engines) + " | " +
+                     " | ".join(f"{medians[e] / medians['ONNX Runtime']:.2f}" for e in ours) + " |")
+    report = "\n".join(lines)
+    print(report)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         tmp_path = args.markdown.with_suffix(".tmp")
-        tmp_path.write_text(table + "\n")
+        tmp_path.write_text(report + "\n")
         tmp_path.replace(args.markdown)
 
 

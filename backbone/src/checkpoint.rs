@@ -410,6 +410,72 @@ pub fn save(
     write_atomic(path, &bytes).map_err(io)
 }
 
+/// The value a train-time (multi-branch) trunk variable starts from so that the trunk computes, in
+/// eval mode, exactly what a reparameterised checkpoint computes: the first conv branch takes the
+/// fused kernel, its BatchNorm passes it through (γ 1, β the fused bias, running mean 0, running
+/// variance 1 − ε), and every other branch is switched off by a zero γ and β (the 1x1 scale branch,
+/// the BN identity, extra conv branches; their conv weights keep their random initialisation, so they
+/// learn once γ moves). SE weights and anything else are copied by name. In training mode the first
+/// branch's BatchNorm normalises with batch statistics, so the function is the fused one only up to
+/// a per-channel affine map at the start.
+///
+/// `name` is the train-time variable's name relative to the trunk (`stages.1.0.conv_kxk.0.bn.bias`),
+/// `fused` the checkpoint's tensors and `prefix` the trunk's prefix in them. Returns `None` for a
+/// variable that keeps its initialisation.
+///
+/// # Errors
+/// A fused tensor the name needs is missing from the checkpoint.
+pub fn branch_init_from_fused(
+    name: &str,
+    fused: &HashMap<String, Tensor>,
+    prefix: &str,
+    like: &Tensor,
+) -> Result<Option<Tensor>, CheckpointError> {
+    let eps = crate::mobileone::BN_EPS;
+    let fetch = |key: String| {
+        fused
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| CheckpointError::MissingKey {
+                key,
+                expected: like.dims().to_vec(),
+                hint: "a reparameterised trunk has `reparam_conv.weight` and `.bias` per block"
+                    .into(),
+            })
+    };
+    let fill = |value: f64| -> Result<Option<Tensor>, CheckpointError> {
+        Ok(Some((like.ones_like()? * value)?))
+    };
+    let block = |suffix: &str| name.strip_suffix(suffix).map(str::to_string);
+    if let Some(block) = block(".conv_kxk.0.conv.weight") {
+        return fetch(format!("{prefix}{block}.reparam_conv.weight")).map(Some);
+    }
+    if let Some(block) = block(".conv_kxk.0.bn.bias") {
+        return fetch(format!("{prefix}{block}.reparam_conv.bias")).map(Some);
+    }
+    let first_bn = name.contains(".conv_kxk.0.bn.");
+    let bn_param = |field: &str| {
+        name.ends_with(&format!(".bn.{field}"))
+            || (name.contains(".identity.") && name.ends_with(&format!(".{field}")))
+    };
+    if bn_param("running_mean") {
+        return fill(0.0);
+    }
+    if bn_param("running_var") {
+        return fill(if first_bn { 1.0 - eps } else { 1.0 });
+    }
+    if bn_param("weight") {
+        return fill(if first_bn { 1.0 } else { 0.0 });
+    }
+    if bn_param("bias") {
+        return fill(0.0);
+    }
+    if name.contains(".conv_kxk.") || name.contains(".conv_scale.") {
+        return Ok(None);
+    }
+    Ok(fused.get(&format!("{prefix}{name}")).cloned())
+}
+
 /// Writes `bytes` to a sibling temporary file, syncs it and renames it over `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path

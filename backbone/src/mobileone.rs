@@ -13,7 +13,8 @@ use crate::layers::{fold_bn, Activation, BatchNorm2d, Conv2d, ConvConfig};
 use crate::ops::batch_norm::tensor_channel_stats;
 use crate::ops::branch_merge::{BranchLayout, BranchMerge};
 
-const BN_EPS: f64 = 1e-5;
+/// BatchNorm epsilon of every MobileOne BatchNorm (PyTorch's default).
+pub(crate) const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
 
 /// The five published sizes.

@@ -329,3 +329,44 @@ fn saved_checkpoints_round_trip_with_metadata() {
     assert_matches_timm(&reloaded, 32, "saved fused");
     std::fs::remove_file(&path).unwrap();
 }
+
+/// `--init-branches`: a train-time trunk started from timm's reparameterised tiny checkpoint with
+/// `branch_init_from_fused` computes timm's features and logits in eval mode, and every branch but the
+/// first is off (zero BatchNorm scale) while its conv keeps a random initialisation.
+#[test]
+fn branches_started_from_a_fused_checkpoint_compute_the_fused_function() {
+    let fused = checkpoint::load(&fixtures().join("tiny/fused.safetensors")).unwrap();
+    let vars = candle_nn::VarMap::new();
+    let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+    let model = MobileOne::new(&tiny_config(), 32, vb).unwrap();
+    assert!(!model.is_fused());
+    let mut started = 0;
+    for (name, var) in vars.data().lock().unwrap().iter() {
+        let value =
+            checkpoint::branch_init_from_fused(name, &fused.tensors, "", var.as_tensor()).unwrap();
+        match value {
+            Some(value) => {
+                var.set(&value).unwrap();
+                started += 1;
+            }
+            None => assert!(
+                name.ends_with("conv.weight") && !name.contains("conv_kxk.0."),
+                "{name} kept its initialisation"
+            ),
+        }
+        if name.ends_with("conv_scale.bn.weight") || name.ends_with("identity.weight") {
+            assert_eq!(
+                var.as_tensor()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap(),
+                0.0
+            );
+        }
+    }
+    assert!(started > 0);
+    assert_matches_timm(&model, 32, "train-time branches from the fused checkpoint");
+}

@@ -88,6 +88,10 @@ pub struct RunSettings {
     /// ImageNet checkpoint that only exists fused is fine-tuned; decided by `--init-backbone`.
     #[serde(default)]
     pub fused_trunk: bool,
+    /// A fused `init_backbone` starts the train-time branches (computing the fused function in eval
+    /// mode) instead of the fused trunk (`--init-branches`).
+    #[serde(default)]
+    pub branches_from_fused: bool,
     /// Learning rate of the trunk as a multiple of the heads' (parameter groups).
     #[serde(default = "default_backbone_lr_mult")]
     pub backbone_lr_mult: f64,
@@ -248,7 +252,8 @@ impl Trainer {
             }
             (None, Some(path)) => {
                 let ckpt = checkpoint::load(path)?;
-                settings.fused_trunk = ckpt.is_fused(trunk_prefix(&ckpt));
+                settings.fused_trunk =
+                    ckpt.is_fused(trunk_prefix(&ckpt)) && !settings.branches_from_fused;
                 Some((ckpt, None))
             }
             (None, None) => None,
@@ -324,16 +329,26 @@ impl Trainer {
     }
 
     /// Copies trunk weights (timm names, train-time or reparameterised as the trunk was built, with or
-    /// without a `backbone.body.` prefix) into the model; a classifier head in the file is ignored.
+    /// without a `backbone.body.` prefix) into the model; a classifier head in the file is ignored. A
+    /// train-time trunk started from a fused file takes [`checkpoint::branch_init_from_fused`].
     fn init_backbone(&mut self, ckpt: &checkpoint::Checkpoint) -> Result<()> {
         let prefix = trunk_prefix(ckpt);
         let config = mobileone::MobileOneConfig::from_variant(self.state.settings.variant);
         let hint = checkpoint::variant_hint(&ckpt.tensors, prefix, &config);
+        let branches_from_fused = ckpt.is_fused(prefix) && !self.state.settings.fused_trunk;
         let data = self.vars.data().lock().unwrap();
         for (name, var) in data.iter() {
             let Some(key) = name.strip_prefix(TRUNK_PREFIX) else {
                 continue;
             };
+            if branches_from_fused {
+                if let Some(value) =
+                    checkpoint::branch_init_from_fused(key, &ckpt.tensors, prefix, var.as_tensor())?
+                {
+                    var.set(&value)?;
+                }
+                continue;
+            }
             let key = format!("{prefix}{key}");
             let tensor = ckpt
                 .tensors
@@ -741,6 +756,7 @@ mod tests {
             head_channels: 64,
             atrous_rates: vec![1, 2, 3],
             fused_trunk: false,
+            branches_from_fused: false,
             backbone_lr_mult: 1.0,
             dataset_config: None,
             val_split: "val".into(),

@@ -55,6 +55,7 @@ fn settings(task: TaskKind, root: &Path) -> RunSettings {
         head_channels: 32,
         atrous_rates: vec![12, 24, 36],
         fused_trunk: false,
+        branches_from_fused: false,
         backbone_lr_mult: 1.0,
         dataset_config: None,
         val_split: "val".into(),

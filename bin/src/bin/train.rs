@@ -62,6 +62,11 @@ struct Cli {
     /// layer); a train-time one keeps its branches.
     #[arg(long, value_name = "W")]
     init_backbone: Option<PathBuf>,
+    /// With a reparameterised --init-backbone: also train its train-time branches, started so that the
+    /// trunk computes the fused function in eval mode (first conv branch = the fused kernel, the other
+    /// branches off with zero BatchNorm scale), instead of fine-tuning the fused form.
+    #[arg(long, requires = "init_backbone")]
+    init_branches: bool,
     /// Learning rate of the trunk as a multiple of the heads' (parameter groups)
     /// [default: 0.2 with --init-backbone, else 1].
     #[arg(long, value_name = "X")]
@@ -168,6 +173,7 @@ fn run() -> Result<i32> {
                 1.0
             }),
         fused_trunk: false,
+        branches_from_fused: cli.init_branches,
         dataset_config: cli.dataset_config,
         val_split: cli.val_split,
         init_backbone: cli.init_backbone,

@@ -462,6 +462,12 @@ fn validate_detections(
     };
     let mut report = InputReport::default();
     let mut kept = Vec::with_capacity(anns.len());
+    // `loadRes` picks its branch by the first result, whatever the IoU type: without a `bbox` it
+    // reads every `segmentation` as compressed RLE (and derives the boxes from the masks).
+    let masks_read = iou_type == IouType::Segm
+        || anns
+            .first()
+            .is_some_and(|a| a.bbox.is_none() && a.segmentation.is_some());
     for (index, ann) in anns.into_iter().enumerate() {
         if !gt.image_ids.contains(&ann.image_id) {
             return Err(CocoError::UnknownImage {
@@ -499,7 +505,7 @@ fn validate_detections(
             }
             _ => {}
         }
-        if iou_type == IouType::Segm {
+        if masks_read {
             check_result_segmentation(ann.segmentation.as_ref()).map_err(
                 |(message, exception)| CocoError::Refused {
                     source_name: source_name.to_string(),

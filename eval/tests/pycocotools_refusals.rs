@@ -121,7 +121,39 @@ fn mask_results_must_be_compressed_rle() {
     check(
         "21/polygon_results/segm",
         &gt,
-        &Value::Array(polygons),
+        &Value::Array(polygons.clone()),
         IouType::Segm,
+    );
+    // Box evaluation of results without `bbox`: loadRes still reads their masks (boxes come from
+    // them), so it refuses lists and polygons there too; with a `bbox` it never reads them.
+    let rle_list = read(&dir.join("dt_rle_list.json"));
+    check(
+        "21/rle_str/bbox",
+        &gt,
+        &read(&dir.join("dt_rle_str.json")),
+        IouType::Bbox,
+    );
+    check("21/rle_list/bbox", &gt, &rle_list, IouType::Bbox);
+    check(
+        "21/polygon_results/bbox",
+        &gt,
+        &Value::Array(polygons),
+        IouType::Bbox,
+    );
+    let with_box: Vec<Value> = rle_list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let mut d = d.clone();
+            d["bbox"] = json!([10, 10, 40, 30]);
+            d
+        })
+        .collect();
+    check(
+        "21/rle_list_with_bbox/bbox",
+        &gt,
+        &Value::Array(with_box),
+        IouType::Bbox,
     );
 }

@@ -45,6 +45,14 @@ out["21/rle_list/segm"] = run(gt21, load("21-rle-counts-list-in-results/dt_rle_l
 poly_dt = [{"image_id": d["image_id"], "category_id": d["category_id"], "score": d["score"],
             "segmentation": [[10, 10, 50, 10, 50, 40, 10, 40]]} for d in load("21-rle-counts-list-in-results/dt_rle_str.json")]
 out["21/polygon_results/segm"] = run(gt21, poly_dt, "segm")
+# loadRes picks its branch by the first result, whatever the IoU type: without a `bbox` it reads every
+# `segmentation` as compressed RLE (refusing lists and polygons) and derives the boxes from the masks.
+out["21/rle_str/bbox"] = run(gt21, load("21-rle-counts-list-in-results/dt_rle_str.json"), "bbox")
+out["21/rle_list/bbox"] = run(gt21, load("21-rle-counts-list-in-results/dt_rle_list.json"), "bbox")
+out["21/polygon_results/bbox"] = run(gt21, poly_dt, "bbox")
+# With a `bbox` in the first result loadRes takes the box branch and never reads the masks there.
+with_box = [dict(d, bbox=[10, 10, 40, 30]) for d in load("21-rle-counts-list-in-results/dt_rle_list.json")]
+out["21/rle_list_with_bbox/bbox"] = run(gt21, with_box, "bbox")
 target = repo / "eval/tests/fixtures/cases_reference.json"
 target.write_text(json.dumps(out, indent=1) + "\n")
 print(json.dumps(out, indent=1))

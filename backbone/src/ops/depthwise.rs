@@ -138,6 +138,7 @@ impl PlaneLayout {
     }
 
     /// Zero-pads and phase-splits `plane` (H*W) into `buf`, writing each buffer element once.
+    #[inline(always)]
     fn scatter(&self, plane: &[f32], buf: &mut [f32]) {
         let (s, p, pw) = (self.stride, self.padding, self.phase_width);
         let phase_len = self.phase_height * pw;
@@ -182,12 +183,24 @@ impl PlaneLayout {
 }
 
 /// `dst[j] = src[j * step]`.
+#[inline(always)]
 pub(super) fn copy_strided(src: &[f32], step: usize, dst: &mut [f32]) {
-    if step == 1 {
-        dst.copy_from_slice(&src[..dst.len()]);
-    } else {
-        for (d, v) in dst.iter_mut().zip(src.iter().step_by(step)) {
-            *d = *v;
+    match step {
+        1 => dst.copy_from_slice(&src[..dst.len()]),
+        // By pairs, so the compiler emits even-lane shuffles where a SIMD level is active.
+        2 => {
+            let pairs = dst.len().min(src.len() / 2);
+            for (d, pair) in dst[..pairs].iter_mut().zip(src.chunks_exact(2)) {
+                *d = pair[0];
+            }
+            if pairs < dst.len() && src.len() % 2 == 1 {
+                dst[pairs] = src[src.len() - 1];
+            }
+        }
+        _ => {
+            for (d, v) in dst.iter_mut().zip(src.iter().step_by(step)) {
+                *d = *v;
+            }
         }
     }
 }
@@ -293,30 +306,42 @@ unsafe fn load<S: Simd>(ptr: *const f32) -> S::f32s {
     (ptr as *const S::f32s).read_unaligned()
 }
 
-/// Mask of the lanes `i` of a vector starting at column `col` with `0 <= col + i < end`.
+/// Mask of the lanes `i` of a vector starting at column `col` with `0 <= col + i < end`. Built from
+/// comparisons and wrapped with `MemMask::new`, so the masked load is one instruction (pulp's
+/// `mask_between_*` attaches a per-mask function that the load then calls).
 #[inline(always)]
 fn lanes_in<S: Simd>(simd: S, col: isize, end: isize) -> MemMask<S::m32s> {
+    const IOTA: [u32; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
     let lanes = S::F32_LANES as isize;
-    let first = (-col).clamp(0, lanes);
-    let stop = (end - col).clamp(first, lanes);
-    simd.mask_between_m32s(first as u32, stop as u32)
+    let first = (-col).clamp(0, lanes) as u32;
+    let stop = (end - col).clamp(first as isize, lanes) as u32;
+    // SAFETY: IOTA holds 16 ≥ lanes values.
+    let iota = unsafe { (IOTA.as_ptr() as *const S::u32s).read_unaligned() };
+    MemMask::new(simd.and_m32s(
+        simd.greater_than_or_equal_u32s(iota, simd.splat_u32s(first)),
+        simd.less_than_u32s(iota, simd.splat_u32s(stop)),
+    ))
 }
 
 /// Stores the first `count` lanes of `v` at `ptr` (all of them when `count` is the lane count).
+/// A partial store (once per row) goes through a stack copy.
 ///
 /// # Safety
-/// `ptr .. ptr + count` must be writable.
+/// `ptr .. ptr + min(count, lanes)` must be writable.
 #[inline(always)]
-unsafe fn store_first<S: Simd>(simd: S, ptr: *mut f32, count: usize, v: S::f32s) {
+unsafe fn store_first<S: Simd>(ptr: *mut f32, count: usize, v: S::f32s) {
     if count >= S::F32_LANES {
         (ptr as *mut S::f32s).write_unaligned(v);
     } else {
-        simd.mask_store_ptr_f32s(simd.mask_between_m32s(0, count as u32), ptr, v);
+        let mut lanes = [0f32; 16];
+        (lanes.as_mut_ptr() as *mut S::f32s).write_unaligned(v);
+        std::ptr::copy_nonoverlapping(lanes.as_ptr(), ptr, count);
     }
 }
 
 /// Stride-1 KxK plane read straight from the unpadded input: rows outside the plane read a zero row,
-/// and vectors that reach past a row's ends use masked loads (masked lanes read 0). `T` = K·K.
+/// a vector of outputs is one FMA per tap, and vectors that reach past a row's ends use masked
+/// loads (masked lanes read 0). `T` = K·K.
 struct Direct<'a, const K: usize, const T: usize>(PlaneArgs<'a>);
 
 impl<const K: usize, const T: usize> WithSimd for Direct<'_, K, T> {
@@ -347,6 +372,7 @@ impl<const K: usize, const T: usize> WithSimd for Direct<'_, K, T> {
                     *row = plane[iy as usize * w..].as_ptr();
                 }
             }
+            let out_row = &mut out[oy * ow..(oy + 1) * ow];
             let mut ox = 0usize;
             while ox < ow {
                 let first = ox as isize - p;
@@ -374,11 +400,10 @@ impl<const K: usize, const T: usize> WithSimd for Direct<'_, K, T> {
                 for p in &partial[1..] {
                     acc = simd.add_f32s(acc, *p);
                 }
-                // SAFETY: outputs ox .. min(ox + lanes, ow) of row oy are in `out`.
+                // SAFETY: outputs ox .. min(ox + lanes, ow) of the row exist.
                 unsafe {
-                    store_first(
-                        simd,
-                        out.as_mut_ptr().add(oy * ow + ox),
+                    store_first::<S>(
+                        out_row.as_mut_ptr().add(ox),
                         ow - ox,
                         activate_v(simd, acc, act),
                     );
@@ -425,8 +450,7 @@ impl<const T: usize> WithSimd for Phased<'_, T> {
                 let acc = simd.add_f32s(partial[0], simd.add_f32s(partial[1], partial[2]));
                 // SAFETY: outputs ox .. min(ox + lanes, ow) of row oy are in `out`.
                 unsafe {
-                    store_first(
-                        simd,
+                    store_first::<S>(
                         out.as_mut_ptr().add(oy * ow + ox),
                         ow - ox,
                         activate_v(simd, acc, act),
@@ -549,7 +573,10 @@ impl CustomOp3 for DepthwiseConv {
                 }
                 BUFFERS.with_borrow_mut(|(buf, _)| {
                     buf.resize(layout.buffer_len(), 0.0);
-                    layout.scatter(plane, buf);
+                    vectorized(
+                        #[inline(always)]
+                        || layout.scatter(plane, buf),
+                    );
                     forward_plane(&layout, buf, weights, b[co], act, out_plane);
                 })
             });

@@ -92,33 +92,40 @@ impl FromStr for SimdLevel {
 /// Level set by [`set_simd_level`]: 0 = none, else 1 + index in [`SimdLevel::ALL`].
 static OVERRIDE: AtomicU8 = AtomicU8::new(0);
 
-/// The level from `MOBILEONE_SIMD`, read once; an unknown or unsupported value is reported once on
-/// stderr and ignored (the best level runs).
-fn env_level() -> Option<SimdLevel> {
-    static LEVEL: OnceLock<Option<SimdLevel>> = OnceLock::new();
+/// The level the kernels run on unless [`set_simd_level`] says otherwise, decided once: the one
+/// `MOBILEONE_SIMD` names, else the best. An unknown or unsupported value is reported once on stderr
+/// and ignored; an empty one counts as unset.
+fn default_level() -> SimdLevel {
+    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
     *LEVEL.get_or_init(|| {
-        let value = std::env::var("MOBILEONE_SIMD").ok()?;
+        let best = SimdLevel::best();
+        let Some(value) = std::env::var("MOBILEONE_SIMD")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+        else {
+            return best;
+        };
         match value.parse::<SimdLevel>() {
-            Ok(level) if level.is_supported() => Some(level),
+            Ok(level) if level.is_supported() => level,
             Ok(level) => {
                 eprintln!(
-                    "warning: MOBILEONE_SIMD={value}: this CPU cannot run {level}; using {}",
-                    SimdLevel::best()
+                    "warning: MOBILEONE_SIMD={value}: this CPU cannot run {level}; using {best}"
                 );
-                None
+                best
             }
             Err(e) => {
-                eprintln!("warning: MOBILEONE_SIMD: {e}; using {}", SimdLevel::best());
-                None
+                eprintln!("warning: MOBILEONE_SIMD: {e}; using {best}");
+                best
             }
         }
     })
 }
 
 /// The level the kernels run on now: [`set_simd_level`]'s, else `MOBILEONE_SIMD`'s, else the best.
+/// Always one this CPU supports.
 pub fn simd_level() -> SimdLevel {
     match OVERRIDE.load(Ordering::Relaxed) {
-        0 => env_level().unwrap_or_else(SimdLevel::best),
+        0 => default_level(),
         i => SimdLevel::ALL[i as usize - 1],
     }
 }
@@ -140,31 +147,20 @@ pub fn set_simd_level(level: Option<SimdLevel>) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs `op` compiled for the current level.
+/// Runs `op` compiled for the current level. Cheap enough to call per plane or row: one atomic load
+/// and a match (the level was checked against the CPU when it was chosen).
 #[inline]
 pub(crate) fn dispatch<Op: WithSimd>(op: Op) -> Op::Output {
     match simd_level() {
+        // SAFETY (each arm): `simd_level` only returns levels this CPU supports.
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => {
-            if let Some(simd) = pulp::x86::V4::try_new() {
-                return Simd::vectorize(simd, op);
-            }
-        }
+        SimdLevel::Avx512 => Simd::vectorize(unsafe { pulp::x86::V4::new_unchecked() }, op),
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => {
-            if let Some(simd) = pulp::x86::V3::try_new() {
-                return Simd::vectorize(simd, op);
-            }
-        }
+        SimdLevel::Avx2 => Simd::vectorize(unsafe { pulp::x86::V3::new_unchecked() }, op),
         #[cfg(target_arch = "aarch64")]
-        SimdLevel::Neon => {
-            if let Some(simd) = pulp::aarch64::Neon::try_new() {
-                return Simd::vectorize(simd, op);
-            }
-        }
-        _ => {}
+        SimdLevel::Neon => Simd::vectorize(unsafe { pulp::aarch64::Neon::new_unchecked() }, op),
+        _ => Simd::vectorize(pulp::Scalar::new(), op),
     }
-    Simd::vectorize(pulp::Scalar::new(), op)
 }
 
 /// Runs `f` compiled for the current level: loops inside it are auto-vectorised with that level's

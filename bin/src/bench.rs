@@ -184,13 +184,14 @@ pub fn bench_line(what: &str, (width, height): (usize, usize), times_ms: &mut [f
     let n = times_ms.len().max(1);
     let mean = times_ms.iter().sum::<f64>() / n as f64;
     format!(
-        "bench {what}, {width}x{height}, {} threads, {}: median {:.2} ms, mean {:.2}, min {:.2}, max {:.2} ({} runs)",
+        "bench {what}, {width}x{height}, {} threads, {}: median {:.2} ms, mean {:.2}, min {:.2}, max {:.2} ({} run{})",
         mobileone::ops::current_threads(),
         mobileone::ops::simd::simd_level(),
         times_ms.get(times_ms.len() / 2).copied().unwrap_or(f64::NAN),
         mean,
         times_ms.first().copied().unwrap_or(f64::NAN),
         times_ms.last().copied().unwrap_or(f64::NAN),
-        times_ms.len()
+        times_ms.len(),
+        if times_ms.len() == 1 { "" } else { "s" }
     )
 }

@@ -9,12 +9,12 @@ pub const MODELS_DIR_ENV: &str = "MOBILEONE_MODELS_DIR";
 /// The person detector: SSDLite-320 on MobileOne-S0 (Apple's ImageNet weights) fine-tuned on the COCO
 /// person boxes of `coco-person`, fused, float16.
 pub const DETECTOR: &str = "ssdlite_mobileone_s0_coco_person.safetensors";
-/// The demo segmenter: DeepLabV3 on MobileOne-S0, fused, float16, trained on `dataset synth`.
-pub const SEGMENTER: &str = "deeplabv3_mobileone_s0_synth.safetensors";
-/// A real photo (NASA, public domain) that `detect` runs on when given nothing.
-pub const DETECT_DEMO_IMAGE: &str = "astronaut.jpg";
-/// An image from `dataset synth` that the demo segmenter runs on when given nothing.
-pub const SEGMENT_DEMO_IMAGE: &str = "demo.png";
+/// The segmenter: DeepLabV3 (OS16, ASPP 6/12/18) on MobileOne-S0 (Apple's ImageNet weights)
+/// fine-tuned on the 20 VOC classes of COCO images (torchvision's COCO→VOC masks of `coco-mini`),
+/// fused, float16.
+pub const SEGMENTER: &str = "deeplabv3_mobileone_s0_coco_voc.safetensors";
+/// A real photo (NASA, public domain) that `detect` and `segment` run on when given nothing.
+pub const DEMO_IMAGE: &str = "astronaut.jpg";
 
 /// `$MOBILEONE_MODELS_DIR`, else `<repository>/models` (found from where this crate was built).
 pub fn models_dir() -> PathBuf {

@@ -6,18 +6,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use image::RgbImage;
 
-/// The folder this run saves into: `out_dir` when given (created), `None` with `--no-save`, else the
-/// first free `runs/<tool>/<name>`, `<name>2`, `<name>3`, … under the current folder (created).
-pub fn save_dir(
-    tool: &str,
-    name: &str,
-    out_dir: Option<&Path>,
-    no_save: bool,
-) -> Result<Option<PathBuf>> {
+/// The folder this run saves into: `out_dir` when given, `None` with `--no-save`, else the first free
+/// `runs/<tool>/<name>`, `<name>2`, `<name>3`, … under the current folder. Nothing is created here:
+/// the first file written creates it, so a run that writes nothing leaves no empty folder.
+pub fn save_dir(tool: &str, name: &str, out_dir: Option<&Path>, no_save: bool) -> Option<PathBuf> {
     if no_save {
-        return Ok(None);
+        return None;
     }
-    let dir = match out_dir {
+    Some(match out_dir {
         Some(dir) => dir.to_path_buf(),
         None => {
             let base = Path::new("runs").join(tool);
@@ -32,9 +28,42 @@ pub fn save_dir(
                 .find(|p| !p.exists())
                 .expect("some run folder is free")
         }
-    };
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(Some(dir))
+    })
+}
+
+/// Creates `path`'s folder if it is missing.
+pub fn create_parent(path: &Path) -> Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Prints where the run's files are, when it wrote any.
+pub fn print_saved(dir: Option<&Path>) {
+    if let Some(dir) = dir.filter(|d| d.is_dir()) {
+        println!("results saved to {}", dir.display());
+    }
+}
+
+/// Refuses inputs whose outputs would overwrite each other in one folder (same file stem).
+pub fn distinct_stems(files: &[PathBuf]) -> Result<()> {
+    let mut seen = std::collections::HashMap::new();
+    for file in files {
+        let stem = file.file_stem().unwrap_or_default();
+        if let Some(first) = seen.insert(stem, file) {
+            anyhow::bail!(
+                "{} and {} are both named {}: their outputs would overwrite each other in one folder \
+                 (rename one, or run them separately)",
+                first.display(),
+                file.display(),
+                stem.to_string_lossy()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `dir/<stem><suffix>.jpg` for a JPEG input, `.png` otherwise.
@@ -52,8 +81,9 @@ pub fn picture_path(dir: &Path, input: &Path, suffix: &str) -> PathBuf {
     ))
 }
 
-/// Writes a picture atomically, as JPEG (quality 95) or PNG by its extension.
+/// Writes a picture atomically, as JPEG (quality 95) or PNG by its extension, creating its folder.
 pub fn write_picture(path: &Path, image: &RgbImage) -> Result<()> {
+    create_parent(path)?;
     let mut bytes = std::io::Cursor::new(Vec::new());
     let is_jpeg = path.extension().is_some_and(|e| e == "jpg");
     if is_jpeg {
@@ -63,6 +93,19 @@ pub fn write_picture(path: &Path, image: &RgbImage) -> Result<()> {
     }
     mobileone::checkpoint::write_atomic(path, bytes.get_ref())
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The end of a run over several images: an error naming those that failed (they were reported and
+/// skipped as they came), or `Ok` when none did.
+pub fn failures(failed: &[String], total: usize) -> Result<()> {
+    if failed.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{} of {total} image(s) failed: {}",
+        failed.len(),
+        failed.join(", ")
+    )
 }
 
 /// Mean time per image of each stage, summed over a run and printed once at its end as ultralytics

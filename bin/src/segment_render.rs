@@ -32,6 +32,7 @@ impl ClassMap {
 /// them in any viewer (unlisted indices black). A class above 255 needs 16-bit greyscale, which has
 /// no palette.
 pub fn write_class_png(path: &Path, map: &ClassMap, palette: &[[u8; 3]]) -> Result<()> {
+    crate::output::create_parent(path)?;
     let bytes = if map.classes.iter().all(|&c| c <= u8::MAX as u32) {
         let labels = mobileone_datasets::LabelMap {
             width: map.width,

@@ -362,5 +362,23 @@ fn pictures_go_to_fresh_run_folders_and_a_bad_image_is_skipped_by_name() {
     assert!(String::from_utf8_lossy(&bad.stdout).contains("owl_baseline.jpg 200x150: "));
     assert!(cwd.join("owls/owl_baseline.jpg").is_file());
     assert!(!cwd.join("owls/owl_truncated.jpg").exists());
+
+    // Two inputs of one name would overwrite each other's picture: refused before anything runs.
+    for sub in ["a", "b"] {
+        std::fs::create_dir_all(cwd.join(sub)).unwrap();
+        std::fs::copy(&photo, cwd.join(sub).join("pets.jpg")).unwrap();
+    }
+    let message = run_err(&mut run(&[
+        cwd.join("a/pets.jpg").as_os_str(),
+        cwd.join("b/pets.jpg").as_os_str(),
+    ]));
+    assert!(message.contains("are both named pets"), "{message}");
+    // A run that writes nothing (its only image unreadable) leaves no empty run folder behind.
+    let nothing = run(&[case.join("owl_truncated.jpg").as_os_str()])
+        .output()
+        .unwrap();
+    assert_eq!(nothing.status.code(), Some(1));
+    assert!(!String::from_utf8_lossy(&nothing.stdout).contains("saved"));
+    assert!(!cwd.join("runs/classify/predict3").exists());
     std::fs::remove_dir_all(cwd).unwrap();
 }

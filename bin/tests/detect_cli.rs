@@ -279,8 +279,8 @@ fn without_weights_or_images_runs_the_bundled_model_into_fresh_run_folders() {
             .arg(models.join(bundled::DETECTOR)),
     );
     std::fs::copy(
-        repo().join("models").join(bundled::DETECT_DEMO_IMAGE),
-        models.join(bundled::DETECT_DEMO_IMAGE),
+        repo().join("models").join(bundled::DEMO_IMAGE),
+        models.join(bundled::DEMO_IMAGE),
     )
     .unwrap();
     let demo = || {
@@ -328,7 +328,7 @@ fn without_weights_or_images_runs_the_bundled_model_into_fresh_run_folders() {
     );
 
     // A missing demo image is named.
-    std::fs::remove_file(models.join(bundled::DETECT_DEMO_IMAGE)).unwrap();
+    std::fs::remove_file(models.join(bundled::DEMO_IMAGE)).unwrap();
     let out = demo().output().unwrap();
     assert!(
         !out.status.success() && stderr(&out).contains("astronaut.jpg is missing"),

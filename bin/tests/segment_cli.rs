@@ -269,12 +269,12 @@ fn bad_inputs_give_clear_errors() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Without --weights and images, `segment` runs the bundled model on the bundled demo image and writes
-/// the mask and overlay into the current folder. The bundled model here is a random S0 segmenter stored
-/// the way the demo model is (fused, float16, by `mobileone fuse --half`); the image is the committed
-/// models/demo.png.
+/// Without --weights and images, `segment` runs the bundled model on the bundled photo and writes the
+/// mask and overlay into a fresh run folder. The bundled model here is a random S0 segmenter stored
+/// the way the real one is (fused, float16, by `mobileone fuse --half`); the photo is the committed
+/// models/astronaut.jpg.
 #[test]
-fn without_weights_or_images_runs_the_bundled_demo() {
+fn without_weights_or_images_runs_the_bundled_model() {
     let models = scratch("segment", "bundled");
     let cwd = scratch("segment", "bundled-cwd");
     let trained = cwd.join("trained.safetensors");
@@ -286,35 +286,35 @@ fn without_weights_or_images_runs_the_bundled_demo() {
             .arg("--out")
             .arg(models.join(bundled::SEGMENTER)),
     );
-    let demo_image = Path::new(env!("CARGO_MANIFEST_DIR"))
+    let photo = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../models")
-        .join(bundled::SEGMENT_DEMO_IMAGE);
-    std::fs::copy(demo_image, models.join(bundled::SEGMENT_DEMO_IMAGE)).unwrap();
+        .join(bundled::DEMO_IMAGE);
+    std::fs::copy(photo, models.join(bundled::DEMO_IMAGE)).unwrap();
     let demo = || {
         let mut cmd = bin();
         cmd.env(bundled::MODELS_DIR_ENV, &models).current_dir(&cwd);
         cmd
     };
-    let out = run_ok(&mut demo());
+    let out = run_ok(demo().args(["--size", "128"]));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("bundled segmenter"), "{stderr}");
     assert!(stderr.contains("fused"), "{stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("demo.png 160x160:"), "{stdout}");
+    assert!(stdout.contains("astronaut.jpg 512x512:"), "{stdout}");
     let run = cwd.join("runs/segment/predict");
-    assert_eq!(png_size(&run.join("demo_mask.png")), (160, 160));
-    let (ow, oh) = png_size(&run.join("demo_overlay.png"));
-    assert!(ow > 160 && oh >= 160, "overlay has a legend panel");
+    assert_eq!(png_size(&run.join("astronaut_mask.png")), (512, 512));
+    let (ow, oh) = image::image_dimensions(run.join("astronaut_overlay.jpg")).unwrap();
+    assert!(ow > 512 && oh >= 512, "overlay has a legend panel");
 
-    // A named folder stands for the images in it (here demo.png beside the model file); a second run
-    // gets a fresh folder.
-    let out = run_ok(demo().arg(&models));
+    // A named folder stands for the images in it (here the photo beside the model file); a second
+    // run gets a fresh folder.
+    let out = run_ok(demo().arg(&models).args(["--size", "128"]));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("demo.png 160x160:"), "{stdout}");
+    assert!(stdout.contains("astronaut.jpg 512x512:"), "{stdout}");
     assert!(stdout.contains("runs/segment/predict2"), "{stdout}");
     assert_eq!(
-        png_size(&cwd.join("runs/segment/predict2/demo_mask.png")),
-        (160, 160)
+        png_size(&cwd.join("runs/segment/predict2/astronaut_mask.png")),
+        (512, 512)
     );
 
     // Given weights, the images are the user's to name.
@@ -322,31 +322,37 @@ fn without_weights_or_images_runs_the_bundled_demo() {
     assert!(err.contains("give one or more images"), "{err}");
 
     // A missing demo image is named.
-    std::fs::remove_file(models.join(bundled::SEGMENT_DEMO_IMAGE)).unwrap();
+    std::fs::remove_file(models.join(bundled::DEMO_IMAGE)).unwrap();
     let err = run_err(&mut demo());
-    assert!(err.contains("demo.png is missing"), "{err}");
+    assert!(err.contains("astronaut.jpg is missing"), "{err}");
     std::fs::remove_dir_all(&models).unwrap();
     std::fs::remove_dir_all(&cwd).unwrap();
 }
 
-/// The committed demo segmenter (models/, found from where the binary was built) loads and runs on the
-/// demo image as on a fresh clone, says what it was trained on, and tells shapes from background.
+/// The committed segmenter (models/, found from where the binary was built) loads and runs on the
+/// bundled photo as on a fresh clone, says what it was trained on and its held-out metric, and finds
+/// the astronaut: "person" is the most common class after background and covers her (a large share
+/// of the picture's centre).
 #[test]
-fn the_committed_demo_segmenter_runs_out_of_the_box() {
+fn the_committed_segmenter_finds_the_astronaut() {
     let cwd = scratch("segment", "committed");
     let out = run_ok(bin().env_remove(bundled::MODELS_DIR_ENV).current_dir(&cwd));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("trained on synthetic shapes") && stderr.contains("held-out aAcc"),
+        stderr.contains("trained on coco-mini")
+            && stderr.contains("held-out")
+            && stderr.contains("mIoU"),
         "{stderr}"
     );
-    let mask = label_image(&cwd.join("runs/segment/predict/demo_mask.png"));
-    assert_eq!(mask.dimensions(), (160, 160));
-    let background = mask.pixels().filter(|p| p[0] == 0).count() as f64 / (160.0 * 160.0);
-    assert!(
-        (0.3..0.95).contains(&background),
-        "background share {background}"
-    );
+    let mask = label_image(&cwd.join("runs/segment/predict/astronaut_mask.png"));
+    assert_eq!(mask.dimensions(), (512, 512));
+    const PERSON: u8 = 15;
+    let centre: Vec<u8> = (160..352)
+        .flat_map(|y| (160..352).map(move |x| (x, y)))
+        .map(|(x, y)| mask.get_pixel(x, y)[0])
+        .collect();
+    let person = centre.iter().filter(|&&c| c == PERSON).count() as f64 / centre.len() as f64;
+    assert!(person > 0.5, "person covers {person:.2} of the centre");
     std::fs::remove_dir_all(&cwd).unwrap();
 }
 

@@ -129,13 +129,13 @@ fn run(mut cli: Cli) -> Result<()> {
             );
         }
         // The out-of-the-box demo: bundled model on the bundled photo.
-        cli.images = vec![bundled::demo_image(bundled::DETECT_DEMO_IMAGE)?];
+        cli.images = vec![bundled::demo_image(bundled::DEMO_IMAGE)?];
     }
     let (detector, labels) = load_detector(&cli)?;
     match cli.dataset {
         Some(_) => evaluate_coco(&cli, &detector, &labels),
         None => {
-            let dir = output::save_dir("detect", "predict", cli.out_dir.as_deref(), cli.no_save)?;
+            let dir = output::save_dir("detect", "predict", cli.out_dir.as_deref(), cli.no_save);
             detect_images(&cli, &detector, &labels, dir.as_deref())
         }
     }
@@ -240,6 +240,9 @@ fn detect_images(
     save: Option<&Path>,
 ) -> Result<()> {
     let files = imageio::expand_inputs(&cli.images)?;
+    if save.is_some() {
+        output::distinct_stems(&files)?;
+    }
     let (ids, id_source) = image_ids(&files, cli.annotations.as_deref())?;
     let bar = progress_bar(files.len(), files.len() > 1);
     let mut results: Vec<CocoResult> = Vec::new();
@@ -293,21 +296,11 @@ fn detect_images(
         let size = detector.config.image_size;
         println!("{}", speed.line(&format!("at {size}x{size}")));
     }
-    if let Some(dir) = save {
-        println!("results saved to {}", dir.display());
-    }
+    output::print_saved(save);
     if let (Some(runs), Some(first)) = (cli.bench, files.first()) {
         bench(detector, first, runs)?;
     }
-    if !failures.is_empty() {
-        bail!(
-            "{} of {} image(s) failed: {}",
-            failures.len(),
-            files.len(),
-            failures.join(", ")
-        );
-    }
-    Ok(())
+    output::failures(&failures, files.len())
 }
 
 fn progress_bar(len: usize, visible: bool) -> ProgressBar {

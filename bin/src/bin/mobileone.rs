@@ -36,7 +36,9 @@ enum Command {
     Fuse(FuseArgs),
     /// Top-k ImageNet classes of an image, with timm's eval preprocessing.
     Classify(ClassifyArgs),
-    /// Median forward latency of a random-weight model.
+    /// Median forward latency of a random-weight model (classifier, SSDLite or DeepLabV3). The
+    /// native kernels run on the best SIMD level of the CPU; MOBILEONE_SIMD=avx2|scalar|… forces a
+    /// lower one (the line says which ran).
     Bench(bench::BenchArgs),
 }
 
@@ -124,16 +126,19 @@ struct ClassifyArgs {
     /// Network input side in pixels [default: the checkpoint's or hub config's, else 224].
     #[arg(long, value_name = "S")]
     input_size: Option<u32>,
-    /// Centre-crop fraction: the shorter side is resized to floor(S / crop_pct) [default: 0.875].
+    /// Centre-crop fraction: the shorter side is resized to floor(S / crop_pct) [default: the
+    /// checkpoint's or hub config's, else 0.875].
     #[arg(long)]
     crop_pct: Option<f64>,
-    /// Resize filter, as Pillow's: bilinear, bicubic, lanczos or box [default: bilinear].
+    /// Resize filter, as Pillow's: bilinear, bicubic, lanczos or box [default: the checkpoint's or
+    /// hub config's, else bilinear].
     #[arg(long)]
     interpolation: Option<mobileone_datasets::imaging::Filter>,
-    /// Normalisation mean, R,G,B [default: ImageNet's].
+    /// Normalisation mean, R,G,B [default: the checkpoint's or hub config's, else ImageNet's].
     #[arg(long, value_delimiter = ',', num_args = 3)]
     mean: Option<Vec<f32>>,
-    /// Normalisation standard deviation, R,G,B [default: ImageNet's].
+    /// Normalisation standard deviation, R,G,B [default: the checkpoint's or hub config's, else
+    /// ImageNet's].
     #[arg(long, value_delimiter = ',', num_args = 3)]
     std: Option<Vec<f32>>,
 }
@@ -515,7 +520,10 @@ fn classify_images(
     use rayon::prelude::*;
     use std::time::{Duration, Instant};
     let files = imageio::expand_inputs(&args.inputs)?;
-    let save = output::save_dir("classify", "predict", args.out_dir.as_deref(), args.no_save)?;
+    let save = output::save_dir("classify", "predict", args.out_dir.as_deref(), args.no_save);
+    if save.is_some() {
+        output::distinct_stems(&files)?;
+    }
     let (mut results, mut failures, mut speed) = (Vec::new(), Vec::new(), output::Speed::default());
     for chunk in files.chunks(args.batch as usize) {
         let loaded: Vec<(Result<RgbImage>, Duration)> = chunk
@@ -573,18 +581,8 @@ fn classify_images(
             speed.line(&format!("at {s}x{s}, batches of up to {}", args.batch))
         );
     }
-    if let Some(dir) = save {
-        println!("results saved to {}", dir.display());
-    }
-    if !failures.is_empty() {
-        bail!(
-            "{} of {} image(s) failed: {}",
-            failures.len(),
-            files.len(),
-            failures.join(", ")
-        );
-    }
-    Ok(())
+    output::print_saved(save.as_deref());
+    output::failures(&failures, files.len())
 }
 
 fn evaluate_imagenet(

@@ -26,21 +26,22 @@ use mobileone_eval::seg::{SegMetric, SegMetrics};
                   fresh runs/segment/predict<N> folder (--out-dir to choose, --no-save to skip), and \
                   optionally the raw logits. Images run at full resolution unless --size N resizes the \
                   shorter side.\n\
-                  With --dataset: runs over a VOC 2012 or ADE20K folder and prints mIoU, mAcc, aAcc and \
+                  With --dataset: runs over a VOC 2012, ADE20K or segmentation-folder dataset and prints mIoU, mAcc, aAcc and \
                   per-class IoU (mmsegmentation's IoUMetric).\n\n\
                   Architecture settings come from the checkpoint's metadata; the flags below override them \
                   for checkpoints without metadata.\n\n\
-                  Without --weights it runs the bundled demo segmenter \
-                  (models/deeplabv3_mobileone_s0_synth.safetensors, trained on the synthetic shapes of \
-                  `dataset synth` only); with no image either, on models/demo.png. MOBILEONE_MODELS_DIR \
-                  names another folder holding those files."
+                  Without --weights it runs the bundled segmenter \
+                  (models/deeplabv3_mobileone_s0_coco_voc.safetensors: the 20 VOC classes, trained on 149 \
+                  COCO images, so a small model of modest accuracy; see models/README.md); with no image \
+                  either, on models/astronaut.jpg. MOBILEONE_MODELS_DIR names another folder holding \
+                  those files."
 )]
 struct Cli {
     /// Images or folders of images (JPEG, PNG) [default without --weights: the bundled
-    /// models/demo.png].
+    /// models/astronaut.jpg].
     images: Vec<PathBuf>,
     /// Segmenter weights (.safetensors with torchvision DeepLabV3 key names) [default: the bundled
-    /// demo segmenter, models/deeplabv3_mobileone_s0_synth.safetensors].
+    /// VOC-class segmenter, models/deeplabv3_mobileone_s0_coco_voc.safetensors].
     #[arg(long)]
     weights: Option<PathBuf>,
     /// MobileOne variant of the trunk (default: metadata, else guessed from the weights).
@@ -123,7 +124,7 @@ fn run(mut cli: Cli) -> Result<()> {
             bail!("give one or more images, or --dataset voc|ade20k --data-root DIR (see --help)");
         }
         // The out-of-the-box demo: bundled model on the bundled image.
-        cli.images = vec![bundled::demo_image(bundled::SEGMENT_DEMO_IMAGE)?];
+        cli.images = vec![bundled::demo_image(bundled::DEMO_IMAGE)?];
     }
     cli.images = imageio::expand_inputs(&cli.images)?;
     if cli.size == Some(0) || cli.tile == Some(0) {
@@ -144,7 +145,7 @@ fn run(mut cli: Cli) -> Result<()> {
         run,
         cli.out_dir.as_deref(),
         cli.no_save && cli.dataset.is_none(),
-    )?;
+    );
     match cli.dataset {
         Some(kind) => evaluate(&cli, kind, &model, spec, save.as_deref().expect("a folder")),
         None => segment_images(&cli, &model, &spec, save.as_deref()),
@@ -201,14 +202,8 @@ fn segment_images(
     spec: &SegmenterSpec,
     save: Option<&Path>,
 ) -> Result<()> {
-    let mut stems = std::collections::HashSet::new();
-    for path in &cli.images {
-        if !stems.insert(file_stem(path)) {
-            bail!(
-                "two inputs are named {}: their outputs would overwrite each other",
-                file_stem(path)
-            );
-        }
+    if save.is_some() {
+        output::distinct_stems(&cli.images)?;
     }
     let palette = class_palette(spec);
     let (mut failures, mut speed) = (Vec::new(), output::Speed::default());
@@ -294,7 +289,10 @@ fn segment_images(
         })();
         if let Err(e) = outcome {
             eprintln!("error: {e:#}");
-            failures.push(file_stem(path));
+            failures.push(path.file_name().map_or_else(
+                || path.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            ));
         }
     }
     if speed.images() > 0 {
@@ -304,18 +302,8 @@ fn segment_images(
         );
         println!("{}", speed.line(&at));
     }
-    if let Some(dir) = save {
-        println!("results saved to {}", dir.display());
-    }
-    if !failures.is_empty() {
-        bail!(
-            "{} of {} image(s) failed: {}",
-            failures.len(),
-            cli.images.len(),
-            failures.join(", ")
-        );
-    }
-    Ok(())
+    output::print_saved(save);
+    output::failures(&failures, cli.images.len())
 }
 
 /// The colour of every class the model predicts, as the mask PNGs' palette.

@@ -66,6 +66,15 @@ pub fn distinct_stems(files: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
+/// The file name of `path` as the console lines and failure lists show it (the whole path when it
+/// has none).
+pub fn file_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
 /// `dir/<stem><suffix>.jpg` for a JPEG input, `.png` otherwise.
 pub fn picture_path(dir: &Path, input: &Path, suffix: &str) -> PathBuf {
     let stem = input

@@ -53,16 +53,6 @@ impl SimdLevel {
             .find(|l| l.is_supported())
             .unwrap_or(&Self::Scalar)
     }
-
-    /// f32 lanes per vector.
-    pub fn lanes(self) -> usize {
-        match self {
-            Self::Scalar => 1,
-            Self::Neon => 4,
-            Self::Avx2 => 8,
-            Self::Avx512 => 16,
-        }
-    }
 }
 
 impl fmt::Display for SimdLevel {

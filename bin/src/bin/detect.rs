@@ -161,13 +161,6 @@ fn load_detector(cli: &Cli) -> Result<(SsdDetector, Labels)> {
     Ok((detector, labels))
 }
 
-fn file_name(path: &Path) -> String {
-    path.file_name().map_or_else(
-        || path.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    )
-}
-
 fn detect_one(
     detector: &SsdDetector,
     image: &image::RgbImage,
@@ -205,7 +198,7 @@ fn image_ids(files: &[PathBuf], annotations: Option<&Path>) -> Result<(Vec<u64>,
             .iter()
             .map(|f| {
                 by_name
-                    .get(file_name(f).as_str())
+                    .get(output::file_name(f).as_str())
                     .copied()
                     .with_context(|| {
                         format!(
@@ -249,7 +242,7 @@ fn detect_images(
     let mut failures = Vec::new();
     let mut speed = output::Speed::default();
     for (index, path) in files.iter().enumerate() {
-        let name = file_name(path);
+        let name = output::file_name(path);
         let outcome = (|| -> Result<()> {
             let start = Instant::now();
             let mut image = imageio::load_rgb(path)?;
@@ -333,7 +326,7 @@ fn bench(detector: &SsdDetector, path: &Path, runs: usize) -> Result<()> {
     let size = detector.config.image_size;
     let what = format!(
         "detect {} (network {size}x{size}, pre- and post-processing included)",
-        file_name(path)
+        output::file_name(path)
     );
     println!(
         "{}",

@@ -502,13 +502,6 @@ fn classify(args: &ClassifyArgs) -> Result<()> {
     }
 }
 
-fn file_name(path: &Path) -> String {
-    path.file_name().map_or_else(
-        || path.display().to_string(),
-        |n| n.to_string_lossy().into(),
-    )
-}
-
 /// Classifies each image: one console line per image, the pictures in a fresh run folder, a speed
 /// summary; an unreadable image is reported and skipped, the others still run (then exit 1).
 fn classify_images(
@@ -539,7 +532,7 @@ fn classify_images(
                 Ok(image) => batch.push((file, image, decode)),
                 Err(e) => {
                     eprintln!("error: {e:#}");
-                    failures.push(file_name(file));
+                    failures.push(output::file_name(file));
                 }
             }
         }
@@ -556,7 +549,7 @@ fn classify_images(
             speed.add([*decode, pre / n, inference / n, post]);
             println!(
                 "{} {}x{}: {}, {:.1} ms",
-                file_name(file),
+                output::file_name(file),
                 image.width(),
                 image.height(),
                 classify::summary(&predictions),

@@ -273,10 +273,7 @@ fn segment_images(
                 .collect();
             println!(
                 "{} {}x{}: {}, {elapsed:.1} ms",
-                path.file_name().map_or_else(
-                    || path.display().to_string(),
-                    |n| n.to_string_lossy().into_owned()
-                ),
+                output::file_name(path),
                 image.width(),
                 image.height(),
                 present.join(", ")
@@ -289,10 +286,7 @@ fn segment_images(
         })();
         if let Err(e) = outcome {
             eprintln!("error: {e:#}");
-            failures.push(path.file_name().map_or_else(
-                || path.display().to_string(),
-                |n| n.to_string_lossy().into_owned(),
-            ));
+            failures.push(output::file_name(path));
         }
     }
     if speed.images() > 0 {

@@ -323,19 +323,17 @@ fn lanes_in<S: Simd>(simd: S, col: isize, end: isize) -> MemMask<S::m32s> {
     ))
 }
 
-/// Stores the first `count` lanes of `v` at `ptr` (all of them when `count` is the lane count).
-/// A partial store (once per row) goes through a stack copy.
+/// Stores the first `count` lanes of `v` at `ptr` (all of them when `count` is the lane count);
+/// a partial store (once per row) is one masked store.
 ///
 /// # Safety
 /// `ptr .. ptr + min(count, lanes)` must be writable.
 #[inline(always)]
-unsafe fn store_first<S: Simd>(ptr: *mut f32, count: usize, v: S::f32s) {
+unsafe fn store_first<S: Simd>(simd: S, ptr: *mut f32, count: usize, v: S::f32s) {
     if count >= S::F32_LANES {
         (ptr as *mut S::f32s).write_unaligned(v);
     } else {
-        let mut lanes = [0f32; 16];
-        (lanes.as_mut_ptr() as *mut S::f32s).write_unaligned(v);
-        std::ptr::copy_nonoverlapping(lanes.as_ptr(), ptr, count);
+        simd.mask_store_ptr_f32s(lanes_in(simd, 0, count as isize), ptr, v);
     }
 }
 
@@ -403,6 +401,7 @@ impl<const K: usize, const T: usize> WithSimd for Direct<'_, K, T> {
                 // SAFETY: outputs ox .. min(ox + lanes, ow) of the row exist.
                 unsafe {
                     store_first::<S>(
+                        simd,
                         out_row.as_mut_ptr().add(ox),
                         ow - ox,
                         activate_v(simd, acc, act),
@@ -451,6 +450,7 @@ impl<const T: usize> WithSimd for Phased<'_, T> {
                 // SAFETY: outputs ox .. min(ox + lanes, ow) of row oy are in `out`.
                 unsafe {
                     store_first::<S>(
+                        simd,
                         out.as_mut_ptr().add(oy * ow + ox),
                         ow - ox,
                         activate_v(simd, acc, act),

@@ -244,11 +244,17 @@ fn pointwise_matches_reference() {
 
 fn pointwise_cases() -> f32 {
     let mut worst = 0f32;
-    // Large enough for the GEMM to split into several tiles across rows and columns.
+    // Large enough to split into several tiles across rows and columns; positions left over after
+    // the full register blocks in every count of vectors (49, 196, 40, 100 positions) with channel
+    // counts that leave partial channel blocks.
     for (input, out_channels) in [
         ([2, 7, 5, 6], 9),
         ([1, 16, 12, 12], 70),
         ([3, 33, 3, 3], 65),
+        ([1, 20, 7, 7], 50),
+        ([1, 24, 14, 14], 50),
+        ([2, 9, 5, 8], 50),
+        ([1, 12, 10, 10], 31),
     ] {
         for act in ACTS {
             for bias in [true, false] {

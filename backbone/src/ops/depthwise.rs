@@ -11,13 +11,13 @@
 //! an ordered even-lane shuffle, which `pulp` does not offer portably: its deinterleave returns the
 //! lanes in an ISA-specific order.)
 
-use super::simd::{dispatch, vectorized};
+use super::simd::{activate_v, dispatch, lanes_in, load, store_first, vectorized};
 use super::{
     activate, cpu_slice, output_size, pre_activation_grad, with_cpu_slices, Activation, Geometry,
     SendPtr,
 };
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use pulp::{MemMask, Simd, WithSimd};
+use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -205,7 +205,8 @@ pub(super) fn copy_strided(src: &[f32], step: usize, dst: &mut [f32]) {
     }
 }
 
-/// Output plane from a scattered input plane: `out[oy*OW+ox] = act(bias + Σ_t w[t]·buf[tap_t + oy*PW + ox])`.
+/// Output plane from a scattered input plane for kernels without a SIMD kernel (other than 1, 3,
+/// 5): `out[oy*OW+ox] = act(bias + Σ_t w[t]·buf[tap_t + oy*PW + ox])`.
 fn forward_plane(
     l: &PlaneLayout,
     buf: &[f32],
@@ -215,65 +216,233 @@ fn forward_plane(
     out: &mut [f32],
 ) {
     debug_assert!(buf.len() >= l.buffer_len() && out.len() == l.out_height * l.out_width);
-    let plane = PlaneArgs {
-        l,
-        input: buf,
-        weights,
-        bias,
-        act,
-        out,
-    };
-    match weights.len() {
-        1 => dispatch(Phased::<1>(plane)),
-        9 => dispatch(Phased::<9>(plane)),
-        25 => dispatch(Phased::<25>(plane)),
-        _ => {
-            let PlaneArgs { out, .. } = plane;
-            for oy in 0..l.out_height {
-                let row = &buf[oy * l.phase_width..];
-                for (ox, o) in out[oy * l.out_width..(oy + 1) * l.out_width]
-                    .iter_mut()
-                    .enumerate()
-                {
-                    let mut acc = bias;
-                    for (&tap, &w) in l.taps.iter().zip(weights) {
-                        acc += w * row[tap + ox];
-                    }
-                    *o = activate(acc, act);
-                }
+    for oy in 0..l.out_height {
+        let row = &buf[oy * l.phase_width..];
+        for (ox, o) in out[oy * l.out_width..(oy + 1) * l.out_width]
+            .iter_mut()
+            .enumerate()
+        {
+            let mut acc = bias;
+            for (&tap, &w) in l.taps.iter().zip(weights) {
+                acc += w * row[tap + ox];
             }
+            *o = activate(acc, act);
         }
     }
 }
 
-/// Computes a stride-1 plane straight from the input (no padded copy) when a kernel exists for it;
-/// returns false otherwise.
-fn forward_plane_direct(
-    l: &PlaneLayout,
-    plane: &[f32],
-    weights: &[f32],
-    bias: f32,
+/// Output planes `first ..` (as many as `out` holds) of the batch, each computed straight from
+/// its input plane (no padded copy).
+struct Planes<'a, P> {
+    l: &'a PlaneLayout,
+    x: &'a [f32],
+    w: &'a [f32],
+    b: &'a [f32],
     act: Activation,
+    /// Input channels and output channels per input channel.
+    channels: (usize, usize),
+    first: usize,
+    out: &'a mut [f32],
+    kernel: std::marker::PhantomData<P>,
+}
+
+/// A kernel that computes one output plane from its unpadded input plane (`buf`: scratch space).
+trait PlaneKernel {
+    fn run<S: Simd>(simd: S, args: PlaneArgs, buf: &mut Vec<f32>);
+}
+
+impl<const K: usize, const T: usize> PlaneKernel for Flat<'_, K, T> {
+    #[inline(always)]
+    fn run<S: Simd>(simd: S, args: PlaneArgs, _: &mut Vec<f32>) {
+        Flat::<K, T>(args).with_simd(simd)
+    }
+}
+
+impl<const K: usize, const T: usize> PlaneKernel for Direct<'_, K, T> {
+    #[inline(always)]
+    fn run<S: Simd>(simd: S, args: PlaneArgs, _: &mut Vec<f32>) {
+        Direct::<K, T>(args).with_simd(simd)
+    }
+}
+
+impl<const T: usize> PlaneKernel for Phased<'_, T> {
+    /// Scatters the plane into the padded, phase-split buffer first.
+    #[inline(always)]
+    fn run<S: Simd>(simd: S, args: PlaneArgs, buf: &mut Vec<f32>) {
+        buf.resize(args.l.buffer_len(), 0.0);
+        args.l.scatter(args.input, buf);
+        Phased::<T>(PlaneArgs { input: buf, ..args }).with_simd(simd)
+    }
+}
+
+impl<P: PlaneKernel> WithSimd for Planes<'_, P> {
+    type Output = ();
+
+    /// One SIMD dispatch for the whole group: with 7x7 planes the per-plane work is ~100 cycles.
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let (c, multiplier) = self.channels;
+        let c_out = c * multiplier;
+        let (plane_in, plane_out) = (
+            self.l.height * self.l.width,
+            self.l.out_height * self.l.out_width,
+        );
+        let taps = self.l.kernel * self.l.kernel;
+        // Taken out of the thread-local for the group: a closure would not inherit the SIMD
+        // level's target features, and the kernels inside it would call their intrinsics.
+        let mut buf = BUFFERS.with_borrow_mut(|(buf, _)| std::mem::take(buf));
+        for (i, out) in self.out.chunks_exact_mut(plane_out).enumerate() {
+            let p = self.first + i;
+            let (image, co) = (p / c_out, p % c_out);
+            let input = image * c + co / multiplier;
+            P::run(
+                simd,
+                PlaneArgs {
+                    l: self.l,
+                    input: &self.x[input * plane_in..(input + 1) * plane_in],
+                    weights: &self.w[co * taps..(co + 1) * taps],
+                    bias: self.b[co],
+                    act: self.act,
+                    out,
+                },
+                &mut buf,
+            );
+        }
+        BUFFERS.with_borrow_mut(|(slot, _)| *slot = buf);
+    }
+}
+
+/// Computes output planes `first ..` (whole planes in `out`) with a SIMD kernel: stride 1 straight
+/// from the input, other strides through the padded, phase-split copy; returns false when no kernel
+/// exists for the layout (kernels other than 1, 3 and 5).
+fn forward_planes(
+    l: &PlaneLayout,
+    (x, w, b): (&[f32], &[f32], &[f32]),
+    act: Activation,
+    channels: (usize, usize),
+    first: usize,
     out: &mut [f32],
 ) -> bool {
-    if l.width > MAX_DIRECT_WIDTH {
-        return false;
+
+    macro_rules! run {
+        ($kernel:ty) => {
+            dispatch(Planes::<$kernel> {
+                l,
+                x,
+                w,
+                b,
+                act,
+                channels,
+                first,
+                out,
+                kernel: std::marker::PhantomData,
+            })
+        };
     }
-    let args = PlaneArgs {
-        l,
-        input: plane,
-        weights,
-        bias,
-        act,
-        out,
-    };
-    match (l.kernel, l.stride) {
-        (1, 1) => dispatch(Direct::<1, 1>(args)),
-        (3, 1) => dispatch(Direct::<3, 9>(args)),
-        (5, 1) => dispatch(Direct::<5, 25>(args)),
+    let same = l.out_height == l.height && l.out_width == l.width;
+    let direct = l.stride == 1 && l.width <= MAX_DIRECT_WIDTH;
+    match (l.kernel, direct, same) {
+        (1, true, true) => run!(Flat<1, 1>),
+        (3, true, true) => run!(Flat<3, 9>),
+        (5, true, true) => run!(Flat<5, 25>),
+        (1, true, false) => run!(Direct<1, 1>),
+        (3, true, false) => run!(Direct<3, 9>),
+        (5, true, false) => run!(Direct<5, 25>),
+        (1, false, _) => run!(Phased<1>),
+        (3, false, _) => run!(Phased<9>),
+        (5, false, _) => run!(Phased<25>),
         _ => return false,
     }
     true
+}
+
+/// Stride-1 KxK plane with "same" padding (output size = input size) computed over the plane
+/// flattened to one row of H·W values: a tap is then one offset for every output, `(ky·d - p)·W +
+/// kx·d - p`, so vectors run across row ends and every lane is used (a 14-wide row would fill 14 of
+/// 16 lanes, a 7-wide one 7). Lanes whose tap column falls outside the image are masked by the
+/// column of each lane (kept as a vector, advanced by the vector length modulo W); taps above or
+/// below the plane fall outside the flattened range and are masked by it.
+struct Flat<'a, const K: usize, const T: usize>(PlaneArgs<'a>);
+
+impl<const K: usize, const T: usize> WithSimd for Flat<'_, K, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let PlaneArgs {
+            l,
+            input: plane,
+            weights,
+            bias,
+            act,
+            out,
+        } = self.0;
+        let (h, w, p, d) = (l.height, l.width, l.padding as isize, l.dilation as isize);
+        let len = (h * w) as isize;
+        debug_assert!(plane.len() == h * w && out.len() == h * w && weights.len() == T);
+        let lanes = S::F32_LANES;
+        let wv: [S::f32s; T] = std::array::from_fn(|t| simd.splat_f32s(weights[t]));
+        let b = simd.splat_f32s(bias);
+        // Column shift of each kernel column; lanes at column c read column c + shift.
+        let shift: [isize; K] = std::array::from_fn(|kx| kx as isize * d - p);
+        let (low, high): ([S::f32s; K], [S::f32s; K]) = (
+            std::array::from_fn(|kx| simd.splat_f32s(-shift[kx] as f32)),
+            std::array::from_fn(|kx| simd.splat_f32s((w as isize - shift[kx]) as f32)),
+        );
+        let width = simd.splat_f32s(w as f32);
+        let advance = simd.splat_f32s((lanes % w) as f32);
+        // Column of each lane, exact in f32 (planes are far narrower than 2^24).
+        let mut col = {
+            let first: [f32; 16] = std::array::from_fn(|i| (i % w) as f32);
+            // SAFETY: 16 ≥ lanes values.
+            unsafe { load::<S>(first.as_ptr()) }
+        };
+        let mut q = 0isize;
+        while q < len {
+            let mut partial = [simd.splat_f32s(0.0); K];
+            partial[0] = b;
+            for kx in 0..K {
+                let columns = simd.and_m32s(
+                    simd.greater_than_or_equal_f32s(col, low[kx]),
+                    simd.less_than_f32s(col, high[kx]),
+                );
+                for ky in 0..K {
+                    let start = q + (ky as isize * d - p) * w as isize + shift[kx];
+                    let src = plane.as_ptr().wrapping_offset(start);
+                    // SAFETY: only lanes inside the plane are read.
+                    let v = unsafe {
+                        let inside = if start >= 0 && start + lanes as isize <= len {
+                            columns
+                        } else {
+                            simd.and_m32s(columns, lanes_in(simd, start, len).mask())
+                        };
+                        simd.mask_load_ptr_f32s(pulp::MemMask::new(inside), src)
+                    };
+                    partial[ky] = simd.mul_add_f32s(wv[ky * K + kx], v, partial[ky]);
+                }
+            }
+            let mut acc = partial[0];
+            for p in &partial[1..] {
+                acc = simd.add_f32s(acc, *p);
+            }
+            // SAFETY: outputs q .. min(q + lanes, H·W) exist.
+            unsafe {
+                store_first::<S>(
+                    simd,
+                    out.as_mut_ptr().offset(q),
+                    (len - q) as usize,
+                    activate_v(simd, acc, act),
+                );
+            }
+            col = simd.add_f32s(col, advance);
+            col = simd.select_f32s(
+                simd.greater_than_or_equal_f32s(col, width),
+                simd.sub_f32s(col, width),
+                col,
+            );
+            q += lanes as isize;
+        }
+    }
 }
 
 /// One output plane's inputs: the input plane (or its padded, phase-split copy), the channel's taps,
@@ -285,56 +454,6 @@ struct PlaneArgs<'a> {
     bias: f32,
     act: Activation,
     out: &'a mut [f32],
-}
-
-#[inline(always)]
-fn activate_v<S: Simd>(simd: S, acc: S::f32s, act: Activation) -> S::f32s {
-    let zero = simd.splat_f32s(0.0);
-    match act {
-        Activation::None => acc,
-        Activation::Relu => simd.max_f32s(acc, zero),
-        Activation::Relu6 => simd.min_f32s(simd.max_f32s(acc, zero), simd.splat_f32s(6.0)),
-    }
-}
-
-/// A full vector from `ptr` (unaligned).
-///
-/// # Safety
-/// `ptr .. ptr + lanes` must be readable.
-#[inline(always)]
-unsafe fn load<S: Simd>(ptr: *const f32) -> S::f32s {
-    (ptr as *const S::f32s).read_unaligned()
-}
-
-/// Mask of the lanes `i` of a vector starting at column `col` with `0 <= col + i < end`. Built from
-/// comparisons and wrapped with `MemMask::new`, so the masked load is one instruction (pulp's
-/// `mask_between_*` attaches a per-mask function that the load then calls).
-#[inline(always)]
-fn lanes_in<S: Simd>(simd: S, col: isize, end: isize) -> MemMask<S::m32s> {
-    const IOTA: [u32; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
-    let lanes = S::F32_LANES as isize;
-    let first = (-col).clamp(0, lanes) as u32;
-    let stop = (end - col).clamp(first as isize, lanes) as u32;
-    // SAFETY: IOTA holds 16 ≥ lanes values.
-    let iota = unsafe { (IOTA.as_ptr() as *const S::u32s).read_unaligned() };
-    MemMask::new(simd.and_m32s(
-        simd.greater_than_or_equal_u32s(iota, simd.splat_u32s(first)),
-        simd.less_than_u32s(iota, simd.splat_u32s(stop)),
-    ))
-}
-
-/// Stores the first `count` lanes of `v` at `ptr` (all of them when `count` is the lane count);
-/// a partial store (once per row) is one masked store.
-///
-/// # Safety
-/// `ptr .. ptr + min(count, lanes)` must be writable.
-#[inline(always)]
-unsafe fn store_first<S: Simd>(simd: S, ptr: *mut f32, count: usize, v: S::f32s) {
-    if count >= S::F32_LANES {
-        (ptr as *mut S::f32s).write_unaligned(v);
-    } else {
-        simd.mask_store_ptr_f32s(lanes_in(simd, 0, count as isize), ptr, v);
-    }
 }
 
 /// Stride-1 KxK plane read straight from the unpadded input: rows outside the plane read a zero row,
@@ -560,25 +679,34 @@ impl CustomOp3 for DepthwiseConv {
         let plane_out = layout.out_height * layout.out_width;
         let act = self.0.act;
         let mut out = super::output_buffer(n * c_out * plane_out);
-        out.par_chunks_mut(plane_out)
-            .with_min_len(MIN_TASK_OUTPUTS.div_ceil(plane_out))
+        // Tasks of whole planes: tiny planes batched, but at least two tasks per thread.
+        let planes = n * c_out;
+        let group = MIN_TASK_OUTPUTS
+            .div_ceil(plane_out)
+            .min(planes.div_ceil(2 * rayon::current_num_threads()))
+            .max(1);
+        out.par_chunks_mut(plane_out * group)
             .enumerate()
-            .for_each(|(p, out_plane)| {
-                let (image, co) = (p / c_out, p % c_out);
-                let input = image * c + co / multiplier;
-                let plane = &x[input * plane_in..(input + 1) * plane_in];
-                let weights = &w[co * taps..(co + 1) * taps];
-                if forward_plane_direct(&layout, plane, weights, b[co], act, out_plane) {
+            .for_each(|(g, out_group)| {
+                let first = g * group;
+                let channels = (c, multiplier);
+                if forward_planes(&layout, (x, w, b), act, channels, first, out_group) {
                     return;
                 }
-                BUFFERS.with_borrow_mut(|(buf, _)| {
-                    buf.resize(layout.buffer_len(), 0.0);
-                    vectorized(
-                        #[inline(always)]
-                        || layout.scatter(plane, buf),
-                    );
-                    forward_plane(&layout, buf, weights, b[co], act, out_plane);
-                })
+                for (i, out_plane) in out_group.chunks_exact_mut(plane_out).enumerate() {
+                    let (image, co) = ((first + i) / c_out, (first + i) % c_out);
+                    let input = image * c + co / multiplier;
+                    let plane = &x[input * plane_in..(input + 1) * plane_in];
+                    let weights = &w[co * taps..(co + 1) * taps];
+                    BUFFERS.with_borrow_mut(|(buf, _)| {
+                        buf.resize(layout.buffer_len(), 0.0);
+                        vectorized(
+                            #[inline(always)]
+                            || layout.scatter(plane, buf),
+                        );
+                        forward_plane(&layout, buf, weights, b[co], act, out_plane);
+                    })
+                }
             });
         let shape = Shape::from((n, c_out, layout.out_height, layout.out_width));
         Ok((CpuStorage::F32(out), shape))

@@ -5,6 +5,7 @@
 //! rayon runs in parallel; each tile gets its bias and activation right after its GEMM, while it
 //! is still in cache.
 
+use super::pointwise::{self, PointwiseTile};
 use super::{activate, cpu_slice, output_size, with_cpu_slices, Activation, Geometry, SendPtr};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -157,6 +158,19 @@ impl CustomOp3 for GemmConv {
         plan_tiles(n, shape).par_iter().for_each(|tile| {
             let image_out = out_ptr.get().wrapping_add(tile.image * shape.m * shape.n);
             let image_cols = &cols[tile.image * shape.k * shape.n..][..shape.k * shape.n];
+            if pointwise {
+                return pointwise::run(PointwiseTile {
+                    w,
+                    c_in,
+                    bias: b,
+                    act,
+                    x: image_cols,
+                    out: image_out,
+                    positions: shape.n,
+                    rows: tile.rows.clone(),
+                    cols: tile.cols.clone(),
+                });
+            }
             // SAFETY: tiles are disjoint; every pointer stays inside its (checked) buffer.
             unsafe {
                 gemm::gemm(

@@ -11,6 +11,7 @@ pub(crate) mod batch_norm;
 pub(crate) mod branch_merge;
 mod depthwise;
 mod gemm_conv;
+mod pointwise;
 pub mod simd;
 
 use candle_core::{DType, Result, Tensor};

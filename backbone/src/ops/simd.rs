@@ -11,7 +11,9 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
-use pulp::{Simd, WithSimd};
+use pulp::{MemMask, Simd, WithSimd};
+
+use super::Activation;
 
 /// An instruction-set level of the native kernels, lowest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -166,4 +168,55 @@ pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
         }
     }
     dispatch(Closure(f))
+}
+
+/// `act` applied to every lane.
+#[inline(always)]
+pub(super) fn activate_v<S: Simd>(simd: S, acc: S::f32s, act: Activation) -> S::f32s {
+    let zero = simd.splat_f32s(0.0);
+    match act {
+        Activation::None => acc,
+        Activation::Relu => simd.max_f32s(acc, zero),
+        Activation::Relu6 => simd.min_f32s(simd.max_f32s(acc, zero), simd.splat_f32s(6.0)),
+    }
+}
+
+/// A full vector from `ptr` (unaligned).
+///
+/// # Safety
+/// `ptr .. ptr + lanes` must be readable.
+#[inline(always)]
+pub(super) unsafe fn load<S: Simd>(ptr: *const f32) -> S::f32s {
+    (ptr as *const S::f32s).read_unaligned()
+}
+
+/// Mask of the lanes `i` of a vector starting at column `col` with `0 <= col + i < end`. Built from
+/// comparisons and wrapped with `MemMask::new`, so the masked load is one instruction (pulp's
+/// `mask_between_*` attaches a per-mask function that the load then calls).
+#[inline(always)]
+pub(super) fn lanes_in<S: Simd>(simd: S, col: isize, end: isize) -> MemMask<S::m32s> {
+    const IOTA: [u32; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
+    let lanes = S::F32_LANES as isize;
+    let first = (-col).clamp(0, lanes) as u32;
+    let stop = (end - col).clamp(first as isize, lanes) as u32;
+    // SAFETY: IOTA holds 16 ≥ lanes values.
+    let iota = unsafe { (IOTA.as_ptr() as *const S::u32s).read_unaligned() };
+    MemMask::new(simd.and_m32s(
+        simd.greater_than_or_equal_u32s(iota, simd.splat_u32s(first)),
+        simd.less_than_u32s(iota, simd.splat_u32s(stop)),
+    ))
+}
+
+/// Stores the first `count` lanes of `v` at `ptr` (all of them when `count` is the lane count);
+/// a partial store (once per row) is one masked store.
+///
+/// # Safety
+/// `ptr .. ptr + min(count, lanes)` must be writable.
+#[inline(always)]
+pub(super) unsafe fn store_first<S: Simd>(simd: S, ptr: *mut f32, count: usize, v: S::f32s) {
+    if count >= S::F32_LANES {
+        (ptr as *mut S::f32s).write_unaligned(v);
+    } else {
+        simd.mask_store_ptr_f32s(lanes_in(simd, 0, count as isize), ptr, v);
+    }
 }

@@ -182,50 +182,18 @@ impl CustomOp3 for GemmConv {
         plan_tiles(n, shape).par_iter().for_each(|tile| {
             let image_out = out_ptr.get().wrapping_add(tile.image * shape.m * shape.n);
             let image_cols = &cols[tile.image * shape.k * shape.n..][..shape.k * shape.n];
-            if pointwise {
-                return pointwise::run(PointwiseTile {
-                    w,
-                    c_in,
-                    bias: b,
-                    act,
-                    x: image_cols,
-                    out: image_out,
-                    positions: shape.n,
-                    rows: tile.rows.clone(),
-                    cols: tile.cols.clone(),
-                });
-            }
-            // SAFETY: tiles are disjoint; every pointer stays inside its (checked) buffer.
-            unsafe {
-                gemm::gemm(
-                    tile.rows.len(),
-                    tile.cols.len(),
-                    shape.k,
-                    image_out.add(tile.rows.start * shape.n + tile.cols.start),
-                    1,
-                    shape.n as isize,
-                    false,
-                    w.as_ptr().add(tile.rows.start * shape.k),
-                    1,
-                    shape.k as isize,
-                    image_cols.as_ptr().add(tile.cols.start),
-                    1,
-                    shape.n as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-                for r in tile.rows.clone() {
-                    let row = std::slice::from_raw_parts_mut(
-                        image_out.add(r * shape.n + tile.cols.start),
-                        tile.cols.len(),
-                    );
-                    bias_activation(row, b[r], act);
-                }
-            }
+            // The unfolded columns are the input of a 1x1 convolution over C_in·K² channels.
+            pointwise::run(PointwiseTile {
+                w,
+                c_in: shape.k,
+                bias: b,
+                act,
+                x: image_cols,
+                out: image_out,
+                positions: shape.n,
+                rows: tile.rows.clone(),
+                cols: tile.cols.clone(),
+            });
         });
         Ok((CpuStorage::F32(out), Shape::from((n, c_out, oh, ow))))
     }

@@ -183,17 +183,22 @@ impl CustomOp3 for GemmConv {
             let image_out = out_ptr.get().wrapping_add(tile.image * shape.m * shape.n);
             let image_cols = &cols[tile.image * shape.k * shape.n..][..shape.k * shape.n];
             // The unfolded columns are the input of a 1x1 convolution over C_in·K² channels.
-            pointwise::run(PointwiseTile {
-                w,
-                c_in: shape.k,
-                bias: b,
-                act,
-                x: image_cols,
-                out: image_out,
-                positions: shape.n,
-                rows: tile.rows.clone(),
-                cols: tile.cols.clone(),
-            });
+            // SAFETY: tiles are disjoint; every pointer stays inside its (checked) buffer.
+            unsafe {
+                pointwise::run(PointwiseTile {
+                    w: w.as_ptr().add(tile.rows.start * shape.k),
+                    w_rs: shape.k,
+                    x: image_cols.as_ptr().add(tile.cols.start),
+                    x_rs: shape.n,
+                    out: image_out.add(tile.rows.start * shape.n + tile.cols.start),
+                    out_rs: shape.n,
+                    c_in: shape.k,
+                    rows: tile.rows.len(),
+                    cols: tile.cols.len(),
+                    bias: &b[tile.rows.clone()],
+                    act,
+                })
+            }
         });
         Ok((CpuStorage::F32(out), Shape::from((n, c_out, oh, ow))))
     }

@@ -1,35 +1,37 @@
-//! 1x1 convolution of one NCHW image, `out (C_out, H*W) = act(W (C_out, C_in) × X (C_in, H*W) + b)`,
-//! register-blocked over `pulp::Simd`.
+//! The product `out (C_out, P) = act(W (C_out, C_in) × X (C_in, P) + b)` of one NCHW image (P
+//! positions), register-blocked over `pulp::Simd`: a 1x1 convolution, or an im2col-unfolded one.
 //!
-//! [`MR`] output channels × up to four vectors of output positions stay in registers for the whole
-//! C_in loop; each step loads one row segment of X and broadcasts one weight per channel, both read
-//! in place (no packing: with 49 positions, as in a 7x7 stage, copying the weights would cost as
-//! much as the product itself). Bias and activation are applied as the sums leave the registers,
-//! so the output is written once. Replaces the `gemm` crate for the pointwise layers, where its
-//! per-call packing and block planning cost ~20 % at MobileOne's sizes.
+//! [`MR`] output channels × up to four vectors of positions stay in registers for the whole C_in
+//! loop; each step loads one row segment of X and broadcasts one weight per channel, both read in
+//! place (no packing: with 49 positions, as in a 7x7 stage, copying the weights would cost as much
+//! as the product itself). Bias and activation are applied as the sums leave the registers, so the
+//! output is written once. Replaces the `gemm` crate for these: 8–15 % faster at MobileOne's 1x1
+//! sizes (gemm packs both operands on every call), and lowered with the other kernels by
+//! `MOBILEONE_SIMD`. (The tap-by-tap stride-1 convolutions stay on `gemm`, whose packing pays off
+//! there: it gathers each tap's weights, 9 apart, once per call.)
 
 use super::simd::{activate_v, dispatch, lanes_in, load, store_first};
 use super::Activation;
 use pulp::{Simd, WithSimd};
-use std::ops::Range;
 
 /// Output channels per register block.
-pub(super) const MR: usize = 6;
+const MR: usize = 6;
 
-/// One tile of the product: output channels `rows`, positions `cols` of one image.
+/// One tile of the product, every pointer at the tile's first row and column: weight (r, ci) at
+/// `w + r·w_rs + ci`, input (ci, q) at `x + ci·x_rs + q`, output (r, q) at `out + r·out_rs + q`,
+/// bias r at `bias[r]`, for r < `rows`, q < `cols`.
 pub(super) struct PointwiseTile<'a> {
-    /// Weights (C_out, C_in), row-major.
-    pub w: &'a [f32],
+    pub w: *const f32,
+    pub w_rs: usize,
+    pub x: *const f32,
+    pub x_rs: usize,
+    pub out: *mut f32,
+    pub out_rs: usize,
     pub c_in: usize,
+    pub rows: usize,
+    pub cols: usize,
     pub bias: &'a [f32],
     pub act: Activation,
-    /// The image's input (C_in, positions), rows `positions` apart.
-    pub x: &'a [f32],
-    /// The image's output (C_out, positions).
-    pub out: *mut f32,
-    pub positions: usize,
-    pub rows: Range<usize>,
-    pub cols: Range<usize>,
 }
 
 impl WithSimd for PointwiseTile<'_> {
@@ -42,15 +44,15 @@ impl WithSimd for PointwiseTile<'_> {
         let lanes = S::F32_LANES;
         let nv = if lanes == 8 { 2 } else { 4 };
         let step = nv * lanes;
-        let full_end = self.cols.start + self.cols.len() / step * step;
-        for q in (self.cols.start..full_end).step_by(step) {
+        let full_end = self.cols / step * step;
+        for q in (0..full_end).step_by(step) {
             if lanes == 8 {
                 self.block_rows::<S, 2, true>(simd, q, step);
             } else {
                 self.block_rows::<S, 4, true>(simd, q, step);
             }
         }
-        let rest = self.cols.end - full_end;
+        let rest = self.cols - full_end;
         match rest.div_ceil(lanes) {
             0 => {}
             1 => self.block_rows::<S, 1, false>(simd, full_end, rest),
@@ -70,8 +72,8 @@ impl PointwiseTile<'_> {
         q: usize,
         count: usize,
     ) {
-        for r0 in self.rows.clone().step_by(MR) {
-            let rows = (self.rows.end - r0).min(MR);
+        for r0 in (0..self.rows).step_by(MR) {
+            let rows = (self.rows - r0).min(MR);
             // SAFETY: the block lies inside the tile.
             unsafe { self.block::<S, NV, FULL>(simd, r0, rows, q, count) };
         }
@@ -81,7 +83,7 @@ impl PointwiseTile<'_> {
     /// count = NV·lanes when `FULL`, else within the last of NV vectors.
     ///
     /// # Safety
-    /// The block lies inside the image's input and output.
+    /// The block lies inside the tile, and the tile inside its buffers.
     #[inline(always)]
     unsafe fn block<S: Simd, const NV: usize, const FULL: bool>(
         &self,
@@ -92,41 +94,47 @@ impl PointwiseTile<'_> {
         count: usize,
     ) {
         let lanes = S::F32_LANES;
-        let c_in = self.c_in;
         let last = lanes_in(simd, 0, (count - (NV - 1) * lanes) as isize);
-        // Channels past `rows` repeat the last one; their sums are not stored.
-        let w_rows: [*const f32; MR] =
-            std::array::from_fn(|r| self.w.as_ptr().add((r0 + r.min(rows - 1)) * c_in));
-        let mut acc: [[S::f32s; NV]; MR] =
-            std::array::from_fn(|r| [simd.splat_f32s(self.bias[r0 + r.min(rows - 1)]); NV]);
-        let mut x = self.x.as_ptr().add(q);
-        for ci in 0..c_in {
-            let xv: [S::f32s; NV] = std::array::from_fn(|v| {
+        let load_block = |ptr: *const f32| -> [S::f32s; NV] {
+            std::array::from_fn(|v| {
                 if FULL || v + 1 < NV {
-                    load::<S>(x.add(v * lanes))
+                    load::<S>(ptr.add(v * lanes))
                 } else {
-                    simd.mask_load_ptr_f32s(last, x.add(v * lanes))
+                    simd.mask_load_ptr_f32s(last, ptr.add(v * lanes))
                 }
-            });
+            })
+        };
+        // Channels past `rows` repeat the last one; their sums are not stored.
+        let row = |r: usize| r0 + r.min(rows - 1);
+        let w_rows: [*const f32; MR] = std::array::from_fn(|r| self.w.add(row(r) * self.w_rs));
+        let out = |r: usize| self.out.add(row(r) * self.out_rs + q);
+        let mut acc: [[S::f32s; NV]; MR] =
+            std::array::from_fn(|r| [simd.splat_f32s(self.bias[row(r)]); NV]);
+        let mut x = self.x.add(q);
+        for ci in 0..self.c_in {
+            let xv = load_block(x);
             for r in 0..MR {
                 let wb = simd.splat_f32s(*w_rows[r].add(ci));
                 for v in 0..NV {
                     acc[r][v] = simd.mul_add_f32s(wb, xv[v], acc[r][v]);
                 }
             }
-            x = x.add(self.positions);
+            x = x.add(self.x_rs);
         }
         for (r, acc) in acc.iter().enumerate().take(rows) {
-            let out = self.out.add((r0 + r) * self.positions + q);
             for (v, &a) in acc.iter().enumerate() {
                 let a = activate_v(simd, a, self.act);
-                store_first::<S>(simd, out.add(v * lanes), count - v * lanes, a);
+                store_first::<S>(simd, out(r).add(v * lanes), count - v * lanes, a);
             }
         }
     }
 }
 
 /// Runs one tile on the current SIMD level.
-pub(super) fn run(tile: PointwiseTile) {
+///
+/// # Safety
+/// Every element the tile's strides and sizes address lies inside its buffer, and no other
+/// thread writes the tile's output meanwhile.
+pub(super) unsafe fn run(tile: PointwiseTile) {
     dispatch(tile)
 }

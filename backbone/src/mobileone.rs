@@ -275,12 +275,19 @@ fn se_reduced_channels(channels: usize) -> usize {
     ((v + 4.0) as usize / 8 * 8).max(8)
 }
 
-impl Module for SqueezeExcite {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let s = x.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?;
+impl SqueezeExcite {
+    /// `act(x · gate(x))` for x (N, C, H, W): the block's activation fused into the scaling pass.
+    pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        let s = crate::ops::excite::plane_mean(x)?;
         let s = self.fc1.forward_act(&s, Activation::Relu)?;
         let gate = candle_nn::ops::sigmoid(&self.fc2.forward(&s)?)?;
-        x.broadcast_mul(&gate)
+        crate::ops::excite::scale_planes(x, &gate, act)
+    }
+}
+
+impl Module for SqueezeExcite {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, Activation::None)
     }
 }
 
@@ -573,7 +580,7 @@ impl MobileOneBlock {
             z.apply_op2(&params, op)?
         };
         match &self.attn {
-            Some(se) => se.forward(&merged)?.relu(),
+            Some(se) => se.forward_act(&merged, Activation::Relu),
             None => Ok(merged),
         }
     }
@@ -584,7 +591,7 @@ impl ModuleT for MobileOneBlock {
         if let Some(conv) = &self.reparam_conv {
             return match &self.attn {
                 None => conv.forward_act(x, Activation::Relu),
-                Some(se) => se.forward(&conv.forward(x)?)?.relu(),
+                Some(se) => se.forward_act(&conv.forward(x)?, Activation::Relu),
             };
         }
         let native = x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 4;
@@ -607,7 +614,7 @@ impl ModuleT for MobileOneBlock {
             out = (out + bn.forward_t(x, train)?)?;
         }
         match &self.attn {
-            Some(se) => se.forward(&out)?.relu(),
+            Some(se) => se.forward_act(&out, Activation::Relu),
             None => out.relu(),
         }
     }

@@ -365,3 +365,55 @@ fn strided_views_are_accepted() {
     let y_ref = reference_conv2d(&x, &w, None, &cfg, Activation::Relu).unwrap();
     assert!(relative_error(&y, &y_ref) <= TOLERANCE);
 }
+
+#[test]
+fn squeeze_excite_passes_match_candle() {
+    let worst = on_every_level("squeeze-excite", squeeze_excite_cases);
+    assert!(worst <= TOLERANCE);
+}
+
+/// `plane_mean` and `scale_planes` against candle's mean and broadcast multiply + activation:
+/// outputs and the gradients of x and gate.
+fn squeeze_excite_cases() -> f32 {
+    use mobileone::ops::excite::{plane_mean, scale_planes};
+    let mut worst = 0f32;
+    // Planes of 49 (batched into tasks), 143 and 1 value.
+    for dims in [[2, 5, 7, 7], [1, 3, 13, 11], [2, 40, 1, 1]] {
+        for act in ACTS {
+            let x = Var::from_tensor(&(tensor(&dims, 11) * 8.0).unwrap()).unwrap();
+            let gate = Var::from_tensor(&tensor(&[dims[0], dims[1], 1, 1], 12)).unwrap();
+            let run = |native: bool| -> Vec<Tensor> {
+                let (mean, y) = if native {
+                    (
+                        plane_mean(x.as_tensor()).unwrap(),
+                        scale_planes(x.as_tensor(), gate.as_tensor(), act).unwrap(),
+                    )
+                } else {
+                    let mean = x.mean_keepdim(3).unwrap().mean_keepdim(2).unwrap();
+                    let scaled = x.as_tensor().broadcast_mul(gate.as_tensor()).unwrap();
+                    (mean, act.apply(&scaled).unwrap())
+                };
+                let loss = ((&y * tensor(y.dims(), 13)).unwrap().sum_all().unwrap()
+                    + (&mean * tensor(mean.dims(), 14)).unwrap().sum_all().unwrap())
+                .unwrap();
+                let grads = loss.backward().unwrap();
+                vec![
+                    mean,
+                    y,
+                    grads.get(x.as_tensor()).unwrap().clone(),
+                    grads.get(gate.as_tensor()).unwrap().clone(),
+                ]
+            };
+            let (native, reference) = (run(true), run(false));
+            for (what, (a, b)) in ["mean", "output", "grad x", "grad gate"]
+                .iter()
+                .zip(native.iter().zip(&reference))
+            {
+                let e = relative_error(a, b);
+                assert!(e <= TOLERANCE, "{dims:?} {act:?} {what}: relative error {e}");
+                worst = worst.max(e);
+            }
+        }
+    }
+    worst
+}

@@ -10,6 +10,7 @@
 pub(crate) mod batch_norm;
 pub(crate) mod branch_merge;
 mod depthwise;
+pub mod excite;
 mod gemm_conv;
 mod pointwise;
 pub mod simd;

@@ -12,6 +12,8 @@ heads; DeepLabV3: trunk, head and the final bilinear resize).
 
 The engines run in alternating short rounds (pauses between them so idle worker threads stop spinning), so
 load from elsewhere hits all alike; the table gives the median of the round medians and ours / ORT. Ours runs
+as a fresh process each round, so it first makes as many untimed passes as it times (the other engines stay
+warm in this process; with two warm-up passes S0 at batch 1 measured ~25 % slower than in a warm process). Ours runs
 once per SIMD level given by --simd (MOBILEONE_SIMD; the GEMMs keep gemm's own choice), so an AVX-512
 machine also measures the AVX2 path.
 
@@ -196,7 +198,7 @@ def main():
                         level = engine[len("ours ("):-1]
                         cmd = [str(args.binary), "bench", "--model", ours_model, "--variant", variant,
                                "--size", str(size), "--batch", str(batch), "--threads", str(args.threads),
-                               "--iters", str(iters), "--warmup", "2", "--fused", "--json"]
+                               "--iters", str(iters), "--warmup", str(iters), "--fused", "--json"]
                         out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                                              env={**os.environ, "MOBILEONE_SIMD": level}).stdout
                         result = json.loads(out)

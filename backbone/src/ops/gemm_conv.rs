@@ -1,9 +1,10 @@
-//! Dense (groups = 1) convolution as a GEMM per image with fused bias and activation.
+//! Dense (groups = 1) convolution as matrix products per image with fused bias and activation.
 //!
-//! In NCHW a 1x1 stride-1 convolution of one image is already `W (C_out, C_in) × X (C_in, H*W)`,
-//! so it needs no copy; other kernels go through im2col first. The GEMM is split into tiles that
-//! rayon runs in parallel; each tile gets its bias and activation right after its GEMM, while it
-//! is still in cache.
+//! In NCHW a 1x1 stride-1 convolution of one image is already `W (C_out, C_in) × X (C_in, H*W)`:
+//! it runs on the register-blocked [`pointwise`] kernel with no copy, in tiles that rayon runs in
+//! parallel. Strided KxK convolutions (the stem) go through im2col first and then the same kernel.
+//! Stride-1 KxK convolutions run tap by tap on `gemm`, over only the outputs each tap reaches
+//! ([`forward_by_taps`]). The backward pass is `gemm` products over the im2col columns.
 
 use super::pointwise::{self, PointwiseTile};
 use super::{activate, cpu_slice, output_size, with_cpu_slices, Activation, Geometry, SendPtr};

@@ -121,20 +121,41 @@ impl CustomOp1 for BilinearResize {
         let cols = AxisTaps::new(in_w, self.width);
         let plane = self.height * self.width;
         let mut output = vec![0f32; n * c * plane];
+        // Input rows some output row reads (downsampling skips most).
+        let mut used = vec![false; in_h];
+        for &y in rows.first.iter().chain(&rows.second) {
+            used[y as usize] = true;
+        }
+        // Each input row is interpolated across once (upsampling reuses it for several output
+        // rows), then every output row is one contiguous blend of two of them; the same products
+        // and sums in the same order as `h0 * (w0*top[x0] + w1*top[x1]) + h1 * (…bottom…)`.
         output
             .par_chunks_mut(plane)
             .zip(input.par_chunks(in_h * in_w))
             .for_each(|(out, src)| {
-                for y in 0..self.height {
-                    let top = &src[rows.first[y] as usize * in_w..][..in_w];
-                    let bottom = &src[rows.second[y] as usize * in_w..][..in_w];
-                    let (h0, h1) = (rows.first_weight[y], rows.second_weight[y]);
-                    for (x, value) in out[y * self.width..][..self.width].iter_mut().enumerate() {
+                let mut across = vec![0f32; in_h * self.width];
+                let rows_read = src
+                    .chunks_exact(in_w)
+                    .zip(across.chunks_exact_mut(self.width))
+                    .zip(&used);
+                for ((row, dst), _) in rows_read.filter(|(_, &used)| used) {
+                    for (x, value) in dst.iter_mut().enumerate() {
                         let (x0, x1) = (cols.first[x] as usize, cols.second[x] as usize);
-                        let (w0, w1) = (cols.first_weight[x], cols.second_weight[x]);
-                        *value = h0 * (w0 * top[x0] + w1 * top[x1])
-                            + h1 * (w0 * bottom[x0] + w1 * bottom[x1]);
+                        *value = cols.first_weight[x] * row[x0] + cols.second_weight[x] * row[x1];
                     }
+                }
+                for (y, out_row) in out.chunks_exact_mut(self.width).enumerate() {
+                    let top = &across[rows.first[y] as usize * self.width..][..self.width];
+                    let bottom = &across[rows.second[y] as usize * self.width..][..self.width];
+                    let (h0, h1) = (rows.first_weight[y], rows.second_weight[y]);
+                    crate::ops::simd::vectorized(
+                        #[inline(always)]
+                        || {
+                            for ((value, &t), &b) in out_row.iter_mut().zip(top).zip(bottom) {
+                                *value = h0 * t + h1 * b;
+                            }
+                        },
+                    );
                 }
             });
         Ok((

@@ -394,7 +394,10 @@ fn squeeze_excite_cases() -> f32 {
                     (mean, act.apply(&scaled).unwrap())
                 };
                 let loss = ((&y * tensor(y.dims(), 13)).unwrap().sum_all().unwrap()
-                    + (&mean * tensor(mean.dims(), 14)).unwrap().sum_all().unwrap())
+                    + (&mean * tensor(mean.dims(), 14))
+                        .unwrap()
+                        .sum_all()
+                        .unwrap())
                 .unwrap();
                 let grads = loss.backward().unwrap();
                 vec![
@@ -410,7 +413,10 @@ fn squeeze_excite_cases() -> f32 {
                 .zip(native.iter().zip(&reference))
             {
                 let e = relative_error(a, b);
-                assert!(e <= TOLERANCE, "{dims:?} {act:?} {what}: relative error {e}");
+                assert!(
+                    e <= TOLERANCE,
+                    "{dims:?} {act:?} {what}: relative error {e}"
+                );
                 worst = worst.max(e);
             }
         }

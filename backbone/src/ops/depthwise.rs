@@ -231,8 +231,8 @@ fn forward_plane(
     }
 }
 
-/// Output planes `first ..` (as many as `out` holds) of the batch, each computed straight from
-/// its input plane (no padded copy).
+/// Output planes `first ..` (as many as `out` holds) of the batch, each computed by the kernel
+/// `P` from its input plane.
 struct Planes<'a, P> {
     l: &'a PlaneLayout,
     x: &'a [f32],
@@ -275,6 +275,18 @@ impl<const T: usize> PlaneKernel for Phased<'_, T> {
     }
 }
 
+/// Kernels without a SIMD form (other than 1, 3 and 5): [`forward_plane`] on the padded copy.
+struct Generic;
+
+impl PlaneKernel for Generic {
+    #[inline(always)]
+    fn run<S: Simd>(_: S, args: PlaneArgs, buf: &mut Vec<f32>) {
+        buf.resize(args.l.buffer_len(), 0.0);
+        args.l.scatter(args.input, buf);
+        forward_plane(args.l, buf, args.weights, args.bias, args.act, args.out)
+    }
+}
+
 impl<P: PlaneKernel> WithSimd for Planes<'_, P> {
     type Output = ();
 
@@ -312,9 +324,9 @@ impl<P: PlaneKernel> WithSimd for Planes<'_, P> {
     }
 }
 
-/// Computes output planes `first ..` (whole planes in `out`) with a SIMD kernel: stride 1 straight
-/// from the input, other strides through the padded, phase-split copy; returns false when no kernel
-/// exists for the layout (kernels other than 1, 3 and 5).
+/// Computes output planes `first ..` (whole planes in `out`), one SIMD dispatch for all of them:
+/// stride 1 straight from the input, other strides (and kernels other than 1, 3 and 5) through the
+/// padded, phase-split copy.
 fn forward_planes(
     l: &PlaneLayout,
     (x, w, b): (&[f32], &[f32], &[f32]),
@@ -322,8 +334,7 @@ fn forward_planes(
     channels: (usize, usize),
     first: usize,
     out: &mut [f32],
-) -> bool {
-
+) {
     macro_rules! run {
         ($kernel:ty) => {
             dispatch(Planes::<$kernel> {
@@ -340,20 +351,21 @@ fn forward_planes(
         };
     }
     let same = l.out_height == l.height && l.out_width == l.width;
+    // The flattened kernel reads any width; the row kernel reads rows of ZEROS in the padding.
+    let flat = l.stride == 1 && same;
     let direct = l.stride == 1 && l.width <= MAX_DIRECT_WIDTH;
-    match (l.kernel, direct, same) {
-        (1, true, true) => run!(Flat<1, 1>),
-        (3, true, true) => run!(Flat<3, 9>),
-        (5, true, true) => run!(Flat<5, 25>),
-        (1, true, false) => run!(Direct<1, 1>),
-        (3, true, false) => run!(Direct<3, 9>),
-        (5, true, false) => run!(Direct<5, 25>),
-        (1, false, _) => run!(Phased<1>),
-        (3, false, _) => run!(Phased<9>),
-        (5, false, _) => run!(Phased<25>),
-        _ => return false,
+    match (l.kernel, flat, direct) {
+        (1, true, _) => run!(Flat<1, 1>),
+        (3, true, _) => run!(Flat<3, 9>),
+        (5, true, _) => run!(Flat<5, 25>),
+        (1, false, true) => run!(Direct<1, 1>),
+        (3, false, true) => run!(Direct<3, 9>),
+        (5, false, true) => run!(Direct<5, 25>),
+        (1, false, false) => run!(Phased<1>),
+        (3, false, false) => run!(Phased<9>),
+        (5, false, false) => run!(Phased<25>),
+        _ => run!(Generic),
     }
-    true
 }
 
 /// Stride-1 KxK plane with "same" padding (output size = input size) computed over the plane
@@ -672,10 +684,9 @@ impl CustomOp3 for DepthwiseConv {
             cpu_slice(s2, l2, self.name())?,
             cpu_slice(s3, l3, self.name())?,
         );
-        let (k, multiplier, layout) = self.check_shapes(l1.shape(), l2.shape(), l3.shape())?;
-        let (n, c, h, wd) = l1.shape().dims4()?;
+        let (_, multiplier, layout) = self.check_shapes(l1.shape(), l2.shape(), l3.shape())?;
+        let (n, c, _, _) = l1.shape().dims4()?;
         let c_out = c * multiplier;
-        let (taps, plane_in) = (k * k, h * wd);
         let plane_out = layout.out_height * layout.out_width;
         let act = self.0.act;
         let mut out = super::output_buffer(n * c_out * plane_out);
@@ -688,25 +699,8 @@ impl CustomOp3 for DepthwiseConv {
         out.par_chunks_mut(plane_out * group)
             .enumerate()
             .for_each(|(g, out_group)| {
-                let first = g * group;
                 let channels = (c, multiplier);
-                if forward_planes(&layout, (x, w, b), act, channels, first, out_group) {
-                    return;
-                }
-                for (i, out_plane) in out_group.chunks_exact_mut(plane_out).enumerate() {
-                    let (image, co) = ((first + i) / c_out, (first + i) % c_out);
-                    let input = image * c + co / multiplier;
-                    let plane = &x[input * plane_in..(input + 1) * plane_in];
-                    let weights = &w[co * taps..(co + 1) * taps];
-                    BUFFERS.with_borrow_mut(|(buf, _)| {
-                        buf.resize(layout.buffer_len(), 0.0);
-                        vectorized(
-                            #[inline(always)]
-                            || layout.scatter(plane, buf),
-                        );
-                        forward_plane(&layout, buf, weights, b[co], act, out_plane);
-                    })
-                }
+                forward_planes(&layout, (x, w, b), act, channels, g * group, out_group);
             });
         let shape = Shape::from((n, c_out, layout.out_height, layout.out_width));
         Ok((CpuStorage::F32(out), shape))

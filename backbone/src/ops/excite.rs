@@ -129,8 +129,8 @@ impl CustomOp2 for ScalePlanes {
             Activation::None => grad.clone(),
             Activation::Relu => (grad * res.gt(0f32)?.to_dtype(DType::F32)?)?,
             Activation::Relu6 => {
-                let inside = (res.gt(0f32)?.to_dtype(DType::F32)?
-                    * res.lt(6f32)?.to_dtype(DType::F32)?)?;
+                let inside =
+                    (res.gt(0f32)?.to_dtype(DType::F32)? * res.lt(6f32)?.to_dtype(DType::F32)?)?;
                 (grad * inside)?
             }
         };

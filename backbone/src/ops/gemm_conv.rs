@@ -38,20 +38,23 @@ struct Tile {
 
 /// Splits `images` GEMMs into enough tiles to keep every thread busy: each image's product into
 /// about `TILES_PER_THREAD · threads / images` tiles, rows in multiples of 6 (the register block of
-/// the pointwise kernel and of `gemm`'s), columns in multiples of 16 (a vector), choosing among the
+/// the pointwise kernel and of `gemm`'s), columns in multiples of `quantum` (a vector of 16, or whole output rows), choosing among the
 /// row/column splits the one that, dealt out to the threads largest first, lets them finish
 /// soonest (448 channels x 784 positions: four row blocks of 114, not column blocks of 208, 208,
 /// 208 and 160).
-fn plan_tiles(images: usize, s: GemmShape) -> Vec<Tile> {
+fn plan_tiles(images: usize, s: GemmShape, quantum: usize) -> Vec<Tile> {
     let threads = rayon::current_num_threads();
     let per_image = (TILES_PER_THREAD * threads).div_ceil(images.max(1));
     let split = |row_splits: usize| {
         let col_splits = per_image.div_ceil(row_splits);
         let row_step = s.m.div_ceil(row_splits).next_multiple_of(6);
-        let col_step = s.n.div_ceil(col_splits).next_multiple_of(16);
+        let col_step = s.n.div_ceil(col_splits).next_multiple_of(quantum);
         (
             row_step.max(MIN_TILE_ROWS).min(s.m).max(1),
-            col_step.max(MIN_TILE_COLS).min(s.n).max(1),
+            col_step
+                .max(MIN_TILE_COLS.next_multiple_of(quantum))
+                .min(s.n)
+                .max(1),
         )
     };
     let tiles_of = |(row_step, col_step): (usize, usize)| {
@@ -180,7 +183,7 @@ impl CustomOp3 for GemmConv {
         let mut out = super::output_buffer(n * shape.m * shape.n);
         let out_ptr = SendPtr(out.as_mut_ptr());
         let act = g.act;
-        plan_tiles(n, shape).par_iter().for_each(|tile| {
+        plan_tiles(n, shape, 16).par_iter().for_each(|tile| {
             let image_out = out_ptr.get().wrapping_add(tile.image * shape.m * shape.n);
             let image_cols = &cols[tile.image * shape.k * shape.n..][..shape.k * shape.n];
             // The unfolded columns are the input of a 1x1 convolution over C_in·K² channels.
@@ -273,33 +276,6 @@ impl KernelColumn<'_> {
     }
 }
 
-/// Tiles of bands of output rows (`cols` holds the band) and blocks of output channels (`rows`).
-fn plan_bands(images: usize, m: usize, oh: usize, ow: usize) -> Vec<Tile> {
-    let wanted = TILES_PER_THREAD * rayon::current_num_threads();
-    let per_image = wanted.div_ceil(images.max(1));
-    let band_splits = per_image.min((oh * ow / MIN_TILE_COLS).max(1)).min(oh);
-    let row_splits = per_image
-        .div_ceil(band_splits)
-        .min((m / MIN_TILE_ROWS).max(1));
-    let (band_step, row_step) = (
-        oh.div_ceil(band_splits),
-        m.div_ceil(row_splits).next_multiple_of(8),
-    );
-    let mut tiles = Vec::new();
-    for image in 0..images {
-        for r0 in (0..m).step_by(row_step) {
-            for b0 in (0..oh).step_by(band_step) {
-                tiles.push(Tile {
-                    image,
-                    rows: r0..(r0 + row_step).min(m),
-                    cols: b0..(b0 + band_step).min(oh),
-                });
-            }
-        }
-    }
-    tiles
-}
-
 /// The kernel columns of a stride-1 convolution that read the image somewhere. A column whose
 /// valid outputs are at most three quarters of the width is cut to them (saving GEMM work at the
 /// cost of a pass adding its partial result back); the others are zero-padded to the full width,
@@ -320,7 +296,12 @@ fn kernel_columns<'a>(
             let shift = (kx * g.dilation) as isize - g.padding as isize;
             if shift == 0 && ow == wd {
                 let input = Cow::Borrowed(x);
-                return Some(KernelColumn { kx, first: 0, last: ow, input });
+                return Some(KernelColumn {
+                    kx,
+                    first: 0,
+                    last: ow,
+                    input,
+                });
             }
             let (first, last) = if (valid.1 - valid.0) * 4 > ow * 3 {
                 (0, ow)
@@ -342,7 +323,12 @@ fn kernel_columns<'a>(
                     }
                 });
             let input = Cow::Owned(input);
-            Some(KernelColumn { kx, first, last, input })
+            Some(KernelColumn {
+                kx,
+                first,
+                last,
+                input,
+            })
         })
         .collect()
 }
@@ -375,13 +361,22 @@ fn forward_by_taps(
     kernel_rows.sort_by_key(|&(_, first, last)| std::cmp::Reverse(last - first));
     let mut out = super::output_buffer(n * c_out * ohw);
     let out_ptr = SendPtr(out.as_mut_ptr());
-    plan_bands(n, c_out, oh, ow).par_iter().for_each(|tile| {
-        let band = tile.cols.clone();
+    let shape = GemmShape {
+        m: c_out,
+        n: ohw,
+        k: c_in,
+    };
+    // Tiles of whole output rows: `band` is a tile's range of rows.
+    plan_tiles(n, shape, ow).par_iter().for_each(|tile| {
+        let band = tile.cols.start / ow..tile.cols.end / ow;
         let image_out = out_ptr.get().wrapping_add(tile.image * c_out * ohw);
         // SAFETY: tiles are disjoint; every pointer stays inside its buffer: a tap's input is
         // read at output row oy shifted by whole rows, only for the rows where it is valid.
         let out_row = |r: usize| unsafe {
-            std::slice::from_raw_parts_mut(image_out.add(r * ohw + band.start * ow), band.len() * ow)
+            std::slice::from_raw_parts_mut(
+                image_out.add(r * ohw + band.start * ow),
+                band.len() * ow,
+            )
         };
         let mut partial = Vec::new();
         let mut out_written = false;
@@ -390,7 +385,10 @@ fn forward_by_taps(
             // Where this column's taps accumulate: the output itself, or a buffer of the band's
             // rows over the column's width.
             let (dst, dst_rs) = if full {
-                (image_out.wrapping_add(tile.rows.start * ohw + band.start * ow), ohw)
+                (
+                    image_out.wrapping_add(tile.rows.start * ohw + band.start * ow),
+                    ohw,
+                )
             } else {
                 partial.resize(tile.rows.len() * band.len() * width, 0.0);
                 (partial.as_mut_ptr(), band.len() * width)
@@ -401,9 +399,10 @@ fn forward_by_taps(
                 if oy0 >= oy1 {
                     continue;
                 }
+                let part_of_band = (oy0, oy1) != (band.start, band.end);
                 // SAFETY (this block): as above, inside this tile and its buffers.
                 unsafe {
-                    if !written && (oy0, oy1) != (band.start, band.end) {
+                    if !written && part_of_band {
                         for r in 0..tile.rows.len() {
                             std::slice::from_raw_parts_mut(dst.add(r * dst_rs), band.len() * width)
                                 .fill(0.0);
@@ -418,8 +417,9 @@ fn forward_by_taps(
                         dst.add((oy0 - band.start) * width),
                         1,
                         dst_rs as isize,
-                        written || (oy0, oy1) != (band.start, band.end),
-                        w.as_ptr().add((tile.rows.start * c_in * k + ky) * k + column.kx),
+                        written || part_of_band,
+                        w.as_ptr()
+                            .add((tile.rows.start * c_in * k + ky) * k + column.kx),
                         (k * k) as isize,
                         (c_in * k * k) as isize,
                         image_in.offset((oy0 as isize + row_shift) * width as isize),
@@ -446,8 +446,15 @@ fn forward_by_taps(
                 tile.rows.clone().for_each(|r| out_row(r).fill(0.0));
                 out_written = true;
             }
-            for (r, part) in tile.rows.clone().zip(partial.chunks_exact(band.len() * width)) {
-                for (o, p) in out_row(r).chunks_exact_mut(ow).zip(part.chunks_exact(width)) {
+            for (r, part) in tile
+                .rows
+                .clone()
+                .zip(partial.chunks_exact(band.len() * width))
+            {
+                for (o, p) in out_row(r)
+                    .chunks_exact_mut(ow)
+                    .zip(part.chunks_exact(width))
+                {
                     add_assign(&mut o[column.first..column.last], p);
                 }
             }
@@ -514,6 +521,7 @@ fn weight_grad(grad: &[f32], cols: &[f32], images: usize, s: GemmShape) -> Vec<f
             n: s.k,
             k: s.n,
         },
+        16,
     );
     tiles.par_iter().for_each(|tile| {
         for image in 0..images {
@@ -558,35 +566,37 @@ fn cols_grad(grad: &[f32], w: &[f32], images: usize, s: GemmShape) -> Vec<f32> {
         n: s.n,
         k: s.m,
     };
-    plan_tiles(images, transposed).par_iter().for_each(|tile| {
-        let g = &grad[tile.image * s.m * s.n..][..s.m * s.n];
-        // SAFETY: tiles are disjoint; every pointer stays inside its buffer.
-        unsafe {
-            gemm::gemm(
-                tile.rows.len(),
-                tile.cols.len(),
-                s.m,
-                dst.get()
-                    .add(tile.image * s.k * s.n + tile.rows.start * s.n + tile.cols.start),
-                1,
-                s.n as isize,
-                false,
-                // Wᵀ: element (tap, co) is w[co * k + tap].
-                w.as_ptr().add(tile.rows.start),
-                s.k as isize,
-                1,
-                g.as_ptr().add(tile.cols.start),
-                1,
-                s.n as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-    });
+    plan_tiles(images, transposed, 16)
+        .par_iter()
+        .for_each(|tile| {
+            let g = &grad[tile.image * s.m * s.n..][..s.m * s.n];
+            // SAFETY: tiles are disjoint; every pointer stays inside its buffer.
+            unsafe {
+                gemm::gemm(
+                    tile.rows.len(),
+                    tile.cols.len(),
+                    s.m,
+                    dst.get()
+                        .add(tile.image * s.k * s.n + tile.rows.start * s.n + tile.cols.start),
+                    1,
+                    s.n as isize,
+                    false,
+                    // Wᵀ: element (tap, co) is w[co * k + tap].
+                    w.as_ptr().add(tile.rows.start),
+                    s.k as isize,
+                    1,
+                    g.as_ptr().add(tile.cols.start),
+                    1,
+                    s.n as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
     grad_cols
 }
 

@@ -2,16 +2,16 @@
 //! consecutive output channels) with fused bias and activation, and its backward pass.
 //!
 //! Every kernel is written once over `pulp::Simd` and runs on the level [`super::simd`] chooses
-//! (AVX-512, AVX2, NEON, scalar). Forward, stride 1 with K in {1, 3, 5}: each output row is computed
-//! straight from the input rows, a vector of outputs at a time, one FMA per tap; rows in the
-//! vertical padding read a zero row and vectors that cross a row end use masked loads (masked lanes
-//! read 0). Everything else (stride 2 and others, other kernels, very wide planes, backward) copies
-//! each plane into a zero-padded buffer split into stride×stride phases, so that every tap reads a
-//! contiguous run of the buffer for consecutive outputs of a row. (Stride 2 read in place would need
-//! an ordered even-lane shuffle, which `pulp` does not offer portably: its deinterleave returns the
-//! lanes in an ISA-specific order.)
+//! (AVX-512, AVX2, NEON, scalar). Forward with K in {1, 3, 5}, stride 1, and stride 2 without
+//! dilation: each output row is computed straight from the input rows, a vector of outputs at a
+//! time, one FMA per tap (at stride 2 each pair of kernel columns is one load of twice the lanes
+//! split into even and odd lanes in registers); rows in the vertical padding read a zero row and
+//! vectors that cross a row end use masked loads (masked lanes read 0). Everything else (other
+//! strides, dilated stride 2, other kernels, very wide planes, backward) copies each plane into a
+//! zero-padded buffer split into stride×stride phases, so that every tap reads a contiguous run of
+//! the buffer for consecutive outputs of a row.
 
-use super::simd::{activate_v, dispatch, lanes_in, load, store_first, vectorized};
+use super::simd::{activate_v, deinterleave, dispatch, lanes_in, load, store_first, vectorized};
 use super::{
     activate, cpu_slice, output_size, pre_activation_grad, with_cpu_slices, Activation, Geometry,
     SendPtr,
@@ -265,6 +265,13 @@ impl<const K: usize, const T: usize> PlaneKernel for Direct<'_, K, T> {
     }
 }
 
+impl<const K: usize, const T: usize> PlaneKernel for Strided2<'_, K, T> {
+    #[inline(always)]
+    fn run<S: Simd>(simd: S, args: PlaneArgs, _: &mut Vec<f32>) {
+        Strided2::<K, T>(args).with_simd(simd)
+    }
+}
+
 impl<const T: usize> PlaneKernel for Phased<'_, T> {
     /// Scatters the plane into the padded, phase-split buffer first.
     #[inline(always)]
@@ -325,8 +332,8 @@ impl<P: PlaneKernel> WithSimd for Planes<'_, P> {
 }
 
 /// Computes output planes `first ..` (whole planes in `out`), one SIMD dispatch for all of them:
-/// stride 1 straight from the input, other strides (and kernels other than 1, 3 and 5) through the
-/// padded, phase-split copy.
+/// strides 1 and 2 straight from the input, other strides (and kernels other than 1, 3 and 5)
+/// through the padded, phase-split copy.
 fn forward_planes(
     l: &PlaneLayout,
     (x, w, b): (&[f32], &[f32], &[f32]),
@@ -353,17 +360,20 @@ fn forward_planes(
     let same = l.out_height == l.height && l.out_width == l.width;
     // The flattened kernel reads any width; the row kernel reads rows of ZEROS in the padding.
     let flat = l.stride == 1 && same;
-    let direct = l.stride == 1 && l.width <= MAX_DIRECT_WIDTH;
-    match (l.kernel, flat, direct) {
-        (1, true, _) => run!(Flat<1, 1>),
-        (3, true, _) => run!(Flat<3, 9>),
-        (5, true, _) => run!(Flat<5, 25>),
-        (1, false, true) => run!(Direct<1, 1>),
-        (3, false, true) => run!(Direct<3, 9>),
-        (5, false, true) => run!(Direct<5, 25>),
-        (1, false, false) => run!(Phased<1>),
-        (3, false, false) => run!(Phased<9>),
-        (5, false, false) => run!(Phased<25>),
+    let direct = l.width <= MAX_DIRECT_WIDTH && (l.stride == 1 || l.dilation == 1);
+    match (l.kernel, l.stride, flat, direct) {
+        (1, 1, true, _) => run!(Flat<1, 1>),
+        (3, 1, true, _) => run!(Flat<3, 9>),
+        (5, 1, true, _) => run!(Flat<5, 25>),
+        (1, 1, false, true) => run!(Direct<1, 1>),
+        (3, 1, false, true) => run!(Direct<3, 9>),
+        (5, 1, false, true) => run!(Direct<5, 25>),
+        (1, 2, _, true) => run!(Strided2<1, 1>),
+        (3, 2, _, true) => run!(Strided2<3, 9>),
+        (5, 2, _, true) => run!(Strided2<5, 25>),
+        (1, _, _, _) => run!(Phased<1>),
+        (3, _, _, _) => run!(Phased<9>),
+        (5, _, _, _) => run!(Phased<25>),
         _ => run!(Generic),
     }
 }
@@ -523,6 +533,96 @@ impl<const K: usize, const T: usize> WithSimd for Direct<'_, K, T> {
                             }
                         };
                         partial[ky] = simd.mul_add_f32s(wv[ky * K + kx], v, partial[ky]);
+                    }
+                }
+                let mut acc = partial[0];
+                for p in &partial[1..] {
+                    acc = simd.add_f32s(acc, *p);
+                }
+                // SAFETY: outputs ox .. min(ox + lanes, ow) of the row exist.
+                unsafe {
+                    store_first::<S>(
+                        simd,
+                        out_row.as_mut_ptr().add(ox),
+                        ow - ox,
+                        activate_v(simd, acc, act),
+                    );
+                }
+                ox += lanes;
+            }
+        }
+    }
+}
+
+/// Stride-2 KxK plane (dilation 1) read straight from the unpadded input: the kernel columns kx and
+/// kx + 1 of a row are one load of 2·lanes consecutive inputs split in registers into its even
+/// lanes (tap kx) and odd lanes (tap kx + 1), so the plane is read once and never copied. Rows in
+/// the padding read a zero row; vectors that reach past a row's ends use masked loads.
+struct Strided2<'a, const K: usize, const T: usize>(PlaneArgs<'a>);
+
+impl<const K: usize, const T: usize> WithSimd for Strided2<'_, K, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let PlaneArgs {
+            l,
+            input: plane,
+            weights,
+            bias,
+            act,
+            out,
+        } = self.0;
+        let (h, w, p) = (l.height, l.width, l.padding as isize);
+        let (oh, ow) = (l.out_height, l.out_width);
+        debug_assert!(l.stride == 2 && l.dilation == 1 && w <= MAX_DIRECT_WIDTH);
+        debug_assert!(plane.len() == h * w && out.len() == oh * ow && weights.len() == T);
+        let lanes = S::F32_LANES;
+        let wv: [S::f32s; T] = std::array::from_fn(|t| simd.splat_f32s(weights[t]));
+        let b = simd.splat_f32s(bias);
+        // Input columns one vector of outputs reads: from its first tap to the end of the last pair.
+        let span = 2 * ((K - 1) / 2) + 2 * lanes;
+        for oy in 0..oh {
+            let mut rows = [ZEROS.as_ptr(); K];
+            for (ky, row) in rows.iter_mut().enumerate() {
+                let iy = (2 * oy + ky) as isize - p;
+                if iy >= 0 && (iy as usize) < h {
+                    *row = plane[iy as usize * w..].as_ptr();
+                }
+            }
+            let out_row = &mut out[oy * ow..(oy + 1) * ow];
+            let mut ox = 0usize;
+            while ox < ow {
+                let first = 2 * ox as isize - p;
+                let interior = first >= 0 && first as usize + span <= w;
+                let mut partial = [simd.splat_f32s(0.0); K];
+                partial[0] = b;
+                for kx in (0..K).step_by(2) {
+                    let col = first + kx as isize;
+                    for ky in 0..K {
+                        let src = rows[ky].wrapping_offset(col);
+                        let high = src.wrapping_add(lanes);
+                        // SAFETY: rows[ky] is a row of w values (a plane row or ZEROS, which is
+                        // MAX_DIRECT_WIDTH ≥ w long); an edge vector reads only its lanes inside it.
+                        let (lo, hi) = unsafe {
+                            if interior {
+                                (load::<S>(src), load::<S>(high))
+                            } else {
+                                let end = w as isize;
+                                (
+                                    simd.mask_load_ptr_f32s(lanes_in(simd, col, end), src),
+                                    simd.mask_load_ptr_f32s(
+                                        lanes_in(simd, col + lanes as isize, end),
+                                        high,
+                                    ),
+                                )
+                            }
+                        };
+                        let (even, odd) = deinterleave(simd, lo, hi);
+                        partial[ky] = simd.mul_add_f32s(wv[ky * K + kx], even, partial[ky]);
+                        if kx + 1 < K {
+                            partial[ky] = simd.mul_add_f32s(wv[ky * K + kx + 1], odd, partial[ky]);
+                        }
                     }
                 }
                 let mut acc = partial[0];

@@ -220,3 +220,61 @@ pub(super) unsafe fn store_first<S: Simd>(simd: S, ptr: *mut f32, count: usize, 
         simd.mask_store_ptr_f32s(lanes_in(simd, 0, count as isize), ptr, v);
     }
 }
+
+/// The even and the odd lanes of the `2·lanes` values `lo ++ hi`, each in order:
+/// `([v0, v2, v4, …], [v1, v3, v5, …])`. One or two shuffles per half on AVX-512 (`vpermt2ps`),
+/// AVX2 (`vshufps` + `vpermpd`) and NEON (`uzp1`/`uzp2`); `pulp`'s own deinterleave returns the
+/// lanes in an ISA-specific order, which a stride-2 convolution cannot use.
+#[inline(always)]
+pub(super) fn deinterleave<S: Simd>(_simd: S, lo: S::f32s, hi: S::f32s) -> (S::f32s, S::f32s) {
+    use std::mem::transmute_copy as cast;
+    // SAFETY (each arm): the lane count identifies the vector type of the levels `dispatch` runs
+    // (16: x86-64-v4, 8: x86-64-v3, 4 on aarch64: NEON), whose target features are enabled where
+    // this inlines; the casts are between types of the same size.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        use std::arch::x86_64::*;
+        if S::F32_LANES == 16 && std::mem::size_of::<S::f32s>() == 64 {
+            let (a, b): (__m512, __m512) = (cast(&lo), cast(&hi));
+            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+            return (
+                cast(&_mm512_permutex2var_ps(a, even, b)),
+                cast(&_mm512_permutex2var_ps(a, odd, b)),
+            );
+        }
+        if S::F32_LANES == 8 && std::mem::size_of::<S::f32s>() == 32 {
+            let (a, b): (__m256, __m256) = (cast(&lo), cast(&hi));
+            // vshufps leaves [a0 a2 b0 b2 | a4 a6 b4 b6]; vpermpd puts the 64-bit pairs in order.
+            let in_order = |v: __m256| {
+                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
+            };
+            return (
+                cast(&in_order(_mm256_shuffle_ps::<0b10_00_10_00>(a, b))),
+                cast(&in_order(_mm256_shuffle_ps::<0b11_01_11_01>(a, b))),
+            );
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    unsafe {
+        use std::arch::aarch64::*;
+        if S::F32_LANES == 4 && std::mem::size_of::<S::f32s>() == 16 {
+            let (a, b): (float32x4_t, float32x4_t) = (cast(&lo), cast(&hi));
+            return (cast(&vuzp1q_f32(a, b)), cast(&vuzp2q_f32(a, b)));
+        }
+    }
+    // Scalar (one lane: lo is v0, hi is v1) and any other level: through memory.
+    let lanes = S::F32_LANES;
+    let mut v = [0f32; 32];
+    let mut halves = [[0f32; 16]; 2];
+    // SAFETY: 32 ≥ 2·lanes values; each half holds 16 ≥ lanes.
+    unsafe {
+        (v.as_mut_ptr() as *mut S::f32s).write_unaligned(lo);
+        (v.as_mut_ptr().add(lanes) as *mut S::f32s).write_unaligned(hi);
+        for i in 0..lanes {
+            halves[0][i] = v[2 * i];
+            halves[1][i] = v[2 * i + 1];
+        }
+        (load::<S>(halves[0].as_ptr()), load::<S>(halves[1].as_ptr()))
+    }
+}

@@ -121,10 +121,14 @@ impl PointwiseTile<'_> {
             }
             x = x.add(self.x_rs);
         }
-        for (r, acc) in acc.iter().enumerate().take(rows) {
-            for (v, &a) in acc.iter().enumerate() {
-                let a = activate_v(simd, a, self.act);
-                store_first::<S>(simd, out(r).add(v * lanes), count - v * lanes, a);
+        // Indexed by constants only (`take(rows)` made the compiler keep `acc` on the stack).
+        #[allow(clippy::needless_range_loop)]
+        for r in 0..MR {
+            if r < rows {
+                for v in 0..NV {
+                    let a = activate_v(simd, acc[r][v], self.act);
+                    store_first::<S>(simd, out(r).add(v * lanes), count - v * lanes, a);
+                }
             }
         }
     }

@@ -2,7 +2,8 @@
 //!
 //! In NCHW a 1x1 stride-1 convolution of one image is already `W (C_out, C_in) × X (C_in, H*W)`:
 //! it runs on the register-blocked [`pointwise`] kernel with no copy, in tiles that rayon runs in
-//! parallel. Strided KxK convolutions (the stem) go through im2col first and then the same kernel.
+//! parallel. Strided KxK convolutions (the stem) run on the same kernel, over im2col columns unfolded
+//! one band of output rows at a time ([`forward_by_bands`]).
 //! Stride-1 KxK convolutions run tap by tap on `gemm`, over only the outputs each tap reaches
 //! ([`forward_by_taps`]). The backward pass is `gemm` products over the im2col columns.
 
@@ -90,7 +91,6 @@ fn plan_tiles(images: usize, s: GemmShape, quantum: usize) -> Vec<Tile> {
 
 /// Unfolds x (N, C_in, H, W) into (N, C_in*K*K, OH*OW) columns: row (ci, ky, kx) holds the input
 /// value under that tap for every output position, 0 in the padding. Writes every element once.
-#[allow(clippy::too_many_arguments)]
 fn im2col(
     x: &[f32],
     (n, c_in, h, w): (usize, usize, usize, usize),
@@ -100,38 +100,114 @@ fn im2col(
 ) -> Vec<f32> {
     let ohw = oh * ow;
     let mut cols = super::output_buffer(n * c_in * k * k * ohw);
-    let (s, p, d) = (g.stride, g.padding as isize, g.dilation);
     cols.par_chunks_mut(ohw).enumerate().for_each(|(row, dst)| {
         let (image, tap) = (row / (c_in * k * k), row % (c_in * k * k));
-        let (ci, ky, kx) = (tap / (k * k), (tap / k) % k, tap % k);
-        let plane = &x[(image * c_in + ci) * h * w..][..h * w];
-        // Output columns whose input column lies inside the image: ox*s + kx*d - p in [0, w).
-        let shift = (kx * d) as isize - p;
-        let first = if shift >= 0 {
-            0
-        } else {
-            ((-shift) as usize).div_ceil(s)
-        };
-        let last = if (w as isize) > shift {
-            ((w as isize - shift) as usize).div_ceil(s).min(ow)
-        } else {
-            0
-        };
-        for oy in 0..oh {
-            let out = &mut dst[oy * ow..(oy + 1) * ow];
-            let iy = (oy * s + ky * d) as isize - p;
-            if iy < 0 || iy >= h as isize || first >= last {
-                out.fill(0.0);
-                continue;
-            }
-            let src = &plane[iy as usize * w..][..w];
-            let start = (first as isize * s as isize + shift) as usize;
-            out[..first].fill(0.0);
-            super::depthwise::copy_strided(&src[start..], s, &mut out[first..last]);
-            out[last..].fill(0.0);
-        }
+        let plane = &x[(image * c_in + tap / (k * k)) * h * w..][..h * w];
+        unfold_tap(plane, (h, w), (tap / k % k, tap % k), ow, g, 0..oh, dst);
     });
     cols
+}
+
+/// One im2col row restricted to the output rows `rows`: `dst[(oy - rows.start)·OW + ox]` = the
+/// value of `plane` (H, W) under kernel tap (ky, kx) for output (oy, ox), 0 in the padding.
+fn unfold_tap(
+    plane: &[f32],
+    (h, w): (usize, usize),
+    (ky, kx): (usize, usize),
+    ow: usize,
+    g: &Geometry,
+    rows: std::ops::Range<usize>,
+    dst: &mut [f32],
+) {
+    let (s, p, d) = (g.stride, g.padding as isize, g.dilation);
+    // Output columns whose input column lies inside the image: ox*s + kx*d - p in [0, w).
+    let shift = (kx * d) as isize - p;
+    let first = if shift >= 0 {
+        0
+    } else {
+        ((-shift) as usize).div_ceil(s)
+    };
+    let last = if (w as isize) > shift {
+        ((w as isize - shift) as usize).div_ceil(s).min(ow)
+    } else {
+        0
+    };
+    for (oy, out) in rows.zip(dst.chunks_exact_mut(ow)) {
+        let iy = (oy * s + ky * d) as isize - p;
+        if iy < 0 || iy >= h as isize || first >= last {
+            out.fill(0.0);
+            continue;
+        }
+        let src = &plane[iy as usize * w..][..w];
+        let start = (first as isize * s as isize + shift) as usize;
+        out[..first].fill(0.0);
+        super::depthwise::copy_strided(&src[start..], s, &mut out[first..last]);
+        out[last..].fill(0.0);
+    }
+}
+
+/// Unfolded values one band of a strided convolution's forward keeps (64 KB: the band's columns
+/// stay in L2 while every output channel reads them, and one register block's slice in L1).
+const BAND_VALUES: usize = 16 * 1024;
+
+/// Forward of a strided KxK convolution (the stem) in bands of output rows: each band's im2col
+/// columns are unfolded into a per-thread buffer and multiplied by the weights at once, so the
+/// K²-fold copy of the input never leaves the cache (unfolding the whole input first cost a
+/// quarter of the stem's time, and the product then read the columns back from memory).
+#[allow(clippy::too_many_arguments)]
+fn forward_by_bands(
+    (x, w, b): (&[f32], &[f32], &[f32]),
+    (n, c_in, h, wd): (usize, usize, usize, usize),
+    k: usize,
+    (oh, ow): (usize, usize),
+    shape: GemmShape,
+    g: &Geometry,
+    out: &mut [f32],
+) {
+    thread_local! {
+        static COLUMNS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let band = (BAND_VALUES / (shape.k * ow)).clamp(1, oh);
+    let bands = oh.div_ceil(band);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    (0..n * bands).into_par_iter().for_each(|task| {
+        let (image, first) = (task / bands, task % bands * band);
+        let rows = first..(first + band).min(oh);
+        let cols = rows.len() * ow;
+        COLUMNS.with_borrow_mut(|buf| {
+            buf.resize(shape.k * cols, 0.0);
+            for (tap, dst) in buf.chunks_exact_mut(cols).enumerate() {
+                let plane = &x[(image * c_in + tap / (k * k)) * h * wd..][..h * wd];
+                unfold_tap(
+                    plane,
+                    (h, wd),
+                    (tap / k % k, tap % k),
+                    ow,
+                    g,
+                    rows.clone(),
+                    dst,
+                );
+            }
+            // SAFETY: bands are disjoint; every pointer stays inside its (checked) buffer.
+            unsafe {
+                pointwise::run(PointwiseTile {
+                    w: w.as_ptr(),
+                    w_rs: shape.k,
+                    x: buf.as_ptr(),
+                    x_rs: cols,
+                    out: out_ptr
+                        .get()
+                        .add(image * shape.m * shape.n + rows.start * ow),
+                    out_rs: shape.n,
+                    c_in: shape.k,
+                    rows: shape.m,
+                    cols,
+                    bias: b,
+                    act: g.act,
+                })
+            }
+        });
+    });
 }
 
 impl CustomOp3 for GemmConv {
@@ -175,24 +251,22 @@ impl CustomOp3 for GemmConv {
             let out = forward_by_taps(x, w, b, (n, c_in, h, wd), k, (oh, ow), g);
             return Ok((CpuStorage::F32(out), Shape::from((n, c_out, oh, ow))));
         }
-        let cols: Cow<[f32]> = if pointwise {
-            Cow::Borrowed(x)
-        } else {
-            Cow::Owned(im2col(x, (n, c_in, h, wd), k, (oh, ow), g))
-        };
         let mut out = super::output_buffer(n * shape.m * shape.n);
+        if !pointwise {
+            forward_by_bands((x, w, b), (n, c_in, h, wd), k, (oh, ow), shape, g, &mut out);
+            return Ok((CpuStorage::F32(out), Shape::from((n, c_out, oh, ow))));
+        }
         let out_ptr = SendPtr(out.as_mut_ptr());
         let act = g.act;
         plan_tiles(n, shape, 16).par_iter().for_each(|tile| {
             let image_out = out_ptr.get().wrapping_add(tile.image * shape.m * shape.n);
-            let image_cols = &cols[tile.image * shape.k * shape.n..][..shape.k * shape.n];
-            // The unfolded columns are the input of a 1x1 convolution over C_in·K² channels.
+            let image_x = &x[tile.image * shape.k * shape.n..][..shape.k * shape.n];
             // SAFETY: tiles are disjoint; every pointer stays inside its (checked) buffer.
             unsafe {
                 pointwise::run(PointwiseTile {
                     w: w.as_ptr().add(tile.rows.start * shape.k),
                     w_rs: shape.k,
-                    x: image_cols.as_ptr().add(tile.cols.start),
+                    x: image_x.as_ptr().add(tile.cols.start),
                     x_rs: shape.n,
                     out: image_out.add(tile.rows.start * shape.n + tile.cols.start),
                     out_rs: shape.n,

@@ -245,8 +245,8 @@ fn pointwise_matches_reference() {
 fn pointwise_cases() -> f32 {
     let mut worst = 0f32;
     // Large enough to split into several tiles across rows and columns; positions left over after
-    // the full register blocks in every count of vectors (49, 196, 40, 100 positions) with channel
-    // counts that leave partial channel blocks.
+    // the full register blocks in every count of vectors (49, 196, 40, 100, 72 positions) with
+    // channel counts that leave partial channel blocks.
     for (input, out_channels) in [
         ([2, 7, 5, 6], 9),
         ([1, 16, 12, 12], 70),
@@ -255,6 +255,14 @@ fn pointwise_cases() -> f32 {
         ([1, 24, 14, 14], 50),
         ([2, 9, 5, 8], 50),
         ([1, 12, 10, 10], 31),
+        // C_in ≥ 64 (some not a multiple of any vector): a last vector at most half used is
+        // computed as dot products over C_in, 1 to 8 positions of it (49, 196, 100, 65, 66).
+        ([1, 70, 7, 7], 9),
+        ([2, 64, 14, 14], 13),
+        ([1, 66, 10, 10], 7),
+        ([1, 72, 5, 13], 5),
+        ([1, 67, 6, 11], 5),
+        ([1, 64, 8, 9], 3),
     ] {
         for act in ACTS {
             for bias in [true, false] {

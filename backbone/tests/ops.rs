@@ -207,6 +207,23 @@ fn depthwise_cases() -> f32 {
             }
         }
     }
+    // "Same" kernels on planes narrower than a vector, exactly one vector wide, and of one value
+    // (the sliding 3x3 kernel's neighbour lanes and column masks at their limits).
+    for input in [[1, 2, 20, 2], [1, 2, 4, 16], [1, 2, 1, 1], [1, 2, 7, 7]] {
+        for (kernel, padding) in [(3, 1), (5, 2)] {
+            for act in ACTS {
+                let case = Case {
+                    input,
+                    out_channels: 2,
+                    kernel,
+                    config: config(1, padding, 1, 2),
+                    bias: true,
+                    act,
+                };
+                worst = worst.max(case.check());
+            }
+        }
+    }
     // Stride 3 takes the padded-copy path (H ≡ W mod 3 for the reference backward).
     for act in ACTS {
         let case = Case {

@@ -11,7 +11,9 @@
 //! zero-padded buffer split into stride×stride phases, so that every tap reads a contiguous run of
 //! the buffer for consecutive outputs of a row.
 
-use super::simd::{activate_v, deinterleave, dispatch, lanes_in, load, store_first, vectorized};
+use super::simd::{
+    activate_v, deinterleave, dispatch, lanes_in, load, neighbours, store_first, vectorized,
+};
 use super::{
     activate, cpu_slice, output_size, pre_activation_grad, with_cpu_slices, Activation, Geometry,
     SendPtr,
@@ -251,6 +253,13 @@ trait PlaneKernel {
     fn run<S: Simd>(simd: S, args: PlaneArgs, buf: &mut Vec<f32>);
 }
 
+impl PlaneKernel for Slide3<'_> {
+    #[inline(always)]
+    fn run<S: Simd>(simd: S, args: PlaneArgs, _: &mut Vec<f32>) {
+        Slide3(args).with_simd(simd)
+    }
+}
+
 impl<const K: usize, const T: usize> PlaneKernel for Flat<'_, K, T> {
     #[inline(always)]
     fn run<S: Simd>(simd: S, args: PlaneArgs, _: &mut Vec<f32>) {
@@ -363,6 +372,7 @@ fn forward_planes(
     let direct = l.width <= MAX_DIRECT_WIDTH && (l.stride == 1 || l.dilation == 1);
     match (l.kernel, l.stride, flat, direct) {
         (1, 1, true, _) => run!(Flat<1, 1>),
+        (3, 1, true, _) if l.padding == 1 && l.dilation == 1 => run!(Slide3),
         (3, 1, true, _) => run!(Flat<3, 9>),
         (5, 1, true, _) => run!(Flat<5, 25>),
         (1, 1, false, true) => run!(Direct<1, 1>),
@@ -402,17 +412,37 @@ impl<const K: usize, const T: usize> WithSimd for Flat<'_, K, T> {
         let (h, w, p, d) = (l.height, l.width, l.padding as isize, l.dilation as isize);
         let len = (h * w) as isize;
         debug_assert!(plane.len() == h * w && out.len() == h * w && weights.len() == T);
-        let lanes = S::F32_LANES;
-        let wv: [S::f32s; T] = std::array::from_fn(|t| simd.splat_f32s(weights[t]));
-        let b = simd.splat_f32s(bias);
+        let lanes = S::F32_LANES as isize;
+        let wi = w as isize;
         // Column shift of each kernel column; lanes at column c read column c + shift.
         let shift: [isize; K] = std::array::from_fn(|kx| kx as isize * d - p);
-        let (low, high): ([S::f32s; K], [S::f32s; K]) = (
-            std::array::from_fn(|kx| simd.splat_f32s(-shift[kx] as f32)),
-            std::array::from_fn(|kx| simd.splat_f32s((w as isize - shift[kx]) as f32)),
+        let flat = FlatPlane::<S, K, T> {
+            simd,
+            plane: plane.as_ptr(),
+            len,
+            wv: std::array::from_fn(|t| simd.splat_f32s(weights[t])),
+            bias: simd.splat_f32s(bias),
+            offsets: std::array::from_fn(|t| {
+                let (ky, kx) = ((t / K) as isize, t % K);
+                (ky * d - p) * wi + shift[kx]
+            }),
+            low: std::array::from_fn(|kx| simd.splat_f32s(-shift[kx] as f32)),
+            high: std::array::from_fn(|kx| simd.splat_f32s((wi - shift[kx]) as f32)),
+            clamp: clamp_bounds(simd, act),
+        };
+        // Vectors whose every tap lies inside the flattened plane need no range check, only the
+        // column masks: from the first vector at or past the most negative offset, up to the last
+        // that the most positive one keeps inside.
+        let (first_tap, last_tap) = (
+            flat.offsets.iter().min().copied().unwrap_or(0),
+            flat.offsets.iter().max().copied().unwrap_or(0),
         );
+        let interior_start =
+            ((-first_tap).max(0) as usize).next_multiple_of(lanes as usize) as isize;
+        // Inclusive; below interior_start (so no vector is interior) when the plane is too short.
+        let interior_end = len - last_tap - lanes;
         let width = simd.splat_f32s(w as f32);
-        let advance = simd.splat_f32s((lanes % w) as f32);
+        let advance = simd.splat_f32s((S::F32_LANES % w) as f32);
         // Column of each lane, exact in f32 (planes are far narrower than 2^24).
         let mut col = {
             let first: [f32; 16] = std::array::from_fn(|i| (i % w) as f32);
@@ -421,40 +451,14 @@ impl<const K: usize, const T: usize> WithSimd for Flat<'_, K, T> {
         };
         let mut q = 0isize;
         while q < len {
-            let mut partial = [simd.splat_f32s(0.0); K];
-            partial[0] = b;
-            for kx in 0..K {
-                let columns = simd.and_m32s(
-                    simd.greater_than_or_equal_f32s(col, low[kx]),
-                    simd.less_than_f32s(col, high[kx]),
-                );
-                for ky in 0..K {
-                    let start = q + (ky as isize * d - p) * w as isize + shift[kx];
-                    let src = plane.as_ptr().wrapping_offset(start);
-                    // SAFETY: only lanes inside the plane are read.
-                    let v = unsafe {
-                        let inside = if start >= 0 && start + lanes as isize <= len {
-                            columns
-                        } else {
-                            simd.and_m32s(columns, lanes_in(simd, start, len).mask())
-                        };
-                        simd.mask_load_ptr_f32s(pulp::MemMask::new(inside), src)
-                    };
-                    partial[ky] = simd.mul_add_f32s(wv[ky * K + kx], v, partial[ky]);
-                }
-            }
-            let mut acc = partial[0];
-            for p in &partial[1..] {
-                acc = simd.add_f32s(acc, *p);
-            }
+            let acc = if q >= interior_start && q <= interior_end {
+                flat.vector::<false>(q, col)
+            } else {
+                flat.vector::<true>(q, col)
+            };
             // SAFETY: outputs q .. min(q + lanes, H·W) exist.
             unsafe {
-                store_first::<S>(
-                    simd,
-                    out.as_mut_ptr().offset(q),
-                    (len - q) as usize,
-                    activate_v(simd, acc, act),
-                );
+                store_first::<S>(simd, out.as_mut_ptr().offset(q), (len - q) as usize, acc);
             }
             col = simd.add_f32s(col, advance);
             col = simd.select_f32s(
@@ -462,8 +466,180 @@ impl<const K: usize, const T: usize> WithSimd for Flat<'_, K, T> {
                 simd.sub_f32s(col, width),
                 col,
             );
-            q += lanes as isize;
+            q += lanes;
         }
+    }
+}
+
+/// [`Flat`] for the 3x3 kernel with padding 1 (no dilation), reading each input vector once: the
+/// three rows a vector of outputs reads (the flattened plane at −W, 0 and +W) are each one load
+/// per step, slid along as the window moves, and the left and right taps are those loads moved by
+/// one lane in registers, instead of nine unaligned masked loads. The taps left of column 0 and
+/// right of column W−1 are dropped by one select per side on their summed contributions.
+struct Slide3<'a>(PlaneArgs<'a>);
+
+impl WithSimd for Slide3<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let PlaneArgs {
+            l,
+            input: plane,
+            weights,
+            bias,
+            act,
+            out,
+        } = self.0;
+        let (h, w) = (l.height, l.width);
+        debug_assert!(l.kernel == 3 && l.padding == 1 && l.dilation == 1 && l.stride == 1);
+        debug_assert!(plane.len() == h * w && out.len() == h * w && weights.len() == 9);
+        let len = (h * w) as isize;
+        let lanes = S::F32_LANES as isize;
+        let wv: [S::f32s; 9] = std::array::from_fn(|t| simd.splat_f32s(weights[t]));
+        let b = simd.splat_f32s(bias);
+        let (low, high) = clamp_bounds(simd, act);
+        let rows: [isize; 3] = [-(w as isize), 0, w as isize];
+        // No closure: it would lose the level's target features and call its intrinsics.
+        let read = plane.as_ptr();
+        let mut prev = [simd.splat_f32s(0.0); 3];
+        let mut cur = prev;
+        for r in 0..3 {
+            prev[r] = read_flat(simd, read, rows[r] - lanes, len, true);
+            cur[r] = read_flat(simd, read, rows[r], len, true);
+        }
+        // Steps whose next loads (q + lanes ± W .. q + 2·lanes ± W) all lie inside the plane.
+        let (interior_start, interior_end) = (w as isize - lanes, len - w as isize - 2 * lanes);
+        let width = simd.splat_f32s(w as f32);
+        let (first, last) = (simd.splat_f32s(0.5), simd.splat_f32s(w as f32 - 1.5));
+        let advance = simd.splat_f32s((S::F32_LANES % w) as f32);
+        // Column of each lane, exact in f32 (planes are far narrower than 2^24).
+        let mut col = {
+            let first: [f32; 16] = std::array::from_fn(|i| (i % w) as f32);
+            // SAFETY: 16 ≥ lanes values.
+            unsafe { load::<S>(first.as_ptr()) }
+        };
+        let zero = simd.splat_f32s(0.0);
+        let mut q = 0isize;
+        while q < len {
+            let check = q < interior_start || q > interior_end;
+            let mut sums = [zero, b, zero];
+            for r in 0..3 {
+                let next = read_flat(simd, read, q + lanes + rows[r], len, check);
+                let (left, right) = neighbours(simd, prev[r], cur[r], next);
+                sums[0] = simd.mul_add_f32s(wv[3 * r], left, sums[0]);
+                sums[1] = simd.mul_add_f32s(wv[3 * r + 1], cur[r], sums[1]);
+                sums[2] = simd.mul_add_f32s(wv[3 * r + 2], right, sums[2]);
+                prev[r] = cur[r];
+                cur[r] = next;
+            }
+            let has_left = simd.greater_than_f32s(col, first);
+            let has_right = simd.less_than_f32s(col, last);
+            let acc = simd.add_f32s(
+                sums[1],
+                simd.add_f32s(
+                    simd.select_f32s(has_left, sums[0], zero),
+                    simd.select_f32s(has_right, sums[2], zero),
+                ),
+            );
+            let acc = simd.min_f32s(simd.max_f32s(acc, low), high);
+            // SAFETY: outputs q .. min(q + lanes, H·W) exist.
+            unsafe {
+                store_first::<S>(simd, out.as_mut_ptr().offset(q), (len - q) as usize, acc);
+            }
+            col = simd.add_f32s(col, advance);
+            col = simd.select_f32s(
+                simd.greater_than_or_equal_f32s(col, width),
+                simd.sub_f32s(col, width),
+                col,
+            );
+            q += lanes;
+        }
+    }
+}
+
+/// The vector at `start` of a flattened plane of `len` values, 0 outside it; unmasked unless
+/// `check` (then masked where it reaches outside).
+#[inline(always)]
+fn read_flat<S: Simd>(
+    simd: S,
+    plane: *const f32,
+    start: isize,
+    len: isize,
+    check: bool,
+) -> S::f32s {
+    let src = plane.wrapping_offset(start);
+    // SAFETY: only lanes inside the plane are read (the caller clears `check` only for vectors
+    // wholly inside it).
+    unsafe {
+        if check && (start < 0 || start + S::F32_LANES as isize > len) {
+            simd.mask_load_ptr_f32s(lanes_in(simd, start, len), src)
+        } else {
+            load::<S>(src)
+        }
+    }
+}
+
+/// The lower and upper clamp that applies `act` (±∞ for no bound), so the kernels' inner loops
+/// apply any activation as one max and one min, without a branch.
+#[inline(always)]
+fn clamp_bounds<S: Simd>(simd: S, act: Activation) -> (S::f32s, S::f32s) {
+    let (low, high) = match act {
+        Activation::None => (f32::NEG_INFINITY, f32::INFINITY),
+        Activation::Relu => (0.0, f32::INFINITY),
+        Activation::Relu6 => (0.0, 6.0),
+    };
+    (simd.splat_f32s(low), simd.splat_f32s(high))
+}
+
+/// One plane of [`Flat`], ready to compute vectors of outputs.
+struct FlatPlane<S: Simd, const K: usize, const T: usize> {
+    simd: S,
+    plane: *const f32,
+    len: isize,
+    wv: [S::f32s; T],
+    bias: S::f32s,
+    /// Flattened offset of tap (ky, kx), row-major over the kernel.
+    offsets: [isize; T],
+    /// Per kernel column: the lanes whose column c has low ≤ c < high read inside the image.
+    low: [S::f32s; K],
+    high: [S::f32s; K],
+    clamp: (S::f32s, S::f32s),
+}
+
+impl<S: Simd, const K: usize, const T: usize> FlatPlane<S, K, T> {
+    /// Activated outputs q .. q + lanes, lane i at column `col[i]`. `CHECK`: some tap may fall
+    /// outside the flattened plane (the first and last rows' vectors), so every load is also
+    /// masked by that range.
+    #[inline(always)]
+    fn vector<const CHECK: bool>(&self, q: isize, col: S::f32s) -> S::f32s {
+        let simd = self.simd;
+        let lanes = S::F32_LANES as isize;
+        let mut partial = [simd.splat_f32s(0.0); K];
+        partial[0] = self.bias;
+        for kx in 0..K {
+            let columns = simd.and_m32s(
+                simd.greater_than_or_equal_f32s(col, self.low[kx]),
+                simd.less_than_f32s(col, self.high[kx]),
+            );
+            for ky in 0..K {
+                let start = q + self.offsets[ky * K + kx];
+                let src = self.plane.wrapping_offset(start);
+                let inside = if CHECK && (start < 0 || start + lanes > self.len) {
+                    simd.and_m32s(columns, lanes_in(simd, start, self.len).mask())
+                } else {
+                    columns
+                };
+                // SAFETY: only lanes inside the plane are read.
+                let v = unsafe { simd.mask_load_ptr_f32s(pulp::MemMask::new(inside), src) };
+                partial[ky] = simd.mul_add_f32s(self.wv[ky * K + kx], v, partial[ky]);
+            }
+        }
+        let mut acc = partial[0];
+        for p in &partial[1..] {
+            acc = simd.add_f32s(acc, *p);
+        }
+        simd.min_f32s(simd.max_f32s(acc, self.clamp.0), self.clamp.1)
     }
 }
 

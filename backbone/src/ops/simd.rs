@@ -278,3 +278,58 @@ pub(super) fn deinterleave<S: Simd>(_simd: S, lo: S::f32s, hi: S::f32s) -> (S::f
         (load::<S>(halves[0].as_ptr()), load::<S>(halves[1].as_ptr()))
     }
 }
+
+/// The lanes of `cur` moved up by one, the first filled from the last of `prev` and the vector
+/// after (`[prev[L-1], cur[0], …, cur[L-2]]`, `[cur[1], …, cur[L-1], next[0]]`): the left and right
+/// neighbours of every lane of a run `prev ++ cur ++ next`. One `valignd` each on AVX-512, two
+/// shuffles on AVX2, one `ext` on NEON.
+#[inline(always)]
+pub(super) fn neighbours<S: Simd>(
+    _simd: S,
+    prev: S::f32s,
+    cur: S::f32s,
+    next: S::f32s,
+) -> (S::f32s, S::f32s) {
+    use std::mem::transmute_copy as cast;
+    // SAFETY: as in `deinterleave`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        use std::arch::x86_64::*;
+        if S::F32_LANES == 16 && std::mem::size_of::<S::f32s>() == 64 {
+            let (p, c, n): (__m512i, __m512i, __m512i) = (cast(&prev), cast(&cur), cast(&next));
+            return (
+                cast(&_mm512_alignr_epi32::<15>(c, p)),
+                cast(&_mm512_alignr_epi32::<1>(n, c)),
+            );
+        }
+        if S::F32_LANES == 8 && std::mem::size_of::<S::f32s>() == 32 {
+            let (p, c, n): (__m256i, __m256i, __m256i) = (cast(&prev), cast(&cur), cast(&next));
+            // vperm2i128 pairs each 128-bit half with its neighbour; vpalignr shifts within them.
+            let left = _mm256_alignr_epi8::<12>(c, _mm256_permute2x128_si256::<0x21>(p, c));
+            let right = _mm256_alignr_epi8::<4>(_mm256_permute2x128_si256::<0x21>(c, n), c);
+            return (cast(&left), cast(&right));
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    unsafe {
+        use std::arch::aarch64::*;
+        if S::F32_LANES == 4 && std::mem::size_of::<S::f32s>() == 16 {
+            let (p, c, n): (float32x4_t, float32x4_t, float32x4_t) =
+                (cast(&prev), cast(&cur), cast(&next));
+            return (cast(&vextq_f32::<3>(p, c)), cast(&vextq_f32::<1>(c, n)));
+        }
+    }
+    // Scalar (one lane: the neighbours are prev and next) and any other level: through memory.
+    let lanes = S::F32_LANES;
+    let mut v = [0f32; 48];
+    // SAFETY: 48 ≥ 3·lanes values; reads stay within lanes-1 .. 2·lanes+1 ≤ 33.
+    unsafe {
+        (v.as_mut_ptr() as *mut S::f32s).write_unaligned(prev);
+        (v.as_mut_ptr().add(lanes) as *mut S::f32s).write_unaligned(cur);
+        (v.as_mut_ptr().add(2 * lanes) as *mut S::f32s).write_unaligned(next);
+        (
+            load::<S>(v.as_ptr().add(lanes - 1)),
+            load::<S>(v.as_ptr().add(lanes + 1)),
+        )
+    }
+}

@@ -622,7 +622,7 @@ impl<S: Simd, const K: usize, const T: usize> FlatPlane<S, K, T> {
                 simd.greater_than_or_equal_f32s(col, self.low[kx]),
                 simd.less_than_f32s(col, self.high[kx]),
             );
-            for ky in 0..K {
+            for (ky, partial) in partial.iter_mut().enumerate() {
                 let start = q + self.offsets[ky * K + kx];
                 let src = self.plane.wrapping_offset(start);
                 let inside = if CHECK && (start < 0 || start + lanes > self.len) {
@@ -632,7 +632,7 @@ impl<S: Simd, const K: usize, const T: usize> FlatPlane<S, K, T> {
                 };
                 // SAFETY: only lanes inside the plane are read.
                 let v = unsafe { simd.mask_load_ptr_f32s(pulp::MemMask::new(inside), src) };
-                partial[ky] = simd.mul_add_f32s(self.wv[ky * K + kx], v, partial[ky]);
+                *partial = simd.mul_add_f32s(self.wv[ky * K + kx], v, *partial);
             }
         }
         let mut acc = partial[0];

@@ -280,6 +280,8 @@ fn pointwise_cases() -> f32 {
         ([1, 72, 5, 13], 5),
         ([1, 67, 6, 11], 5),
         ([1, 64, 8, 9], 3),
+        // Rows 256 values apart: the input panels are packed on every level.
+        ([2, 20, 16, 16], 13),
     ] {
         for act in ACTS {
             for bias in [true, false] {

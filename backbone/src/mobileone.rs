@@ -6,7 +6,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, D};
+use candle_core::{DType, Device, Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::layers::{fold_bn, Activation, BatchNorm2d, Conv2d, ConvConfig};
@@ -627,8 +627,23 @@ pub struct ClassifierHead {
 }
 
 impl Module for ClassifierHead {
+    /// Features (N, C, H, W) → logits (N, classes). The pooled batch is multiplied as one image of
+    /// N positions by the native 1x1 kernel, which reads the fc weight once for the whole batch
+    /// (candle's `Linear` took 2.2 ms at batch 8 for S0's 1024 → 1000, the kernel 0.1 ms).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc.forward(&x.mean(D::Minus1)?.mean(D::Minus1)?)
+        let pooled = crate::ops::excite::plane_mean(x)?;
+        let (n, c, _, _) = pooled.dims4()?;
+        let columns = pooled.reshape((n, c))?.t()?.reshape((1, c, 1, n))?;
+        let weight = self.fc.weight();
+        let classes = weight.dim(0)?;
+        let logits = crate::ops::conv2d(
+            &columns,
+            &weight.reshape((classes, c, 1, 1))?,
+            self.fc.bias(),
+            &ConvConfig::default(),
+            Activation::None,
+        )?;
+        logits.reshape((classes, n))?.t()?.contiguous()
     }
 }
 

@@ -257,6 +257,7 @@ fn run() -> Result<i32> {
 }
 
 fn main() {
+    mobileone::ops::retain_freed_memory();
     match run() {
         Ok(code) => std::process::exit(code),
         Err(e) => {

@@ -209,7 +209,9 @@ def main():
                 label = name.upper() if name in CLASSIFIERS else {"ssdlite": "SSDLite-320 (S0)",
                                                                   "deeplabv3": "DeepLabV3-512 OS16 (S0)"}[name]
                 rows.append((label, batch, medians))
-                print(f"{label} batch {batch}: " + ", ".join(f"{e} {m:.2f} ms" for e, m in medians.items()),
+                # Every round's median too: the host's slow phases (minutes long) show up as outliers.
+                print(f"{label} batch {batch}: " + ", ".join(
+                    f"{e} {m:.2f} ms [{' '.join(f'{v:.2f}' for v in rounds[e])}]" for e, m in medians.items()),
                       file=sys.stderr, flush=True)
     load_after = os.getloadavg()
 

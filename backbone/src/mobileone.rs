@@ -770,16 +770,89 @@ impl MobileOne {
     /// Features at strides 2, 4, 8, 16, 32 (timm `features_only` order; dilated stages keep the resolution
     /// of the output stride). `train` selects BatchNorm's batch statistics.
     pub fn forward_features(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        let mut features = Vec::with_capacity(5);
-        let mut x = self.stem.forward_t(x, train)?;
-        features.push(x.clone());
-        for stage in &self.stages {
-            for block in stage {
+        self.forward_features_at(x, train, &[0, 1, 2, 3, 4])
+    }
+
+    /// The features of [`forward_features`](Self::forward_features) at the levels `out_indices`
+    /// (ascending, 0–4; timm's `out_indices`), computing no stage past the last one asked for.
+    /// Without level 0, an inference pass (`!train`) of the reparameterised network runs the stem
+    /// and the first (stride-2 depthwise) block as one pass
+    /// ([`ops::stem::dense_then_depthwise`](crate::ops::stem::dense_then_depthwise)), so the
+    /// stem's output, the largest activation, never reaches memory.
+    ///
+    /// # Errors
+    /// When `out_indices` is not ascending within 0–4, or a layer fails.
+    pub fn forward_features_at(
+        &self,
+        x: &Tensor,
+        train: bool,
+        out_indices: &[usize],
+    ) -> Result<Vec<Tensor>> {
+        if out_indices.windows(2).any(|p| p[0] >= p[1]) || out_indices.iter().any(|&i| i > 4) {
+            candle_core::bail!("out_indices {out_indices:?}: expected ascending levels within 0-4");
+        }
+        let Some(&last) = out_indices.last() else {
+            return Ok(Vec::new());
+        };
+        let mut features = Vec::with_capacity(out_indices.len());
+        let fused = match (out_indices[0], train, self.fused_entry()) {
+            (level, false, Some((stem, first))) if level > 0 => Some((stem, first)),
+            _ => None,
+        };
+        let (mut x, skip) = match fused {
+            Some(((w1, b1, c1), (w2, b2, c2))) => {
+                let pair = ((w1, b1, c1), (w2, b2, c2));
+                let x =
+                    crate::ops::stem::dense_then_depthwise(x, pair.0, pair.1, Activation::Relu)?;
+                (x, 1)
+            }
+            None => {
+                let x = self.stem.forward_t(x, train)?;
+                if out_indices[0] == 0 {
+                    features.push(x.clone());
+                }
+                (x, 0)
+            }
+        };
+        for (s, stage) in self.stages.iter().enumerate().take(last) {
+            let first = if s == 0 { skip } else { 0 };
+            for block in &stage[first..] {
                 x = block.forward_t(&x, train)?;
             }
-            features.push(x.clone());
+            if out_indices.contains(&(s + 1)) {
+                features.push(x.clone());
+            }
         }
         Ok(features)
+    }
+
+    /// The reparameterised stem and first block when they can run as one pass: weights, biases and
+    /// geometries of a plain conv + ReLU stem followed by a 3x3 stride-2 depthwise conv + ReLU.
+    #[allow(clippy::type_complexity)]
+    fn fused_entry(
+        &self,
+    ) -> Option<(
+        (&Tensor, &Tensor, &ConvConfig),
+        (&Tensor, &Tensor, &ConvConfig),
+    )> {
+        let first = self.stages.first()?.first()?;
+        let (stem, block) = (
+            self.stem.reparam_conv.as_ref()?,
+            first.reparam_conv.as_ref()?,
+        );
+        let spec = &first.spec;
+        let plain = self.stem.attn.is_none() && first.attn.is_none();
+        let depthwise = spec.depthwise
+            && spec.kernel == 3
+            && spec.stride == 2
+            && spec.dilation == 1
+            && spec.in_channels == spec.out_channels
+            && block.config.groups == spec.in_channels
+            && block.config.padding == 1;
+        (plain && depthwise).then_some((
+            (&stem.weight, stem.bias.as_ref()?, &stem.config),
+            (&block.weight, block.bias.as_ref()?, &block.config),
+        ))
     }
 
     /// Class logits from the stride-32 features; `None` when built without a classifier.

@@ -463,3 +463,46 @@ fn squeeze_excite_cases() -> f32 {
     }
     worst
 }
+
+#[test]
+fn stem_then_depthwise_matches_reference() {
+    let worst = on_every_level("stem + depthwise", stem_then_depthwise_cases);
+    assert!(worst <= TOLERANCE);
+}
+
+/// The fused stem and stride-2 depthwise pass against candle's two convolutions: one band (odd
+/// sizes), several bands of 6 and 4 rows, and a last band whose bottom row lies below the image.
+fn stem_then_depthwise_cases() -> f32 {
+    let mut worst = 0f32;
+    for (input, channels) in [
+        ([2, 3, 13, 11], 6),
+        ([1, 3, 64, 200], 48),
+        ([1, 3, 61, 300], 40),
+    ] {
+        for act in ACTS {
+            let x = tensor(&input, 1);
+            let w1 = tensor(&[channels, 3, 3, 3], 2);
+            let b1 = tensor(&[channels], 3);
+            let w2 = tensor(&[channels, 1, 3, 3], 4);
+            let b2 = tensor(&[channels], 5);
+            let stem = config(2, 1, 1, 1);
+            let depthwise = config(2, 1, 1, channels);
+            let y = mobileone::ops::stem::dense_then_depthwise(
+                &x,
+                (&w1, &b1, &stem),
+                (&w2, &b2, &depthwise),
+                act,
+            )
+            .unwrap();
+            let mid = reference_conv2d(&x, &w1, Some(&b1), &stem, act).unwrap();
+            let y_ref = reference_conv2d(&mid, &w2, Some(&b2), &depthwise, act).unwrap();
+            let error = relative_error(&y, &y_ref);
+            assert!(
+                error <= TOLERANCE,
+                "input {input:?} → {channels} channels {act:?}: relative error {error}"
+            );
+            worst = worst.max(error);
+        }
+    }
+    worst
+}

@@ -59,6 +59,23 @@ fn assert_matches_timm(model: &MobileOne, output_stride: usize, what: &str) {
         let err = rel_err(&logits, &refs["logits"]);
         assert!(err <= PARITY_TOL, "{what} logits: rel err {err:e}");
     }
+    // Without the stem's level, a fused model runs the stem and first block as one pass.
+    for levels in [&[3, 4][..], &[4], &[1, 2]] {
+        let feats = model
+            .forward_features_at(&refs["input"], false, levels)
+            .unwrap();
+        assert_eq!(feats.len(), levels.len());
+        for (f, i) in feats.iter().zip(levels) {
+            let err = rel_err(f, &refs[&format!("os{output_stride}.features.{i}")]);
+            assert!(
+                err <= PARITY_TOL,
+                "{what} os{output_stride} features.{i} of {levels:?}: rel err {err:e}"
+            );
+        }
+    }
+    assert!(model
+        .forward_features_at(&refs["input"], false, &[4, 3])
+        .is_err());
 }
 
 #[test]

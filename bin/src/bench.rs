@@ -119,8 +119,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     MobileOne::new(&config, 32, vb)?
                 };
                 Box::new(move |x| {
-                    let features = model.forward_features(x, false)?;
-                    let last = features.last().expect("five feature maps");
+                    let features = model.forward_features_at(x, false, &[4])?;
+                    let last = features.last().expect("the stride-32 feature map");
                     Ok(model.forward_head(last)?.unwrap_or_else(|| last.clone()))
                 })
             }

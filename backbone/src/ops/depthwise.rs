@@ -48,6 +48,9 @@ struct PlaneLayout {
     width: usize,
     stride: usize,
     padding: usize,
+    /// Zero rows above the plane's first row (`padding`, except for a band of a taller plane whose
+    /// rows above are in the band itself).
+    top: usize,
     dilation: usize,
     kernel: usize,
     out_height: usize,
@@ -99,6 +102,7 @@ impl PlaneLayout {
             width,
             stride: s,
             padding: g.padding,
+            top: g.padding,
             dilation: g.dilation,
             kernel,
             out_height,
@@ -749,7 +753,7 @@ impl<const K: usize, const T: usize> WithSimd for Strided2<'_, K, T> {
             act,
             out,
         } = self.0;
-        let (h, w, p) = (l.height, l.width, l.padding as isize);
+        let (h, w, p, top) = (l.height, l.width, l.padding as isize, l.top as isize);
         let (oh, ow) = (l.out_height, l.out_width);
         debug_assert!(l.stride == 2 && l.dilation == 1 && w <= MAX_DIRECT_WIDTH);
         debug_assert!(plane.len() == h * w && out.len() == oh * ow && weights.len() == T);
@@ -761,7 +765,7 @@ impl<const K: usize, const T: usize> WithSimd for Strided2<'_, K, T> {
         for oy in 0..oh {
             let mut rows = [ZEROS.as_ptr(); K];
             for (ky, row) in rows.iter_mut().enumerate() {
-                let iy = (2 * oy + ky) as isize - p;
+                let iy = (2 * oy + ky) as isize - top;
                 if iy >= 0 && (iy as usize) < h {
                     *row = plane[iy as usize * w..].as_ptr();
                 }
@@ -818,6 +822,38 @@ impl<const K: usize, const T: usize> WithSimd for Strided2<'_, K, T> {
             }
         }
     }
+}
+
+/// Output rows of a 3x3 stride-2 depthwise convolution (padding 1) of one channel from a band of its
+/// input rows that already holds the rows above and below in the image (zeros outside it):
+/// `out` (rows × out_width) from `band` (2·rows + 1 input rows × width), weights (9), bias.
+pub(super) fn strided_band(
+    band: &[f32],
+    width: usize,
+    (weights, bias): (&[f32], f32),
+    act: Activation,
+    out: &mut [f32],
+) -> Result<()> {
+    let g = Geometry {
+        stride: 2,
+        padding: 1,
+        dilation: 1,
+        act,
+    };
+    let height = band.len() / width;
+    let mut l = PlaneLayout::new(height, width, 3, &g)?;
+    l.top = 0;
+    l.out_height = out.len() / l.out_width;
+    debug_assert!(height == 2 * l.out_height + 1 && width <= MAX_DIRECT_WIDTH);
+    dispatch(Strided2::<3, 9>(PlaneArgs {
+        l: &l,
+        input: band,
+        weights,
+        bias,
+        act,
+        out,
+    }));
+    Ok(())
 }
 
 /// [`forward_plane`] for `T` taps on the padded, phase-split buffer: a vector of outputs per step,

@@ -110,7 +110,7 @@ fn im2col(
 
 /// One im2col row restricted to the output rows `rows`: `dst[(oy - rows.start)·OW + ox]` = the
 /// value of `plane` (H, W) under kernel tap (ky, kx) for output (oy, ox), 0 in the padding.
-fn unfold_tap(
+pub(super) fn unfold_tap(
     plane: &[f32],
     (h, w): (usize, usize),
     (ky, kx): (usize, usize),

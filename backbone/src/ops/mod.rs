@@ -14,6 +14,7 @@ pub mod excite;
 mod gemm_conv;
 mod pointwise;
 pub mod simd;
+pub mod stem;
 
 use candle_core::{DType, Result, Tensor};
 

@@ -452,8 +452,8 @@ fn predict_timed(
     let inputs: Vec<Vec<f32>> = images.par_iter().map(|im| transform.apply(im)).collect();
     let x = transform.batch(inputs)?;
     let preprocessed = std::time::Instant::now();
-    let feats = model.forward_features(&x, false)?;
-    let logits = model.forward_head(&feats[4])?.context(
+    let feats = model.forward_features_at(&x, false, &[4])?;
+    let logits = model.forward_head(&feats[0])?.context(
         "the weights have no classifier (`head.fc`): they are a backbone-only checkpoint",
     )?;
     let inferred = std::time::Instant::now();

@@ -80,12 +80,19 @@ impl DeepLabV3 {
     /// Logits at the input's resolution; `train` selects batch statistics and dropout.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<SegmentationOutput> {
         let (_, _, height, width) = x.dims4()?;
-        let features = self.backbone.forward_features(x, train)?;
-        let logits = self.classifier.forward_t(&features[4], train)?;
+        let aux = match (&self.aux_classifier, self.config.aux_feature_index()) {
+            (Some(head), Some(i)) if i < 4 => Some((head, i)),
+            _ => None,
+        };
+        let levels: Vec<usize> = aux.map(|(_, i)| i).into_iter().chain([4]).collect();
+        let features = self.backbone.forward_features_at(x, train, &levels)?;
+        let logits = self
+            .classifier
+            .forward_t(&features[levels.len() - 1], train)?;
         let logits = resize_bilinear(&logits, height, width)?;
-        let aux_logits = match (&self.aux_classifier, self.config.aux_feature_index()) {
-            (Some(head), Some(i)) => Some(resize_bilinear(
-                &head.forward_t(&features[i], train)?,
+        let aux_logits = match aux {
+            Some((head, _)) => Some(resize_bilinear(
+                &head.forward_t(&features[0], train)?,
                 height,
                 width,
             )?),

@@ -138,9 +138,9 @@ impl SsdDetector {
 
     /// The six feature maps: trunk strides 16 and 32, then the extra blocks.
     pub fn features(&self, images: &Tensor, train: bool) -> Result<Vec<Tensor>> {
-        let trunk = self.body.forward_features(images, train)?;
-        let mut features = vec![trunk[3].clone(), trunk[4].clone()];
-        let mut x = trunk[4].clone();
+        let trunk = self.body.forward_features_at(images, train, &[3, 4])?;
+        let mut x = trunk[1].clone();
+        let mut features = trunk;
         for block in &self.extra {
             x = block.forward_t(&x, train)?;
             features.push(x.clone());

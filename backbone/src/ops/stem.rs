@@ -1,0 +1,149 @@
+//! The stem and the first (stride-2 depthwise) layer of a reparameterised MobileOne as one pass, for
+//! inference: the stem's output is the largest activation of the network (48 × 112² per 224² image,
+//! 19 MB at batch 8) and is otherwise written to memory only to be read back by the next layer.
+
+use super::gemm_conv::unfold_tap;
+use super::pointwise::{self, PointwiseTile};
+use super::{depthwise, output_size, with_cpu_slices, Activation, ConvConfig, Geometry, SendPtr};
+use candle_core::{DType, Result, Tensor};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Stem values one band keeps (256 KB, in L2 while its depthwise rows are computed).
+const BAND_VALUES: usize = 64 * 1024;
+
+thread_local! {
+    /// A band's im2col columns and its stem output.
+    static BUFFERS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// `act(depthwise(act(conv(x))))`: x (N, C_in, H, W) through a dense KxK convolution (weight
+/// (C, C_in, K, K), bias (C), `stem`'s geometry) and then a 3x3 stride-2 depthwise one (weight
+/// (C, 1, 3, 3), bias (C), padding 1), both followed by `act`, to (N, C, H₂, W₂). Computed in bands
+/// of output rows: each band's stem rows (with the rows above and below it) are produced into a
+/// per-thread buffer by the same kernels as [`super::conv2d`] and consumed there by the depthwise
+/// kernel, so the stem's output never reaches memory. Where the native kernels do not apply (other
+/// devices or dtypes, other geometries) it is the two convolutions. No gradient: inference only.
+///
+/// # Errors
+/// When the shapes do not fit (named in the message).
+pub fn dense_then_depthwise(
+    x: &Tensor,
+    (w1, b1, stem): (&Tensor, &Tensor, &ConvConfig),
+    (w2, b2, depthwise_cfg): (&Tensor, &Tensor, &ConvConfig),
+    act: Activation,
+) -> Result<Tensor> {
+    let (c, c_in_w, k, _) = w1.dims4()?;
+    let native = x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && [w1, b1, w2, b2].iter().all(|t| t.dtype() == DType::F32)
+        && x.rank() == 4
+        && stem.groups == 1
+        && x.dim(1)? == c_in_w
+        && w2.dims() == [c, 1, 3, 3]
+        && *depthwise_cfg
+            == (ConvConfig {
+                stride: 2,
+                padding: 1,
+                dilation: 1,
+                groups: c,
+            });
+    if !native {
+        let y = super::conv2d(x, w1, Some(b1), stem, act)?;
+        return super::conv2d(&y, w2, Some(b2), depthwise_cfg, act);
+    }
+    let (n, c_in, h, w) = x.dims4()?;
+    let g1 = Geometry {
+        stride: stem.stride,
+        padding: stem.padding,
+        dilation: stem.dilation,
+        act,
+    };
+    let (h1, w1o) = (output_size(h, k, &g1)?, output_size(w, k, &g1)?);
+    let g2 = Geometry {
+        stride: 2,
+        padding: 1,
+        dilation: 1,
+        act,
+    };
+    let (h2, w2o) = (output_size(h1, 3, &g2)?, output_size(w1o, 3, &g2)?);
+    if w1o > 4096 {
+        let y = super::conv2d(x, w1, Some(b1), stem, act)?;
+        return super::conv2d(&y, w2, Some(b2), depthwise_cfg, act);
+    }
+    let taps = c_in * k * k;
+    // Depthwise output rows per band: its 2·rows + 1 stem rows of every channel fit BAND_VALUES.
+    let rows = ((BAND_VALUES / (c * w1o)).saturating_sub(1) / 2).clamp(1, h2);
+    let bands = h2.div_ceil(rows);
+    let mut out = super::output_buffer(n * c * h2 * w2o);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    with_cpu_slices(&[x, w1, b1, w2, b2], "stem-depthwise", |s| {
+        let (x, w1, b1, w2, b2) = (s[0], s[1], s[2], s[3], s[4]);
+        (0..n * bands).into_par_iter().try_for_each(|task| {
+            let (image, oy0) = (task / bands, task % bands * rows);
+            let band_rows = (oy0 + rows).min(h2) - oy0;
+            // Stem rows r0 .. r0 + 2·band_rows + 1 feed the band; those outside the image are 0.
+            let (r0, count) = (2 * oy0 as isize - 1, 2 * band_rows + 1);
+            let valid = r0.max(0) as usize..((r0 + count as isize) as usize).min(h1);
+            let plane = count * w1o;
+            BUFFERS.with_borrow_mut(|(columns, band)| {
+                band.resize(c * plane, 0.0);
+                for channel in band.chunks_exact_mut(plane) {
+                    for (r, row) in channel.chunks_exact_mut(w1o).enumerate() {
+                        let stem_row = r0 + r as isize;
+                        if stem_row < 0 || stem_row as usize >= h1 {
+                            row.fill(0.0);
+                        }
+                    }
+                }
+                if !valid.is_empty() {
+                    let cols = valid.len() * w1o;
+                    columns.resize(taps * cols, 0.0);
+                    for (tap, dst) in columns.chunks_exact_mut(cols).enumerate() {
+                        let input = &x[(image * c_in + tap / (k * k)) * h * w..][..h * w];
+                        unfold_tap(
+                            input,
+                            (h, w),
+                            (tap / k % k, tap % k),
+                            w1o,
+                            &g1,
+                            valid.clone(),
+                            dst,
+                        );
+                    }
+                    let first = (valid.start as isize - r0) as usize;
+                    // SAFETY: the tile writes rows `first ..` of every channel's band plane, inside
+                    // `band`; the weights and columns hold C × taps and taps × cols values.
+                    unsafe {
+                        pointwise::run(PointwiseTile {
+                            w: w1.as_ptr(),
+                            w_rs: taps,
+                            x: columns.as_ptr(),
+                            x_rs: cols,
+                            out: band.as_mut_ptr().add(first * w1o),
+                            out_rs: plane,
+                            c_in: taps,
+                            rows: c,
+                            cols,
+                            bias: b1,
+                            act,
+                        })
+                    }
+                }
+                for (channel, input) in band.chunks_exact(plane).enumerate() {
+                    // SAFETY: rows oy0 .. oy0 + band_rows of this output plane belong to this task.
+                    let out_rows = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            out_ptr.get().add(((image * c + channel) * h2 + oy0) * w2o),
+                            band_rows * w2o,
+                        )
+                    };
+                    let weights = (&w2[channel * 9..(channel + 1) * 9], b2[channel]);
+                    depthwise::strided_band(input, w1o, weights, act, out_rows)?;
+                }
+                Ok(())
+            })
+        })
+    })?;
+    Tensor::from_vec(out, (n, c, h2, w2o), x.device())
+}

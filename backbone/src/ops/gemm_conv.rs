@@ -110,7 +110,7 @@ fn im2col(
 
 /// One im2col row restricted to the output rows `rows`: `dst[(oy - rows.start)·OW + ox]` = the
 /// value of `plane` (H, W) under kernel tap (ky, kx) for output (oy, ox), 0 in the padding.
-pub(super) fn unfold_tap(
+fn unfold_tap(
     plane: &[f32],
     (h, w): (usize, usize),
     (ky, kx): (usize, usize),
@@ -173,41 +173,74 @@ fn forward_by_bands(
     (0..n * bands).into_par_iter().for_each(|task| {
         let (image, first) = (task / bands, task % bands * band);
         let rows = first..(first + band).min(oh);
-        let cols = rows.len() * ow;
-        COLUMNS.with_borrow_mut(|buf| {
-            buf.resize(shape.k * cols, 0.0);
-            for (tap, dst) in buf.chunks_exact_mut(cols).enumerate() {
-                let plane = &x[(image * c_in + tap / (k * k)) * h * wd..][..h * wd];
-                unfold_tap(
-                    plane,
-                    (h, wd),
-                    (tap / k % k, tap % k),
-                    ow,
-                    g,
-                    rows.clone(),
-                    dst,
-                );
-            }
-            // SAFETY: bands are disjoint; every pointer stays inside its (checked) buffer.
-            unsafe {
-                pointwise::run(PointwiseTile {
-                    w: w.as_ptr(),
-                    w_rs: shape.k,
-                    x: buf.as_ptr(),
-                    x_rs: cols,
-                    out: out_ptr
-                        .get()
-                        .add(image * shape.m * shape.n + rows.start * ow),
-                    out_rs: shape.n,
-                    c_in: shape.k,
-                    rows: shape.m,
-                    cols,
-                    bias: b,
-                    act: g.act,
-                })
-            }
+        let image_x = &x[image * c_in * h * wd..][..c_in * h * wd];
+        let out = out_ptr
+            .get()
+            .wrapping_add(image * shape.m * shape.n + rows.start * ow);
+        // SAFETY: bands are disjoint; every channel's rows of the band lie inside `out`.
+        COLUMNS.with_borrow_mut(|columns| unsafe {
+            band_product(
+                image_x,
+                (c_in, h, wd),
+                (w, b),
+                k,
+                ow,
+                g,
+                rows,
+                columns,
+                (out, shape.n),
+            )
         });
     });
+}
+
+/// Output rows `rows` (each OW wide) of one image (C_in, H, W) of a dense convolution with weight
+/// (C_out, C_in·K·K) and bias (C_out), activation `g.act`: the im2col columns of those rows are
+/// unfolded into `columns` (scratch) and multiplied by the [`pointwise`] kernel, channel c's rows
+/// written at `out.0 + c·out.1`.
+///
+/// # Safety
+/// For every output channel c, `out.0 + c·out.1 .. + rows.len()·OW` is writable and written by no
+/// other thread meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn band_product(
+    image: &[f32],
+    (c_in, h, w): (usize, usize, usize),
+    (weight, bias): (&[f32], &[f32]),
+    k: usize,
+    ow: usize,
+    g: &Geometry,
+    rows: std::ops::Range<usize>,
+    columns: &mut Vec<f32>,
+    (out, out_rs): (*mut f32, usize),
+) {
+    let (taps, cols) = (c_in * k * k, rows.len() * ow);
+    columns.resize(taps * cols, 0.0);
+    for (tap, dst) in columns.chunks_exact_mut(cols).enumerate() {
+        let plane = &image[tap / (k * k) * h * w..][..h * w];
+        unfold_tap(
+            plane,
+            (h, w),
+            (tap / k % k, tap % k),
+            ow,
+            g,
+            rows.clone(),
+            dst,
+        );
+    }
+    pointwise::run(PointwiseTile {
+        w: weight.as_ptr(),
+        w_rs: taps,
+        x: columns.as_ptr(),
+        x_rs: cols,
+        out,
+        out_rs,
+        c_in: taps,
+        rows: bias.len(),
+        cols,
+        bias,
+        act: g.act,
+    })
 }
 
 impl CustomOp3 for GemmConv {

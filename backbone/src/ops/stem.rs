@@ -2,8 +2,7 @@
 //! inference: the stem's output is the largest activation of the network (48 × 112² per 224² image,
 //! 19 MB at batch 8) and is otherwise written to memory only to be read back by the next layer.
 
-use super::gemm_conv::unfold_tap;
-use super::pointwise::{self, PointwiseTile};
+use super::gemm_conv::band_product;
 use super::{depthwise, output_size, with_cpu_slices, Activation, ConvConfig, Geometry, SendPtr};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
@@ -71,7 +70,6 @@ pub fn dense_then_depthwise(
         let y = super::conv2d(x, w1, Some(b1), stem, act)?;
         return super::conv2d(&y, w2, Some(b2), depthwise_cfg, act);
     }
-    let taps = c_in * k * k;
     // Depthwise output rows per band: its 2·rows + 1 stem rows of every channel fit BAND_VALUES.
     let rows = ((BAND_VALUES / (c * w1o)).saturating_sub(1) / 2).clamp(1, h2);
     let bands = h2.div_ceil(rows);
@@ -97,37 +95,22 @@ pub fn dense_then_depthwise(
                     }
                 }
                 if !valid.is_empty() {
-                    let cols = valid.len() * w1o;
-                    columns.resize(taps * cols, 0.0);
-                    for (tap, dst) in columns.chunks_exact_mut(cols).enumerate() {
-                        let input = &x[(image * c_in + tap / (k * k)) * h * w..][..h * w];
-                        unfold_tap(
-                            input,
-                            (h, w),
-                            (tap / k % k, tap % k),
+                    let first = (valid.start as isize - r0) as usize;
+                    let image_x = &x[image * c_in * h * w..][..c_in * h * w];
+                    // SAFETY: the product writes rows `first ..` of every channel's band plane,
+                    // inside `band`.
+                    unsafe {
+                        band_product(
+                            image_x,
+                            (c_in, h, w),
+                            (w1, b1),
+                            k,
                             w1o,
                             &g1,
-                            valid.clone(),
-                            dst,
-                        );
-                    }
-                    let first = (valid.start as isize - r0) as usize;
-                    // SAFETY: the tile writes rows `first ..` of every channel's band plane, inside
-                    // `band`; the weights and columns hold C × taps and taps × cols values.
-                    unsafe {
-                        pointwise::run(PointwiseTile {
-                            w: w1.as_ptr(),
-                            w_rs: taps,
-                            x: columns.as_ptr(),
-                            x_rs: cols,
-                            out: band.as_mut_ptr().add(first * w1o),
-                            out_rs: plane,
-                            c_in: taps,
-                            rows: c,
-                            cols,
-                            bias: b1,
-                            act,
-                        })
+                            valid,
+                            columns,
+                            (band.as_mut_ptr().add(first * w1o), plane),
+                        )
                     }
                 }
                 for (channel, input) in band.chunks_exact(plane).enumerate() {

@@ -795,15 +795,14 @@ impl MobileOne {
             return Ok(Vec::new());
         };
         let mut features = Vec::with_capacity(out_indices.len());
-        let fused = match (out_indices[0], train, self.fused_entry()) {
-            (level, false, Some((stem, first))) if level > 0 => Some((stem, first)),
-            _ => None,
+        let fused = if !train && out_indices[0] > 0 {
+            self.fused_entry()
+        } else {
+            None
         };
         let (mut x, skip) = match fused {
-            Some(((w1, b1, c1), (w2, b2, c2))) => {
-                let pair = ((w1, b1, c1), (w2, b2, c2));
-                let x =
-                    crate::ops::stem::dense_then_depthwise(x, pair.0, pair.1, Activation::Relu)?;
+            Some((stem, first)) => {
+                let x = crate::ops::stem::dense_then_depthwise(x, stem, first, Activation::Relu)?;
                 (x, 1)
             }
             None => {
@@ -826,8 +825,11 @@ impl MobileOne {
         Ok(features)
     }
 
-    /// The reparameterised stem and first block when they can run as one pass: weights, biases and
-    /// geometries of a plain conv + ReLU stem followed by a 3x3 stride-2 depthwise conv + ReLU.
+    /// The reparameterised stem and first block as [`ops::stem::dense_then_depthwise`]'s two
+    /// (weight, bias, geometry) triples: both plain conv + ReLU (no squeeze-excitation). Whether
+    /// their geometry runs as one pass the op decides; otherwise it runs them one after the other.
+    ///
+    /// [`ops::stem::dense_then_depthwise`]: crate::ops::stem::dense_then_depthwise
     #[allow(clippy::type_complexity)]
     fn fused_entry(
         &self,
@@ -836,20 +838,14 @@ impl MobileOne {
         (&Tensor, &Tensor, &ConvConfig),
     )> {
         let first = self.stages.first()?.first()?;
+        if self.stem.attn.is_some() || first.attn.is_some() {
+            return None;
+        }
         let (stem, block) = (
             self.stem.reparam_conv.as_ref()?,
             first.reparam_conv.as_ref()?,
         );
-        let spec = &first.spec;
-        let plain = self.stem.attn.is_none() && first.attn.is_none();
-        let depthwise = spec.depthwise
-            && spec.kernel == 3
-            && spec.stride == 2
-            && spec.dilation == 1
-            && spec.in_channels == spec.out_channels
-            && block.config.groups == spec.in_channels
-            && block.config.padding == 1;
-        (plain && depthwise).then_some((
+        Some((
             (&stem.weight, stem.bias.as_ref()?, &stem.config),
             (&block.weight, block.bias.as_ref()?, &block.config),
         ))

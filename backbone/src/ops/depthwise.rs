@@ -29,7 +29,7 @@ const SLACK: usize = 16;
 /// A row of zeros that the direct kernels read in place of rows in the vertical padding.
 static ZEROS: [f32; MAX_DIRECT_WIDTH] = [0.0; MAX_DIRECT_WIDTH];
 /// Widest plane the direct kernels read in place (wider ones use the padded copy).
-const MAX_DIRECT_WIDTH: usize = 4096;
+pub(super) const MAX_DIRECT_WIDTH: usize = 4096;
 /// Smallest number of outputs one rayon task should compute, so tiny planes are batched.
 const MIN_TASK_OUTPUTS: usize = 4096;
 
@@ -445,31 +445,19 @@ impl<const K: usize, const T: usize> WithSimd for Flat<'_, K, T> {
             ((-first_tap).max(0) as usize).next_multiple_of(lanes as usize) as isize;
         // Inclusive; below interior_start (so no vector is interior) when the plane is too short.
         let interior_end = len - last_tap - lanes;
-        let width = simd.splat_f32s(w as f32);
-        let advance = simd.splat_f32s((S::F32_LANES % w) as f32);
-        // Column of each lane, exact in f32 (planes are far narrower than 2^24).
-        let mut col = {
-            let first: [f32; 16] = std::array::from_fn(|i| (i % w) as f32);
-            // SAFETY: 16 ≥ lanes values.
-            unsafe { load::<S>(first.as_ptr()) }
-        };
+        let mut columns = LaneColumns::new(simd, w);
         let mut q = 0isize;
         while q < len {
             let acc = if q >= interior_start && q <= interior_end {
-                flat.vector::<false>(q, col)
+                flat.vector::<false>(q, columns.col)
             } else {
-                flat.vector::<true>(q, col)
+                flat.vector::<true>(q, columns.col)
             };
             // SAFETY: outputs q .. min(q + lanes, H·W) exist.
             unsafe {
                 store_first::<S>(simd, out.as_mut_ptr().offset(q), (len - q) as usize, acc);
             }
-            col = simd.add_f32s(col, advance);
-            col = simd.select_f32s(
-                simd.greater_than_or_equal_f32s(col, width),
-                simd.sub_f32s(col, width),
-                col,
-            );
+            columns.advance();
             q += lanes;
         }
     }
@@ -514,15 +502,8 @@ impl WithSimd for Slide3<'_> {
         }
         // Steps whose next loads (q + lanes ± W .. q + 2·lanes ± W) all lie inside the plane.
         let (interior_start, interior_end) = (w as isize - lanes, len - w as isize - 2 * lanes);
-        let width = simd.splat_f32s(w as f32);
         let (first, last) = (simd.splat_f32s(0.5), simd.splat_f32s(w as f32 - 1.5));
-        let advance = simd.splat_f32s((S::F32_LANES % w) as f32);
-        // Column of each lane, exact in f32 (planes are far narrower than 2^24).
-        let mut col = {
-            let first: [f32; 16] = std::array::from_fn(|i| (i % w) as f32);
-            // SAFETY: 16 ≥ lanes values.
-            unsafe { load::<S>(first.as_ptr()) }
-        };
+        let mut columns = LaneColumns::new(simd, w);
         let zero = simd.splat_f32s(0.0);
         let mut q = 0isize;
         while q < len {
@@ -537,8 +518,8 @@ impl WithSimd for Slide3<'_> {
                 prev[r] = cur[r];
                 cur[r] = next;
             }
-            let has_left = simd.greater_than_f32s(col, first);
-            let has_right = simd.less_than_f32s(col, last);
+            let has_left = simd.greater_than_f32s(columns.col, first);
+            let has_right = simd.less_than_f32s(columns.col, last);
             let acc = simd.add_f32s(
                 sums[1],
                 simd.add_f32s(
@@ -551,12 +532,7 @@ impl WithSimd for Slide3<'_> {
             unsafe {
                 store_first::<S>(simd, out.as_mut_ptr().offset(q), (len - q) as usize, acc);
             }
-            col = simd.add_f32s(col, advance);
-            col = simd.select_f32s(
-                simd.greater_than_or_equal_f32s(col, width),
-                simd.sub_f32s(col, width),
-                col,
-            );
+            columns.advance();
             q += lanes;
         }
     }
@@ -581,6 +557,44 @@ fn read_flat<S: Simd>(
         } else {
             load::<S>(src)
         }
+    }
+}
+
+/// The image column of every lane of a vector walking a plane flattened to one row (W wide), exact
+/// in f32 (planes are far narrower than 2^24), for the kernels that mask taps by column.
+struct LaneColumns<S: Simd> {
+    simd: S,
+    /// Column of each lane of the current vector.
+    col: S::f32s,
+    width: S::f32s,
+    /// Lanes per vector modulo W: how far the columns move per vector.
+    advance: S::f32s,
+}
+
+impl<S: Simd> LaneColumns<S> {
+    /// The columns of the vector at the plane's start.
+    #[inline(always)]
+    fn new(simd: S, width: usize) -> Self {
+        let first: [f32; 16] = std::array::from_fn(|i| (i % width) as f32);
+        Self {
+            simd,
+            // SAFETY: 16 ≥ lanes values.
+            col: unsafe { load::<S>(first.as_ptr()) },
+            width: simd.splat_f32s(width as f32),
+            advance: simd.splat_f32s((S::F32_LANES % width) as f32),
+        }
+    }
+
+    /// Moves to the next vector's columns.
+    #[inline(always)]
+    fn advance(&mut self) {
+        let simd = self.simd;
+        let col = simd.add_f32s(self.col, self.advance);
+        self.col = simd.select_f32s(
+            simd.greater_than_or_equal_f32s(col, self.width),
+            simd.sub_f32s(col, self.width),
+            col,
+        );
     }
 }
 

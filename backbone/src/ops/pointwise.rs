@@ -2,13 +2,14 @@
 //! positions), register-blocked over `pulp::Simd`: a 1x1 convolution, or an im2col-unfolded one.
 //!
 //! [`MR`] output channels × up to four vectors of positions stay in registers for the whole C_in
-//! loop; each step loads one row segment of X and broadcasts one weight per channel, both read in
-//! place (no packing: with 49 positions, as in a 7x7 stage, copying the weights would cost as much
-//! as the product itself). Bias and activation are applied as the sums leave the registers, so the
-//! output is written once. A last vector of positions at most half used (4 of 16 lanes at 14x14,
-//! 1 of 16 at 7x7) is computed as dot products along C_in instead. Replaces the `gemm` crate for these: 8–15 % faster at MobileOne's 1x1
-//! sizes (gemm packs both operands on every call), and lowered with the other kernels by
-//! `MOBILEONE_SIMD`. (The tap-by-tap stride-1 convolutions stay on `gemm`, whose packing pays off
+//! loop; each step loads one row segment of X and broadcasts one weight per channel. The weights
+//! are read in place (with 49 positions, as in a 7x7 stage, copying them would cost as much as the
+//! product itself); X is too, unless its rows thrash L1, when each panel of positions is packed
+//! first. Bias and activation are applied as the sums leave the registers, so the output is
+//! written once. A last vector of positions at most half used (4 of 16 lanes at 14x14, 1 of 16 at
+//! 7x7) is computed as dot products along C_in instead. Replaces the `gemm` crate for these: 8–15 %
+//! faster at MobileOne's 1x1 sizes (gemm packs both operands on every call), and lowered with the
+//! other kernels by `MOBILEONE_SIMD`. (The tap-by-tap stride-1 convolutions stay on `gemm`, whose packing pays off
 //! there: it gathers each tap's weights, 9 apart, once per call.)
 
 use super::simd::{activate_v, dispatch, lanes_in, load, store_first};
@@ -93,14 +94,15 @@ impl WithSimd for Packed<'_> {
                 tile.block_rows::<S, 4, true>(simd, x, q, step);
             }
         }
-        tile.rest(simd, full_end);
+        tile.rest(simd, full_end, self.panel);
     }
 }
 
 impl PointwiseTile<'_> {
-    /// Positions `full_end ..` (fewer than a full block) of every channel.
+    /// Positions `full_end ..` (fewer than a full block) of every channel; `scratch` holds a
+    /// short tail's gathered columns.
     #[inline(always)]
-    fn rest<S: Simd>(&self, simd: S, full_end: usize) {
+    fn rest<S: Simd>(&self, simd: S, full_end: usize, scratch: &mut Vec<f32>) {
         let lanes = S::F32_LANES;
         let rest = self.cols - full_end;
         // SAFETY: the tile's rows of X hold columns full_end .. full_end + rest.
@@ -128,20 +130,18 @@ impl PointwiseTile<'_> {
         // SAFETY: positions q .. q + part are the tile's last.
         unsafe {
             match part {
-                1 => self.tail_dots::<S, 1>(simd, q),
-                2 => self.tail_dots::<S, 2>(simd, q),
-                3 => self.tail_dots::<S, 3>(simd, q),
-                4 => self.tail_dots::<S, 4>(simd, q),
-                5 => self.tail_dots::<S, 5>(simd, q),
-                6 => self.tail_dots::<S, 6>(simd, q),
-                7 => self.tail_dots::<S, 7>(simd, q),
-                _ => self.tail_dots::<S, 8>(simd, q),
+                1 => self.tail_dots::<S, 1>(simd, q, scratch),
+                2 => self.tail_dots::<S, 2>(simd, q, scratch),
+                3 => self.tail_dots::<S, 3>(simd, q, scratch),
+                4 => self.tail_dots::<S, 4>(simd, q, scratch),
+                5 => self.tail_dots::<S, 5>(simd, q, scratch),
+                6 => self.tail_dots::<S, 6>(simd, q, scratch),
+                7 => self.tail_dots::<S, 7>(simd, q, scratch),
+                _ => self.tail_dots::<S, 8>(simd, q, scratch),
             }
         }
     }
-}
 
-impl PointwiseTile<'_> {
     /// Positions `q .. q + count` of every channel of the tile, [`MR`] channels at a time.
     /// `x`: the input of column q and its row stride (the tile's own, or a packed panel).
     #[inline(always)]
@@ -220,20 +220,18 @@ impl PointwiseTile<'_> {
             }
         }
     }
-}
 
-impl PointwiseTile<'_> {
     /// Positions `q .. q + T` of every channel as dot products over C_in, vectorised along C_in:
-    /// the T input columns are gathered into contiguous rows once, then [`DOT_CHANNELS`] weight
+    /// the T input columns are gathered into contiguous rows of `columns` (scratch) once, then [`DOT_CHANNELS`] weight
     /// rows at a time are multiplied with all T of them (each weight read once) and every sum is
     /// reduced across its lanes.
     ///
     /// # Safety
     /// Positions `q .. q + T` lie inside the tile, and the tile inside its buffers.
     #[inline(always)]
-    unsafe fn tail_dots<S: Simd, const T: usize>(&self, simd: S, q: usize) {
+    unsafe fn tail_dots<S: Simd, const T: usize>(&self, simd: S, q: usize, columns: &mut Vec<f32>) {
         let (lanes, k) = (S::F32_LANES, self.c_in);
-        let mut columns = vec![0f32; T * k];
+        columns.resize(T * k, 0.0);
         for ci in 0..k {
             let x = self.x.add(ci * self.x_rs + q);
             for t in 0..T {

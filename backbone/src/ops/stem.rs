@@ -33,6 +33,18 @@ pub fn dense_then_depthwise(
     act: Activation,
 ) -> Result<Tensor> {
     let (c, c_in_w, k, _) = w1.dims4()?;
+    let g1 = Geometry {
+        stride: stem.stride,
+        padding: stem.padding,
+        dilation: stem.dilation,
+        act,
+    };
+    let g2 = Geometry {
+        stride: 2,
+        padding: 1,
+        dilation: 1,
+        act,
+    };
     let native = x.device().is_cpu()
         && x.dtype() == DType::F32
         && [w1, b1, w2, b2].iter().all(|t| t.dtype() == DType::F32)
@@ -46,30 +58,16 @@ pub fn dense_then_depthwise(
                 padding: 1,
                 dilation: 1,
                 groups: c,
-            });
+            })
+        // The depthwise kernel reads rows in place up to its widest.
+        && output_size(x.dim(3)?, k, &g1).is_ok_and(|width| width <= depthwise::MAX_DIRECT_WIDTH);
     if !native {
         let y = super::conv2d(x, w1, Some(b1), stem, act)?;
         return super::conv2d(&y, w2, Some(b2), depthwise_cfg, act);
     }
     let (n, c_in, h, w) = x.dims4()?;
-    let g1 = Geometry {
-        stride: stem.stride,
-        padding: stem.padding,
-        dilation: stem.dilation,
-        act,
-    };
     let (h1, w1o) = (output_size(h, k, &g1)?, output_size(w, k, &g1)?);
-    let g2 = Geometry {
-        stride: 2,
-        padding: 1,
-        dilation: 1,
-        act,
-    };
     let (h2, w2o) = (output_size(h1, 3, &g2)?, output_size(w1o, 3, &g2)?);
-    if w1o > 4096 {
-        let y = super::conv2d(x, w1, Some(b1), stem, act)?;
-        return super::conv2d(&y, w2, Some(b2), depthwise_cfg, act);
-    }
     // Depthwise output rows per band: its 2·rows + 1 stem rows of every channel fit BAND_VALUES.
     let rows = ((BAND_VALUES / (c * w1o)).saturating_sub(1) / 2).clamp(1, h2);
     let bands = h2.div_ceil(rows);

@@ -838,15 +838,22 @@ impl<const K: usize, const T: usize> WithSimd for Strided2<'_, K, T> {
     }
 }
 
-/// Output rows of a 3x3 stride-2 depthwise convolution (padding 1) of one channel from a band of its
-/// input rows that already holds the rows above and below in the image (zeros outside it):
-/// `out` (rows × out_width) from `band` (2·rows + 1 input rows × width), weights (9), bias.
-pub(super) fn strided_band(
+/// Output rows of a 3x3 stride-2 depthwise convolution (padding 1) of every channel from a band of
+/// their input rows that already holds the rows above and below in the image (zeros outside it):
+/// channel c's `rows` × out_width outputs go to `out.0 + c·out.1`, from its 2·rows + 1 input rows
+/// × `width` at `band[c·(2·rows + 1)·width ..]`; weights (C, 9), bias (C). One SIMD dispatch and
+/// one layout for all channels (per channel, they cost as much as a 56-wide band's arithmetic).
+///
+/// # Safety
+/// For every channel c, `out.0 + c·out.1 .. + rows·out_width` is writable and written by no other
+/// thread meanwhile.
+pub(super) unsafe fn strided_band(
     band: &[f32],
     width: usize,
-    (weights, bias): (&[f32], f32),
+    (weights, bias): (&[f32], &[f32]),
     act: Activation,
-    out: &mut [f32],
+    rows: usize,
+    out: (*mut f32, usize),
 ) -> Result<()> {
     let g = Geometry {
         stride: 2,
@@ -854,19 +861,60 @@ pub(super) fn strided_band(
         dilation: 1,
         act,
     };
-    let height = band.len() / width;
+    let height = 2 * rows + 1;
     let mut l = PlaneLayout::new(height, width, 3, &g)?;
     l.top = 0;
-    l.out_height = out.len() / l.out_width;
-    debug_assert!(height == 2 * l.out_height + 1 && width <= MAX_DIRECT_WIDTH);
-    dispatch(Strided2::<3, 9>(PlaneArgs {
+    l.out_height = rows;
+    let channels = bias.len();
+    if band.len() != channels * height * width || weights.len() != channels * 9 {
+        candle_core::bail!(
+            "strided depthwise band: {channels} channels of {height}x{width}: got {} inputs and {} weights",
+            band.len(),
+            weights.len()
+        );
+    }
+    debug_assert!(width <= MAX_DIRECT_WIDTH);
+    struct Channels<'a> {
+        l: &'a PlaneLayout,
+        band: &'a [f32],
+        w: &'a [f32],
+        b: &'a [f32],
+        act: Activation,
+        out: (*mut f32, usize),
+    }
+    impl WithSimd for Channels<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn with_simd<S: Simd>(self, simd: S) {
+            let (plane, outputs) = (
+                self.l.height * self.l.width,
+                self.l.out_height * self.l.out_width,
+            );
+            for (c, bias) in self.b.iter().enumerate() {
+                // SAFETY: the caller's contract.
+                let out = unsafe {
+                    std::slice::from_raw_parts_mut(self.out.0.add(c * self.out.1), outputs)
+                };
+                Strided2::<3, 9>(PlaneArgs {
+                    l: self.l,
+                    input: &self.band[c * plane..(c + 1) * plane],
+                    weights: &self.w[c * 9..(c + 1) * 9],
+                    bias: *bias,
+                    act: self.act,
+                    out,
+                })
+                .with_simd(simd);
+            }
+        }
+    }
+    dispatch(Channels {
         l: &l,
-        input: band,
-        weights,
-        bias,
+        band,
+        w: weights,
+        b: bias,
         act,
         out,
-    }));
+    });
     Ok(())
 }
 

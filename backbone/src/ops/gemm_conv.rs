@@ -8,8 +8,10 @@
 //! ([`forward_by_taps`]). The backward pass is `gemm` products over the im2col columns.
 
 use super::pointwise::{self, PointwiseTile};
+use super::simd::{deinterleave, dispatch, lanes_in, store_first};
 use super::{activate, cpu_slice, output_size, with_cpu_slices, Activation, Geometry, SendPtr};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 use std::borrow::Cow;
 
@@ -106,6 +108,82 @@ fn im2col(
         unfold_tap(plane, (h, w), (tap / k % k, tap % k), ow, g, 0..oh, dst);
     });
     cols
+}
+
+/// The im2col columns of output rows `rows` of a 3x3 stride-2 convolution with padding 1 (the
+/// stem), as [`unfold_tap`] writes them: each input row is split into its even and odd values once,
+/// and those are the rows of all three taps of its kernel row (kx = 1: the even values, kx = 2:
+/// the odd ones, kx = 0: the odd ones one column later), a vector at a time.
+struct Stride2Rows<'a> {
+    image: &'a [f32],
+    shape: (usize, usize, usize),
+    ow: usize,
+    rows: std::ops::Range<usize>,
+    columns: &'a mut [f32],
+}
+
+impl WithSimd for Stride2Rows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let ((c_in, h, w), ow) = (self.shape, self.ow);
+        let lanes = S::F32_LANES;
+        let cols = self.rows.len() * ow;
+        debug_assert!(ow == w.div_ceil(2) && self.columns.len() == c_in * 9 * cols);
+        // Output row by output row, so each channel's input rows are read in order (the kernel
+        // rows of one output row are consecutive input rows): a stream the prefetchers follow.
+        for ci in 0..c_in {
+            for (r, oy) in self.rows.clone().enumerate() {
+                for ky in 0..3 {
+                    let taps = &mut self.columns[(ci * 9 + ky * 3) * cols..][..3 * cols];
+                    let iy = (2 * oy + ky) as isize - 1;
+                    let at = |kx: usize| kx * cols + r * ow;
+                    if iy < 0 || iy >= h as isize {
+                        for kx in 0..3 {
+                            taps[at(kx)..][..ow].fill(0.0);
+                        }
+                        continue;
+                    }
+                    let src = self.image[(ci * h + iy as usize) * w..][..w].as_ptr();
+                    #[cfg(target_arch = "x86_64")]
+                    if ky == 2 && (iy as usize) + 4 < h {
+                        for line in (0..2 * w).step_by(16) {
+                            // SAFETY: prefetching has no effect on memory; rows iy + 3, iy + 4 exist.
+                            unsafe {
+                                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                                    src.add(3 * w + line) as *const i8,
+                                )
+                            };
+                        }
+                    }
+                    taps[at(0)] = 0.0;
+                    for ox in (0..ow).step_by(lanes) {
+                        let x = 2 * ox;
+                        // SAFETY: only values inside the row are read, and only outputs inside
+                        // each tap's row of `ow` written (kx = 0 one column on, one fewer).
+                        unsafe {
+                            let lo = simd.mask_load_ptr_f32s(
+                                lanes_in(simd, x as isize, w as isize),
+                                src.add(x),
+                            );
+                            let hi = simd.mask_load_ptr_f32s(
+                                lanes_in(simd, (x + lanes) as isize, w as isize),
+                                src.add(x + lanes),
+                            );
+                            let (even, odd) = deinterleave(simd, lo, hi);
+                            let base = taps.as_mut_ptr();
+                            store_first::<S>(simd, base.add(at(1) + ox), ow - ox, even);
+                            store_first::<S>(simd, base.add(at(2) + ox), ow - ox, odd);
+                            if ox + 1 < ow {
+                                store_first::<S>(simd, base.add(at(0) + ox + 1), ow - ox - 1, odd);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// One im2col row restricted to the output rows `rows`: `dst[(oy - rows.start)·OW + ox]` = the
@@ -216,17 +294,27 @@ pub(super) unsafe fn band_product(
 ) {
     let (taps, cols) = (c_in * k * k, rows.len() * ow);
     columns.resize(taps * cols, 0.0);
-    for (tap, dst) in columns.chunks_exact_mut(cols).enumerate() {
-        let plane = &image[tap / (k * k) * h * w..][..h * w];
-        unfold_tap(
-            plane,
-            (h, w),
-            (tap / k % k, tap % k),
+    if k == 3 && g.stride == 2 && g.padding == 1 && g.dilation == 1 {
+        dispatch(Stride2Rows {
+            image,
+            shape: (c_in, h, w),
             ow,
-            g,
-            rows.clone(),
-            dst,
-        );
+            rows: rows.clone(),
+            columns,
+        });
+    } else {
+        for (tap, dst) in columns.chunks_exact_mut(cols).enumerate() {
+            let plane = &image[tap / (k * k) * h * w..][..h * w];
+            unfold_tap(
+                plane,
+                (h, w),
+                (tap / k % k, tap % k),
+                ow,
+                g,
+                rows.clone(),
+                dst,
+            );
+        }
     }
     pointwise::run(PointwiseTile {
         w: weight.as_ptr(),

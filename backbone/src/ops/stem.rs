@@ -111,17 +111,18 @@ pub fn dense_then_depthwise(
                         )
                     }
                 }
-                for (channel, input) in band.chunks_exact(plane).enumerate() {
-                    // SAFETY: rows oy0 .. oy0 + band_rows of this output plane belong to this task.
-                    let out_rows = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            out_ptr.get().add(((image * c + channel) * h2 + oy0) * w2o),
-                            band_rows * w2o,
-                        )
-                    };
-                    let weights = (&w2[channel * 9..(channel + 1) * 9], b2[channel]);
-                    depthwise::strided_band(input, w1o, weights, act, out_rows)?;
-                }
+                // SAFETY: rows oy0 .. oy0 + band_rows of this image's output planes belong to
+                // this task.
+                unsafe {
+                    depthwise::strided_band(
+                        band,
+                        w1o,
+                        (w2, b2),
+                        act,
+                        band_rows,
+                        (out_ptr.get().add((image * c * h2 + oy0) * w2o), h2 * w2o),
+                    )?
+                };
                 Ok(())
             })
         })

@@ -200,6 +200,17 @@ impl PointwiseTile<'_> {
                     );
                 }
             }
+            // The next block's weights, a line per row every 16 input channels: rows past a page
+            // start cold for the hardware prefetcher, and a layer's weights come from L3 or
+            // memory on its first pass (1024 x 256 at 7x7, or the classifier's 1000 x 1024).
+            #[cfg(target_arch = "x86_64")]
+            if ci % 16 == 0 {
+                for r in 0..MR {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                        w_rows[r].wrapping_add(MR * self.w_rs + ci) as *const i8,
+                    );
+                }
+            }
             let xv = load_block(x);
             for r in 0..MR {
                 let wb = simd.splat_f32s(*w_rows[r].add(ci));
@@ -257,6 +268,13 @@ impl PointwiseTile<'_> {
                     } else {
                         simd.mask_load_ptr_f32s(last, ptr)
                     };
+                }
+                #[cfg(target_arch = "x86_64")]
+                for c in 0..DOT_CHANNELS {
+                    // The next rows' weights (as in `block`), a line at a time.
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                        w[c].wrapping_add(DOT_CHANNELS * self.w_rs + offset) as *const i8,
+                    );
                 }
                 for c in 0..DOT_CHANNELS {
                     let ptr = w[c].add(offset);

@@ -18,8 +18,6 @@ use std::borrow::Cow;
 /// Dense convolution of x (N, C_in, H, W) with weight (C_out, C_in, K, K) and bias (C_out).
 pub(super) struct GemmConv(pub(super) Geometry);
 
-/// Tiles per thread: more than one so a thread slowed down by other work does not stall the op.
-const TILES_PER_THREAD: usize = 2;
 /// Smallest tile sides worth a separate GEMM call (packing the operands has a fixed cost).
 const MIN_TILE_COLS: usize = 64;
 const MIN_TILE_ROWS: usize = 32;
@@ -40,14 +38,15 @@ struct Tile {
 }
 
 /// Splits `images` GEMMs into enough tiles to keep every thread busy: each image's product into
-/// about `TILES_PER_THREAD · threads / images` tiles, rows in multiples of 6 (the register block of
-/// the pointwise kernel and of `gemm`'s), columns in multiples of `quantum` (a vector of 16, or whole output rows), choosing among the
-/// row/column splits the one that, dealt out to the threads largest first, lets them finish
-/// soonest (448 channels x 784 positions: four row blocks of 114, not column blocks of 208, 208,
-/// 208 and 160).
+/// about `threads / images` tiles (one per thread: with two, the extra joins cost S1 and S2 1-2 %
+/// at batch 1, though a thread slowed down by other work now stalls the op), rows in multiples of
+/// 6 (the register block of the pointwise kernel and of `gemm`'s), columns in multiples of
+/// `quantum` (a vector of 16, or whole output rows), choosing among the row/column splits the one
+/// that, dealt out to the threads largest first, lets them finish soonest (448 channels x 784
+/// positions: four row blocks of 114, not column blocks of 208, 208, 208 and 160).
 fn plan_tiles(images: usize, s: GemmShape, quantum: usize) -> Vec<Tile> {
     let threads = rayon::current_num_threads();
-    let per_image = (TILES_PER_THREAD * threads).div_ceil(images.max(1));
+    let per_image = threads.div_ceil(images.max(1));
     let split = |row_splits: usize| {
         let col_splits = per_image.div_ceil(row_splits);
         let row_step = s.m.div_ceil(row_splits).next_multiple_of(6);

@@ -43,7 +43,7 @@ struct Tile {
 /// 6 (the register block of the pointwise kernel and of `gemm`'s), columns in multiples of
 /// `quantum` (a vector of 16, or whole output rows), choosing among the row/column splits the one
 /// that, dealt out to the threads largest first, lets them finish soonest (448 channels x 784
-/// positions: four row blocks of 114, not column blocks of 208, 208, 208 and 160).
+/// positions on two threads: row blocks of 228 and 220, not column blocks of 400 and 384).
 fn plan_tiles(images: usize, s: GemmShape, quantum: usize) -> Vec<Tile> {
     let threads = rayon::current_num_threads();
     let per_image = threads.div_ceil(images.max(1));

@@ -677,8 +677,7 @@ impl MobileOne {
         let geometry = stage_geometry(output_stride)?;
         let mut channels = config.stem_channels;
         let mut stages = Vec::with_capacity(4);
-        for s in 0..4 {
-            let g = geometry[s];
+        for (s, g) in geometry.into_iter().enumerate() {
             let out = config.stage_channels[s];
             let n = config.stage_blocks[s];
             let mut blocks = Vec::with_capacity(2 * n);

@@ -407,6 +407,25 @@ fn strided_views_are_accepted() {
 }
 
 #[test]
+fn channels_last_is_candles_permutation() {
+    // Whole and partial 16 x 16 tiles, several tasks per image (546 channels: 32 positions a
+    // task), two images, and a transposed (non-contiguous) input.
+    for shape in [[2, 546, 20, 20], [1, 24, 3, 3], [2, 5, 7, 9], [1, 1, 1, 1]] {
+        let x = tensor(&shape, 9);
+        let y = mobileone::ops::layout::channels_last(&x).unwrap();
+        let y_ref = x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+        assert_eq!(y.dims(), y_ref.dims());
+        let diff = (y - y_ref).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{shape:?}");
+    }
+    let x = tensor(&[1, 6, 5, 4], 10).transpose(2, 3).unwrap();
+    let y = mobileone::ops::layout::channels_last(&x).unwrap();
+    let y_ref = x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+    let diff = (y - y_ref).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+}
+
+#[test]
 fn squeeze_excite_passes_match_candle() {
     let worst = on_every_level("squeeze-excite", squeeze_excite_cases);
     assert!(worst <= TOLERANCE);

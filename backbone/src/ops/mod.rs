@@ -12,6 +12,7 @@ pub(crate) mod branch_merge;
 mod depthwise;
 pub mod excite;
 mod gemm_conv;
+pub mod layout;
 mod pointwise;
 pub mod simd;
 pub mod stem;

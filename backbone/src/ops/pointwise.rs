@@ -205,9 +205,9 @@ impl PointwiseTile<'_> {
             // memory on its first pass (1024 x 256 at 7x7, or the classifier's 1000 x 1024).
             #[cfg(target_arch = "x86_64")]
             if ci % 16 == 0 {
-                for r in 0..MR {
+                for row in &w_rows {
                     std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                        w_rows[r].wrapping_add(MR * self.w_rs + ci) as *const i8,
+                        row.wrapping_add(MR * self.w_rs + ci) as *const i8,
                     );
                 }
             }
@@ -270,10 +270,10 @@ impl PointwiseTile<'_> {
                     };
                 }
                 #[cfg(target_arch = "x86_64")]
-                for c in 0..DOT_CHANNELS {
+                for row in &w {
                     // The next rows' weights (as in `block`), a line at a time.
                     std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                        w[c].wrapping_add(DOT_CHANNELS * self.w_rs + offset) as *const i8,
+                        row.wrapping_add(DOT_CHANNELS * self.w_rs + offset) as *const i8,
                     );
                 }
                 for c in 0..DOT_CHANNELS {

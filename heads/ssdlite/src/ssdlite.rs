@@ -167,11 +167,10 @@ impl ScoringHead {
             .zip(&self.module_list)
             .map(|(f, block)| {
                 let y = block.forward_t(f, train)?;
-                let (n, _, h, w) = y.dims4()?;
-                // (N, A·K, H, W) → (N, H, W, A, K) → (N, H·W·A, K)
-                y.reshape((n, (), self.num_columns, h, w))?
-                    .permute((0, 3, 4, 1, 2))?
-                    .reshape((n, (), self.num_columns))
+                // (N, A·K, H, W) → (N, H, W, A·K) → (N, H·W·A, K), as torchvision's
+                // view / permute / reshape.
+                let n = y.dim(0)?;
+                mobileone::ops::layout::channels_last(&y)?.reshape((n, (), self.num_columns))
             })
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&outputs, 1)

@@ -874,6 +874,7 @@ pub(super) unsafe fn strided_band(
         );
     }
     debug_assert!(width <= MAX_DIRECT_WIDTH);
+    /// The band's channels, one [`Strided2`] plane kernel each, under one dispatch.
     struct Channels<'a> {
         l: &'a PlaneLayout,
         band: &'a [f32],

@@ -271,17 +271,10 @@ impl<const K: usize, const T: usize> PlaneKernel for Flat<'_, K, T> {
     }
 }
 
-impl<const K: usize, const T: usize> PlaneKernel for Direct<'_, K, T> {
+impl<const K: usize, const T: usize, const STRIDE: usize> PlaneKernel for Rows<'_, K, T, STRIDE> {
     #[inline(always)]
     fn run<S: Simd>(simd: S, args: PlaneArgs, _: &mut Vec<f32>) {
-        Direct::<K, T>(args).with_simd(simd)
-    }
-}
-
-impl<const K: usize, const T: usize> PlaneKernel for Strided2<'_, K, T> {
-    #[inline(always)]
-    fn run<S: Simd>(simd: S, args: PlaneArgs, _: &mut Vec<f32>) {
-        Strided2::<K, T>(args).with_simd(simd)
+        Rows::<K, T, STRIDE>(args).with_simd(simd)
     }
 }
 
@@ -379,12 +372,12 @@ fn forward_planes(
         (3, 1, true, _) if l.padding == 1 && l.dilation == 1 => run!(Slide3),
         (3, 1, true, _) => run!(Flat<3, 9>),
         (5, 1, true, _) => run!(Flat<5, 25>),
-        (1, 1, false, true) => run!(Direct<1, 1>),
-        (3, 1, false, true) => run!(Direct<3, 9>),
-        (5, 1, false, true) => run!(Direct<5, 25>),
-        (1, 2, _, true) => run!(Strided2<1, 1>),
-        (3, 2, _, true) => run!(Strided2<3, 9>),
-        (5, 2, _, true) => run!(Strided2<5, 25>),
+        (1, 1, false, true) => run!(Rows<1, 1, 1>),
+        (3, 1, false, true) => run!(Rows<3, 9, 1>),
+        (5, 1, false, true) => run!(Rows<5, 25, 1>),
+        (1, 2, _, true) => run!(Rows<1, 1, 2>),
+        (3, 2, _, true) => run!(Rows<3, 9, 2>),
+        (5, 2, _, true) => run!(Rows<5, 25, 2>),
         (1, _, _, _) => run!(Phased<1>),
         (3, _, _, _) => run!(Phased<9>),
         (5, _, _, _) => run!(Phased<25>),
@@ -672,89 +665,15 @@ struct PlaneArgs<'a> {
     out: &'a mut [f32],
 }
 
-/// Stride-1 KxK plane read straight from the unpadded input: rows outside the plane read a zero row,
-/// a vector of outputs is one FMA per tap, and vectors that reach past a row's ends use masked
-/// loads (masked lanes read 0). `T` = K·K.
-struct Direct<'a, const K: usize, const T: usize>(PlaneArgs<'a>);
+/// KxK plane at stride `STRIDE` (1, or 2 without dilation) read straight from the unpadded input,
+/// a vector of outputs at a time: rows outside the plane read a zero row, and vectors that reach
+/// past a row's ends use masked loads (masked lanes read 0). At stride 1 each tap is one load and
+/// one FMA; at stride 2 the kernel columns kx and kx + 1 of a row are one load of 2·lanes
+/// consecutive inputs split in registers into its even lanes (tap kx) and odd lanes (tap kx + 1),
+/// so the plane is read once and never copied. `T` = K·K.
+struct Rows<'a, const K: usize, const T: usize, const STRIDE: usize>(PlaneArgs<'a>);
 
-impl<const K: usize, const T: usize> WithSimd for Direct<'_, K, T> {
-    type Output = ();
-
-    #[inline(always)]
-    fn with_simd<S: Simd>(self, simd: S) {
-        let PlaneArgs {
-            l,
-            input: plane,
-            weights,
-            bias,
-            act,
-            out,
-        } = self.0;
-        let (h, w, p, d) = (l.height, l.width, l.padding as isize, l.dilation);
-        let (oh, ow) = (l.out_height, l.out_width);
-        debug_assert!(plane.len() == h * w && out.len() == oh * ow && weights.len() == T);
-        let lanes = S::F32_LANES;
-        let wv: [S::f32s; T] = std::array::from_fn(|t| simd.splat_f32s(weights[t]));
-        let b = simd.splat_f32s(bias);
-        for oy in 0..oh {
-            // Rows in the padding read zeros, so every output sees the same K*K taps.
-            let mut rows = [ZEROS.as_ptr(); K];
-            for (ky, row) in rows.iter_mut().enumerate() {
-                let iy = (oy + ky * d) as isize - p;
-                if iy >= 0 && (iy as usize) < h {
-                    *row = plane[iy as usize * w..].as_ptr();
-                }
-            }
-            let out_row = &mut out[oy * ow..(oy + 1) * ow];
-            let mut ox = 0usize;
-            while ox < ow {
-                let first = ox as isize - p;
-                let interior = first >= 0 && first as usize + lanes + (K - 1) * d <= w;
-                // One accumulator per kernel row: K short dependency chains instead of one long.
-                let mut partial = [simd.splat_f32s(0.0); K];
-                partial[0] = b;
-                for kx in 0..K {
-                    let col = first + (kx * d) as isize;
-                    for ky in 0..K {
-                        let src = rows[ky].wrapping_offset(col);
-                        // SAFETY: rows[ky] is a row of w values (a plane row or ZEROS, which is
-                        // MAX_DIRECT_WIDTH ≥ w long); an edge vector reads only its lanes inside it.
-                        let v = unsafe {
-                            if interior {
-                                load::<S>(src)
-                            } else {
-                                simd.mask_load_ptr_f32s(lanes_in(simd, col, w as isize), src)
-                            }
-                        };
-                        partial[ky] = simd.mul_add_f32s(wv[ky * K + kx], v, partial[ky]);
-                    }
-                }
-                let mut acc = partial[0];
-                for p in &partial[1..] {
-                    acc = simd.add_f32s(acc, *p);
-                }
-                // SAFETY: outputs ox .. min(ox + lanes, ow) of the row exist.
-                unsafe {
-                    store_first::<S>(
-                        simd,
-                        out_row.as_mut_ptr().add(ox),
-                        ow - ox,
-                        activate_v(simd, acc, act),
-                    );
-                }
-                ox += lanes;
-            }
-        }
-    }
-}
-
-/// Stride-2 KxK plane (dilation 1) read straight from the unpadded input: the kernel columns kx and
-/// kx + 1 of a row are one load of 2·lanes consecutive inputs split in registers into its even
-/// lanes (tap kx) and odd lanes (tap kx + 1), so the plane is read once and never copied. Rows in
-/// the padding read a zero row; vectors that reach past a row's ends use masked loads.
-struct Strided2<'a, const K: usize, const T: usize>(PlaneArgs<'a>);
-
-impl<const K: usize, const T: usize> WithSimd for Strided2<'_, K, T> {
+impl<const K: usize, const T: usize, const STRIDE: usize> WithSimd for Rows<'_, K, T, STRIDE> {
     type Output = ();
 
     #[inline(always)]
@@ -768,18 +687,28 @@ impl<const K: usize, const T: usize> WithSimd for Strided2<'_, K, T> {
             out,
         } = self.0;
         let (h, w, p, top) = (l.height, l.width, l.padding as isize, l.top as isize);
+        // A constant at stride 2 (no dilation there), so that kernel's indexing folds.
+        let d = if STRIDE == 1 { l.dilation } else { 1 };
         let (oh, ow) = (l.out_height, l.out_width);
-        debug_assert!(l.stride == 2 && l.dilation == 1 && w <= MAX_DIRECT_WIDTH);
+        debug_assert!(
+            l.stride == STRIDE && (STRIDE == 1 || l.dilation == 1) && w <= MAX_DIRECT_WIDTH
+        );
         debug_assert!(plane.len() == h * w && out.len() == oh * ow && weights.len() == T);
         let lanes = S::F32_LANES;
         let wv: [S::f32s; T] = std::array::from_fn(|t| simd.splat_f32s(weights[t]));
         let b = simd.splat_f32s(bias);
-        // Input columns one vector of outputs reads: from its first tap to the end of the last pair.
-        let span = 2 * ((K - 1) / 2) + 2 * lanes;
+        // Input columns one vector of outputs reads, from its first tap: at stride 2 up to the
+        // end of the last pair's load.
+        let span = if STRIDE == 1 {
+            lanes + (K - 1) * d
+        } else {
+            2 * ((K - 1) / 2) + 2 * lanes
+        };
         for oy in 0..oh {
+            // Rows in the padding read zeros, so every output sees the same K*K taps.
             let mut rows = [ZEROS.as_ptr(); K];
             for (ky, row) in rows.iter_mut().enumerate() {
-                let iy = (2 * oy + ky) as isize - top;
+                let iy = (STRIDE * oy + ky * d) as isize - top;
                 if iy >= 0 && (iy as usize) < h {
                     *row = plane[iy as usize * w..].as_ptr();
                 }
@@ -787,31 +716,24 @@ impl<const K: usize, const T: usize> WithSimd for Strided2<'_, K, T> {
             let out_row = &mut out[oy * ow..(oy + 1) * ow];
             let mut ox = 0usize;
             while ox < ow {
-                let first = 2 * ox as isize - p;
+                let first = (STRIDE * ox) as isize - p;
                 let interior = first >= 0 && first as usize + span <= w;
+                // One accumulator per kernel row: K short dependency chains instead of one long.
                 let mut partial = [simd.splat_f32s(0.0); K];
                 partial[0] = b;
-                for kx in (0..K).step_by(2) {
-                    let col = first + kx as isize;
+                for kx in (0..K).step_by(STRIDE) {
+                    let col = first + (kx * d) as isize;
                     for ky in 0..K {
-                        let src = rows[ky].wrapping_offset(col);
-                        let high = src.wrapping_add(lanes);
-                        // SAFETY: rows[ky] is a row of w values (a plane row or ZEROS, which is
-                        // MAX_DIRECT_WIDTH ≥ w long); an edge vector reads only its lanes inside it.
-                        let (lo, hi) = unsafe {
-                            if interior {
-                                (load::<S>(src), load::<S>(high))
-                            } else {
-                                let end = w as isize;
-                                (
-                                    simd.mask_load_ptr_f32s(lanes_in(simd, col, end), src),
-                                    simd.mask_load_ptr_f32s(
-                                        lanes_in(simd, col + lanes as isize, end),
-                                        high,
-                                    ),
-                                )
-                            }
-                        };
+                        let row = (rows[ky], w as isize, interior);
+                        if STRIDE == 1 {
+                            let v = read_row(simd, row, col);
+                            partial[ky] = simd.mul_add_f32s(wv[ky * K + kx], v, partial[ky]);
+                            continue;
+                        }
+                        let (lo, hi) = (
+                            read_row(simd, row, col),
+                            read_row(simd, row, col + lanes as isize),
+                        );
                         let (even, odd) = deinterleave(simd, lo, hi);
                         partial[ky] = simd.mul_add_f32s(wv[ky * K + kx], even, partial[ky]);
                         if kx + 1 < K {
@@ -834,6 +756,26 @@ impl<const K: usize, const T: usize> WithSimd for Strided2<'_, K, T> {
                 }
                 ox += lanes;
             }
+        }
+    }
+}
+
+/// The vector at column `col` of a row (`row.0`, `row.1` values wide: a plane row or [`ZEROS`]), 0
+/// outside it; unmasked when `row.2` says the caller's vectors of this step all lie inside it.
+#[inline(always)]
+fn read_row<S: Simd>(
+    simd: S,
+    (row, width, interior): (*const f32, isize, bool),
+    col: isize,
+) -> S::f32s {
+    let src = row.wrapping_offset(col);
+    // SAFETY: `row` holds `width` values (ZEROS is MAX_DIRECT_WIDTH ≥ width long); an edge vector
+    // reads only its lanes inside it.
+    unsafe {
+        if interior {
+            load::<S>(src)
+        } else {
+            simd.mask_load_ptr_f32s(lanes_in(simd, col, width), src)
         }
     }
 }
@@ -874,7 +816,7 @@ pub(super) unsafe fn strided_band(
         );
     }
     debug_assert!(width <= MAX_DIRECT_WIDTH);
-    /// The band's channels, one [`Strided2`] plane kernel each, under one dispatch.
+    /// The band's channels, one stride-2 [`Rows`] plane kernel each, under one dispatch.
     struct Channels<'a> {
         l: &'a PlaneLayout,
         band: &'a [f32],
@@ -896,7 +838,7 @@ pub(super) unsafe fn strided_band(
                 let out = unsafe {
                     std::slice::from_raw_parts_mut(self.out.0.add(c * self.out.1), outputs)
                 };
-                Strided2::<3, 9>(PlaneArgs {
+                Rows::<3, 9, 2>(PlaneArgs {
                     l: self.l,
                     input: &self.band[c * plane..(c + 1) * plane],
                     weights: &self.w[c * 9..(c + 1) * 9],

@@ -425,7 +425,7 @@ impl<const K: usize, const T: usize> WithSimd for Flat<'_, K, T> {
             }),
             low: std::array::from_fn(|kx| simd.splat_f32s(-shift[kx] as f32)),
             high: std::array::from_fn(|kx| simd.splat_f32s((wi - shift[kx]) as f32)),
-            clamp: clamp_bounds(simd, act),
+            act,
         };
         // Vectors whose every tap lies inside the flattened plane need no range check, only the
         // column masks: from the first vector at or past the most negative offset, up to the last
@@ -483,7 +483,6 @@ impl WithSimd for Slide3<'_> {
         let lanes = S::F32_LANES as isize;
         let wv: [S::f32s; 9] = std::array::from_fn(|t| simd.splat_f32s(weights[t]));
         let b = simd.splat_f32s(bias);
-        let (low, high) = clamp_bounds(simd, act);
         let rows: [isize; 3] = [-(w as isize), 0, w as isize];
         // No closure: it would lose the level's target features and call its intrinsics.
         let read = plane.as_ptr();
@@ -520,7 +519,7 @@ impl WithSimd for Slide3<'_> {
                     simd.select_f32s(has_right, sums[2], zero),
                 ),
             );
-            let acc = simd.min_f32s(simd.max_f32s(acc, low), high);
+            let acc = activate_v(simd, acc, act);
             // SAFETY: outputs q .. min(q + lanes, H·W) exist.
             unsafe {
                 store_first::<S>(simd, out.as_mut_ptr().offset(q), (len - q) as usize, acc);
@@ -591,18 +590,6 @@ impl<S: Simd> LaneColumns<S> {
     }
 }
 
-/// The lower and upper clamp that applies `act` (±∞ for no bound), so the kernels' inner loops
-/// apply any activation as one max and one min, without a branch.
-#[inline(always)]
-fn clamp_bounds<S: Simd>(simd: S, act: Activation) -> (S::f32s, S::f32s) {
-    let (low, high) = match act {
-        Activation::None => (f32::NEG_INFINITY, f32::INFINITY),
-        Activation::Relu => (0.0, f32::INFINITY),
-        Activation::Relu6 => (0.0, 6.0),
-    };
-    (simd.splat_f32s(low), simd.splat_f32s(high))
-}
-
 /// One plane of [`Flat`], ready to compute vectors of outputs.
 struct FlatPlane<S: Simd, const K: usize, const T: usize> {
     simd: S,
@@ -615,7 +602,7 @@ struct FlatPlane<S: Simd, const K: usize, const T: usize> {
     /// Per kernel column: the lanes whose column c has low ≤ c < high read inside the image.
     low: [S::f32s; K],
     high: [S::f32s; K],
-    clamp: (S::f32s, S::f32s),
+    act: Activation,
 }
 
 impl<S: Simd, const K: usize, const T: usize> FlatPlane<S, K, T> {
@@ -650,7 +637,7 @@ impl<S: Simd, const K: usize, const T: usize> FlatPlane<S, K, T> {
         for p in &partial[1..] {
             acc = simd.add_f32s(acc, *p);
         }
-        simd.min_f32s(simd.max_f32s(acc, self.clamp.0), self.clamp.1)
+        activate_v(simd, acc, self.act)
     }
 }
 

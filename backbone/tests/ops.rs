@@ -357,8 +357,8 @@ fn dense_cases() -> f32 {
         };
         worst = worst.max(case.check());
     }
-    // Strided: 64·9 unfolded rows leave room for 4 output rows per band, so 13 rows at stride 2
-    // run as a band of 4 and a shorter one of 3.
+    // Strided: 64·9 unfolded rows leave room for 4 output rows per band, so the 7 output rows of
+    // 13 input rows at stride 2 run as several bands (on up to two threads, of 3 and 4 rows).
     for act in ACTS {
         let case = Case {
             input: [2, 64, 13, 11],

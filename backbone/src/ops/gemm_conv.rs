@@ -9,7 +9,10 @@
 
 use super::pointwise::{self, PointwiseTile};
 use super::simd::{deinterleave, dispatch, lanes_in, store_first};
-use super::{activate, cpu_slice, output_size, with_cpu_slices, Activation, Geometry, SendPtr};
+use super::{
+    activate, band_range, cpu_slice, output_size, row_bands, with_cpu_slices, Activation, Geometry,
+    SendPtr,
+};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
@@ -244,12 +247,10 @@ fn forward_by_bands(
     thread_local! {
         static COLUMNS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    let band = (BAND_VALUES / (shape.k * ow)).clamp(1, oh);
-    let bands = oh.div_ceil(band);
+    let bands = row_bands(oh, BAND_VALUES / (shape.k * ow), n);
     let out_ptr = SendPtr(out.as_mut_ptr());
     (0..n * bands).into_par_iter().for_each(|task| {
-        let (image, first) = (task / bands, task % bands * band);
-        let rows = first..(first + band).min(oh);
+        let (image, rows) = (task / bands, band_range(oh, bands, task % bands));
         let image_x = &x[image * c_in * h * wd..][..c_in * h * wd];
         let out = out_ptr
             .get()

@@ -3,7 +3,10 @@
 //! 19 MB at batch 8) and is otherwise written to memory only to be read back by the next layer.
 
 use super::gemm_conv::band_product;
-use super::{depthwise, output_size, with_cpu_slices, Activation, ConvConfig, Geometry, SendPtr};
+use super::{
+    band_range, depthwise, output_size, row_bands, with_cpu_slices, Activation, ConvConfig,
+    Geometry, SendPtr,
+};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -69,23 +72,16 @@ pub fn dense_then_depthwise(
     let (h1, w1o) = (output_size(h, k, &g1)?, output_size(w, k, &g1)?);
     let (h2, w2o) = (output_size(h1, 3, &g2)?, output_size(w1o, 3, &g2)?);
     // Depthwise output rows per band at most: its 2·rows + 1 stem rows of every channel fit
-    // BAND_VALUES. An image's bands are as even as the rows allow and, with fewer images than
-    // threads, a multiple of threads / images in number (S0 at batch 1, 2 threads: 56 rows in 12
-    // bands of 4-5 rows, 28 rows per thread; 11 bands of 5 and one of 1 left 30 and 26).
+    // BAND_VALUES.
     let most = ((BAND_VALUES / (c * w1o)).saturating_sub(1) / 2).clamp(1, h2);
-    let threads = rayon::current_num_threads();
-    let bands = match h2.div_ceil(most) {
-        bands if n < threads => bands.next_multiple_of(threads.div_ceil(n)).min(h2),
-        bands => bands,
-    };
+    let bands = row_bands(h2, most, n);
     let mut out = super::output_buffer(n * c * h2 * w2o);
     let out_ptr = SendPtr(out.as_mut_ptr());
     with_cpu_slices(&[x, w1, b1, w2, b2], "stem-depthwise", |s| {
         let (x, w1, b1, w2, b2) = (s[0], s[1], s[2], s[3], s[4]);
         (0..n * bands).into_par_iter().try_for_each(|task| {
-            let (image, b) = (task / bands, task % bands);
-            let (oy0, oy1) = (b * h2 / bands, (b + 1) * h2 / bands);
-            let band_rows = oy1 - oy0;
+            let (image, rows) = (task / bands, band_range(h2, bands, task % bands));
+            let (oy0, band_rows) = (rows.start, rows.len());
             // Stem rows r0 .. r0 + 2·band_rows + 1 feed the band; those outside the image are 0.
             let (r0, count) = (2 * oy0 as isize - 1, 2 * band_rows + 1);
             let valid = r0.max(0) as usize..((r0 + count as isize) as usize).min(h1);

@@ -7,10 +7,10 @@
 //! product itself); X is too, unless its rows thrash L1, when each panel of positions is packed
 //! first. Bias and activation are applied as the sums leave the registers, so the output is
 //! written once. A last vector of positions at most half used (4 of 16 lanes at 14x14, 1 of 16 at
-//! 7x7) is computed as dot products along C_in instead. Replaces the `gemm` crate for these: 8–15 %
-//! faster at MobileOne's 1x1 sizes (gemm packs both operands on every call), and lowered with the
-//! other kernels by `MOBILEONE_SIMD`. (The tap-by-tap stride-1 convolutions stay on `gemm`, whose packing pays off
-//! there: it gathers each tap's weights, 9 apart, once per call.)
+//! 7x7) is computed as dot products along C_in instead. Replaces the `gemm` crate for these:
+//! 8–15 % faster at MobileOne's 1x1 sizes (gemm packs both operands on every call), and lowered
+//! with the other kernels by `MOBILEONE_SIMD`. (The tap-by-tap stride-1 convolutions stay on
+//! `gemm`, whose packing pays off there: it gathers each tap's weights, 9 apart, once per call.)
 
 use super::simd::{activate_v, dispatch, lanes_in, load, store_first};
 use super::{activate, Activation};

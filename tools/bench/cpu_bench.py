@@ -36,7 +36,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools" / "reference"))
+from ort_avx2 import patched_package  # noqa: E402 (tools/bench is this script's folder)
 PAUSE_S = 0.5
+ORT_AVX2 = "ONNX Runtime (avx2)"
 CLASSIFIERS = ["s0", "s1", "s2", "s3", "s4"]
 WHOLE = {"ssdlite": 320, "deeplabv3": 512}
 
@@ -82,6 +84,21 @@ def simd_summary(flags):
     wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_bf16",
               "amx_tile", "asimd", "sve"]
     return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/neon"
+
+
+def reference(ours, engines):
+    """The ONNX Runtime column `ours (level)` is divided by: the one at the same SIMD level where there is one."""
+    return ORT_AVX2 if ours == "ours (avx2)" and ORT_AVX2 in engines else "ONNX Runtime"
+
+
+def ask(worker, request):
+    """One JSON-line request to the ONNX Runtime AVX2 worker process and its answer."""
+    worker.stdin.write(json.dumps(request) + "\n")
+    worker.stdin.flush()
+    line = worker.stdout.readline()
+    if not line:
+        sys.exit(f"error: the ONNX Runtime AVX2 worker exited (request {request})")
+    return json.loads(line)
 
 
 def time_callable(fn, iters):
@@ -164,6 +181,19 @@ def main():
     uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
+        ort_avx2, ort_avx2_note = None, ""
+        if "avx512f" in flags and "avx2" in args.simd:
+            # Our AVX2 path against ONNX Runtime's own AVX2 kernels, not its AVX-512 ones (ort_avx2.py).
+            package, sites = patched_package(Path(tmp) / "ort_avx2")
+            if sites:
+                ort_avx2 = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ort_avx2.py")),
+                                             str(package), str(args.threads)], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, text=True, env=os.environ)
+                engines.insert(1, ORT_AVX2)
+                ort_avx2_note = (f" {ORT_AVX2}: a copy of the package whose XCR0 reads ({sites} sites) report no AVX-512 "
+                                 "state, so MLAS runs its FMA3 kernels (tools/bench/ort_avx2.py).")
+            else:
+                ort_avx2_note = " ONNX Runtime could not be held to AVX2 (no XCR0 read found to patch)."
         for name in args.models:
             model, size, ours_model = build_torch(name)
             variant = name if name in CLASSIFIERS else "s0"
@@ -185,13 +215,24 @@ def main():
                         "PERFORMANCE_HINT": "LATENCY"})
                     request = compiled.create_infer_request()
                     runners[f"OpenVINO {precision}"] = (lambda r: lambda: r.infer({0: x_np}))(request)
-                for warm in runners.values():
-                    time_callable(warm, max(2, 10 // batch))  # engines pick and cache kernels first
+                if ort_avx2:
+                    runners[ORT_AVX2] = (lambda n: ask(ort_avx2, {"time": n})["times_ms"])
+                    loaded = ask(ort_avx2, {"load": str(onnx_path), "shape": list(x.shape)})["module"]
+                    if not loaded.startswith(str(Path(tmp))):
+                        sys.exit(f"error: the ONNX Runtime AVX2 worker loaded {loaded}, not the patched copy")
+                for engine, warm in runners.items():
+                    if engine == ORT_AVX2:
+                        warm(max(2, 10 // batch))
+                    else:
+                        time_callable(warm, max(2, 10 // batch))  # engines pick and cache kernels first
                 rounds = {e: [] for e in engines}
                 for _ in range(args.rounds):
                     for engine in engines:
                         # The pause lets the previous engine's idle worker threads stop spinning.
                         time.sleep(PAUSE_S)
+                        if engine == ORT_AVX2:
+                            rounds[engine].append(statistics.median(runners[engine](iters)))
+                            continue
                         if engine in runners:
                             rounds[engine].append(statistics.median(time_callable(runners[engine], iters)))
                             continue
@@ -213,6 +254,9 @@ def main():
                 print(f"{label} batch {batch}: " + ", ".join(
                     f"{e} {m:.2f} ms [{' '.join(f'{v:.2f}' for v in rounds[e])}]" for e, m in medians.items()),
                       file=sys.stderr, flush=True)
+        if ort_avx2:
+            ort_avx2.stdin.close()
+            ort_avx2.wait()
     load_after = os.getloadavg()
 
     ours = [e for e in engines if e.startswith("ours")]
@@ -220,15 +264,15 @@ def main():
         f"CPU: {cpu_name()} ({os.cpu_count()} logical cores; SIMD: {simd_summary(flags)}), {args.threads} threads, "
         f"random-weight fused models, median of {args.rounds} alternating rounds' medians. "
         f"`uptime` before: {uptime_before}; load average after {load_after[0]:.2f} (before {load_before[0]:.2f}). "
-        f"onnxruntime {ort.__version__}, openvino {ov.__version__}, torch {torch.__version__}.",
+        f"onnxruntime {ort.__version__}, openvino {ov.__version__}, torch {torch.__version__}.{ort_avx2_note}",
         "",
         "| model | batch | " + " | ".join(f"{e} (ms)" for e in engines) + " | " +
-        " | ".join(f"{e} / ORT" for e in ours) + " |",
+        " | ".join(f"{e} / {reference(e, engines)}" for e in ours) + " |",
         "|---|---|" + "---:|" * (len(engines) + len(ours)),
     ]
     for label, batch, medians in rows:
         lines.append(f"| {label} | {batch} | " + " | ".join(f"{medians[e]:.2f}" for e in engines) + " | " +
-                     " | ".join(f"{medians[e] / medians['ONNX Runtime']:.2f}" for e in ours) + " |")
+                     " | ".join(f"{medians[e] / medians[reference(e, engines)]:.2f}" for e in ours) + " |")
     report = "\n".join(lines)
     print(report)
     if args.markdown:

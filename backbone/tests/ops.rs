@@ -282,6 +282,10 @@ fn pointwise_cases() -> f32 {
         ([1, 64, 8, 9], 3),
         // Rows 256 values apart: the input panels are packed on every level.
         ([2, 20, 16, 16], 13),
+        // Tiles wider than one band of positions (256 KB of input: 320 positions at 200
+        // channels): a full band and a partial one per image, packed (13 rows) and in place (5).
+        ([2, 200, 24, 24], 13),
+        ([1, 200, 24, 24], 5),
     ] {
         for act in ACTS {
             for bias in [true, false] {

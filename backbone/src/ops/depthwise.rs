@@ -497,34 +497,55 @@ impl WithSimd for Slide3<'_> {
         let (first, last) = (simd.splat_f32s(0.5), simd.splat_f32s(w as f32 - 1.5));
         let mut columns = LaneColumns::new(simd, w);
         let zero = simd.splat_f32s(0.0);
+        // One step: the vector of outputs at q. `$check` is a literal, so the interior loop below
+        // compiles without any range test (one loop with a run-time flag kept them all, ~75
+        // instructions per AVX2 vector).
+        macro_rules! step {
+            ($q:expr, $check:expr) => {
+                let q: isize = $q;
+                let mut sums = [zero, b, zero];
+                for r in 0..3 {
+                    let next = read_flat(simd, read, q + lanes + rows[r], len, $check);
+                    let (left, right) = neighbours(simd, prev[r], cur[r], next);
+                    sums[0] = simd.mul_add_f32s(wv[3 * r], left, sums[0]);
+                    sums[1] = simd.mul_add_f32s(wv[3 * r + 1], cur[r], sums[1]);
+                    sums[2] = simd.mul_add_f32s(wv[3 * r + 2], right, sums[2]);
+                    prev[r] = cur[r];
+                    cur[r] = next;
+                }
+                let has_left = simd.greater_than_f32s(columns.col, first);
+                let has_right = simd.less_than_f32s(columns.col, last);
+                let acc = simd.add_f32s(
+                    sums[1],
+                    simd.add_f32s(
+                        simd.select_f32s(has_left, sums[0], zero),
+                        simd.select_f32s(has_right, sums[2], zero),
+                    ),
+                );
+                let acc = activate_v(simd, acc, act);
+                // SAFETY: outputs q .. min(q + lanes, H·W) exist (all `lanes` in the interior).
+                unsafe {
+                    let dst = out.as_mut_ptr().offset(q);
+                    if $check {
+                        store_first::<S>(simd, dst, (len - q) as usize, acc);
+                    } else {
+                        (dst as *mut S::f32s).write_unaligned(acc);
+                    }
+                }
+                columns.advance();
+            };
+        }
         let mut q = 0isize;
+        while q < len && q < interior_start {
+            step!(q, true);
+            q += lanes;
+        }
+        while q <= interior_end {
+            step!(q, false);
+            q += lanes;
+        }
         while q < len {
-            let check = q < interior_start || q > interior_end;
-            let mut sums = [zero, b, zero];
-            for r in 0..3 {
-                let next = read_flat(simd, read, q + lanes + rows[r], len, check);
-                let (left, right) = neighbours(simd, prev[r], cur[r], next);
-                sums[0] = simd.mul_add_f32s(wv[3 * r], left, sums[0]);
-                sums[1] = simd.mul_add_f32s(wv[3 * r + 1], cur[r], sums[1]);
-                sums[2] = simd.mul_add_f32s(wv[3 * r + 2], right, sums[2]);
-                prev[r] = cur[r];
-                cur[r] = next;
-            }
-            let has_left = simd.greater_than_f32s(columns.col, first);
-            let has_right = simd.less_than_f32s(columns.col, last);
-            let acc = simd.add_f32s(
-                sums[1],
-                simd.add_f32s(
-                    simd.select_f32s(has_left, sums[0], zero),
-                    simd.select_f32s(has_right, sums[2], zero),
-                ),
-            );
-            let acc = activate_v(simd, acc, act);
-            // SAFETY: outputs q .. min(q + lanes, H·W) exist.
-            unsafe {
-                store_first::<S>(simd, out.as_mut_ptr().offset(q), (len - q) as usize, acc);
-            }
-            columns.advance();
+            step!(q, true);
             q += lanes;
         }
     }

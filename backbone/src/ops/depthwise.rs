@@ -252,16 +252,49 @@ struct Planes<'a, P> {
     kernel: std::marker::PhantomData<P>,
 }
 
-/// A kernel that computes one output plane from its unpadded input plane (`buf`: scratch space).
+/// A kernel that computes one output plane from its unpadded input plane (`buf`: scratch space,
+/// filled by `prepare` once per task of planes, before the first).
 trait PlaneKernel {
+    #[inline(always)]
+    fn prepare<S: Simd>(_: S, _: &PlaneLayout, _: &mut Vec<f32>) {}
     fn run<S: Simd>(simd: S, args: PlaneArgs, buf: &mut Vec<f32>);
 }
 
 impl PlaneKernel for Slide3<'_> {
+    /// The column masks of the vectors of a plane, which repeat every `period` vectors.
     #[inline(always)]
-    fn run<S: Simd>(simd: S, args: PlaneArgs, _: &mut Vec<f32>) {
-        Slide3(args).with_simd(simd)
+    fn prepare<S: Simd>(simd: S, l: &PlaneLayout, buf: &mut Vec<f32>) {
+        let period = column_period::<S>(l.width);
+        let words = std::mem::size_of::<[S::m32s; 2]>().div_ceil(4);
+        buf.resize(period * words, 0.0);
+        let (first, last) = (simd.splat_f32s(0.5), simd.splat_f32s(l.width as f32 - 1.5));
+        let mut columns = LaneColumns::new(simd, l.width);
+        for k in 0..period {
+            let masks = [
+                simd.greater_than_f32s(columns.col, first),
+                simd.less_than_f32s(columns.col, last),
+            ];
+            // SAFETY: entry k lies inside the buffer (`words` f32 per entry).
+            unsafe {
+                (buf.as_mut_ptr().add(k * words) as *mut [S::m32s; 2]).write_unaligned(masks)
+            };
+            columns.advance();
+        }
     }
+
+    #[inline(always)]
+    fn run<S: Simd>(simd: S, args: PlaneArgs, buf: &mut Vec<f32>) {
+        Slide3(args, buf).with_simd(simd)
+    }
+}
+
+/// Vectors after which the lane columns of a plane W wide, flattened, repeat: `W / gcd(W, lanes)`.
+fn column_period<S: Simd>(width: usize) -> usize {
+    let (mut a, mut b) = (width, S::F32_LANES);
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    width / a
 }
 
 impl<const K: usize, const T: usize> PlaneKernel for Flat<'_, K, T> {
@@ -316,6 +349,7 @@ impl<P: PlaneKernel> WithSimd for Planes<'_, P> {
         // Taken out of the thread-local for the group: a closure would not inherit the SIMD
         // level's target features, and the kernels inside it would call their intrinsics.
         let mut buf = BUFFERS.with_borrow_mut(|(buf, _)| std::mem::take(buf));
+        P::prepare(simd, self.l, &mut buf);
         for (i, out) in self.out.chunks_exact_mut(plane_out).enumerate() {
             let p = self.first + i;
             let (image, co) = (p / c_out, p % c_out);
@@ -460,8 +494,10 @@ impl<const K: usize, const T: usize> WithSimd for Flat<'_, K, T> {
 /// three rows a vector of outputs reads (the flattened plane at −W, 0 and +W) are each one load
 /// per step, slid along as the window moves, and the left and right taps are those loads moved by
 /// one lane in registers, instead of nine unaligned masked loads. The taps left of column 0 and
-/// right of column W−1 are dropped by one select per side on their summed contributions.
-struct Slide3<'a>(PlaneArgs<'a>);
+/// right of column W−1 are dropped by one select per side on their summed contributions, with the
+/// masks of each vector's lane columns read from the table that [`PlaneKernel::prepare`] built for
+/// the task (the second field), since they repeat every W / gcd(W, lanes) vectors.
+struct Slide3<'a>(PlaneArgs<'a>, &'a [f32]);
 
 impl WithSimd for Slide3<'_> {
     type Output = ();
@@ -476,6 +512,7 @@ impl WithSimd for Slide3<'_> {
             act,
             out,
         } = self.0;
+        let masks = self.1;
         let (h, w) = (l.height, l.width);
         debug_assert!(l.kernel == 3 && l.padding == 1 && l.dilation == 1 && l.stride == 1);
         debug_assert!(plane.len() == h * w && out.len() == h * w && weights.len() == 9);
@@ -494,14 +531,19 @@ impl WithSimd for Slide3<'_> {
         }
         // Steps whose next loads (q + lanes ± W .. q + 2·lanes ± W) all lie inside the plane.
         let (interior_start, interior_end) = (w as isize - lanes, len - w as isize - 2 * lanes);
-        let (first, last) = (simd.splat_f32s(0.5), simd.splat_f32s(w as f32 - 1.5));
-        let mut columns = LaneColumns::new(simd, w);
+        // The column masks of vector k (Slide3::prepare), cycling with the period.
+        let (period, words) = (
+            column_period::<S>(w),
+            std::mem::size_of::<[S::m32s; 2]>().div_ceil(4),
+        );
+        debug_assert!(masks.len() >= period * words);
+        let mut k = 0;
         let zero = simd.splat_f32s(0.0);
         // One step: the vector of outputs at q. `$check` is a literal, so the interior loop below
         // compiles without any range test (one loop with a run-time flag kept them all, ~75
-        // instructions per AVX2 vector).
+        // instructions per AVX2 vector), and `$act` one, so the activation is not a branch.
         macro_rules! step {
-            ($q:expr, $check:expr) => {
+            ($q:expr, $check:expr, $act:expr) => {
                 let q: isize = $q;
                 let mut sums = [zero, b, zero];
                 for r in 0..3 {
@@ -513,8 +555,11 @@ impl WithSimd for Slide3<'_> {
                     prev[r] = cur[r];
                     cur[r] = next;
                 }
-                let has_left = simd.greater_than_f32s(columns.col, first);
-                let has_right = simd.less_than_f32s(columns.col, last);
+                // SAFETY: entry k < period lies inside the masks.
+                let [has_left, has_right] = unsafe {
+                    (masks.as_ptr().add(k * words) as *const [S::m32s; 2]).read_unaligned()
+                };
+                k = if k + 1 == period { 0 } else { k + 1 };
                 let acc = simd.add_f32s(
                     sums[1],
                     simd.add_f32s(
@@ -522,7 +567,7 @@ impl WithSimd for Slide3<'_> {
                         simd.select_f32s(has_right, sums[2], zero),
                     ),
                 );
-                let acc = activate_v(simd, acc, act);
+                let acc = activate_v(simd, acc, $act);
                 // SAFETY: outputs q .. min(q + lanes, H·W) exist (all `lanes` in the interior).
                 unsafe {
                     let dst = out.as_mut_ptr().offset(q);
@@ -532,20 +577,28 @@ impl WithSimd for Slide3<'_> {
                         (dst as *mut S::f32s).write_unaligned(acc);
                     }
                 }
-                columns.advance();
             };
         }
         let mut q = 0isize;
         while q < len && q < interior_start {
-            step!(q, true);
+            step!(q, true, act);
             q += lanes;
         }
-        while q <= interior_end {
-            step!(q, false);
-            q += lanes;
+        macro_rules! interior {
+            ($act:expr) => {
+                while q <= interior_end {
+                    step!(q, false, $act);
+                    q += lanes;
+                }
+            };
+        }
+        match act {
+            Activation::None => interior!(Activation::None),
+            Activation::Relu => interior!(Activation::Relu),
+            Activation::Relu6 => interior!(Activation::Relu6),
         }
         while q < len {
-            step!(q, true);
+            step!(q, true, act);
             q += lanes;
         }
     }

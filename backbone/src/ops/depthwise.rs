@@ -19,7 +19,7 @@ use super::{
     SendPtr,
 };
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use pulp::{Simd, WithSimd};
+use pulp::{MemMask, Simd, WithSimd};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -34,7 +34,8 @@ pub(super) const MAX_DIRECT_WIDTH: usize = 4096;
 const MIN_TASK_OUTPUTS: usize = 4096;
 
 thread_local! {
-    /// Padded input plane (and, in backward, padded input gradient) reused across calls.
+    /// Per-task scratch: the padded input plane or a kernel's mask table (and, in backward, the
+    /// padded input gradient), reused across calls.
     static BUFFERS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
@@ -305,9 +306,84 @@ impl<const K: usize, const T: usize> PlaneKernel for Flat<'_, K, T> {
 }
 
 impl<const K: usize, const T: usize, const STRIDE: usize> PlaneKernel for Rows<'_, K, T, STRIDE> {
+    /// The load masks of the vectors that reach past a row's ends ([`RowVectors`]), the same in
+    /// every row of every plane of the task.
     #[inline(always)]
-    fn run<S: Simd>(simd: S, args: PlaneArgs, _: &mut Vec<f32>) {
-        Rows::<K, T, STRIDE>(args).with_simd(simd)
+    fn prepare<S: Simd>(simd: S, l: &PlaneLayout, buf: &mut Vec<f32>) {
+        let rv = RowVectors::new::<S, K, STRIDE>(l);
+        let words = std::mem::size_of::<[S::m32s; ROW_LOADS]>().div_ceil(4);
+        buf.resize(rv.edges() * words, 0.0);
+        for v in (0..rv.head).chain(rv.tail..rv.count) {
+            let first = (STRIDE * v * S::F32_LANES) as isize - l.padding as isize;
+            let d = if STRIDE == 1 { l.dilation } else { 1 };
+            let masks: [S::m32s; ROW_LOADS] = std::array::from_fn(|j| {
+                // Load j: kernel column kx = j at stride 1; at stride 2 the pair from 2·(j / 2),
+                // its first (even j) or second (odd j) vector.
+                let col = if STRIDE == 1 {
+                    first + (j * d) as isize
+                } else {
+                    first + (2 * (j / 2) + (j % 2) * S::F32_LANES) as isize
+                };
+                lanes_in(simd, col, l.width as isize).mask()
+            });
+            // SAFETY: entry `rv.entry(v)` lies inside the buffer (`words` f32 per entry).
+            unsafe {
+                (buf.as_mut_ptr().add(rv.entry(v) * words) as *mut [S::m32s; ROW_LOADS])
+                    .write_unaligned(masks)
+            };
+        }
+    }
+
+    #[inline(always)]
+    fn run<S: Simd>(simd: S, args: PlaneArgs, buf: &mut Vec<f32>) {
+        Rows::<K, T, STRIDE>(args, buf).with_simd(simd)
+    }
+}
+
+/// Loads per kernel row of one vector of [`Rows`] outputs, at most: K at stride 1, two per pair
+/// of kernel columns at stride 2 (K ≤ 5).
+const ROW_LOADS: usize = 6;
+
+/// The vectors of an output row of [`Rows`]: `count` in all, those before `head` and from `tail`
+/// on read past the row's ends (masked loads), those between only inside it.
+struct RowVectors {
+    count: usize,
+    head: usize,
+    tail: usize,
+}
+
+impl RowVectors {
+    fn new<S: Simd, const K: usize, const STRIDE: usize>(l: &PlaneLayout) -> Self {
+        let lanes = S::F32_LANES;
+        let d = if STRIDE == 1 { l.dilation } else { 1 };
+        // Input columns one vector of outputs reads, from its first tap: at stride 2 up to the
+        // end of the last pair's load.
+        let span = if STRIDE == 1 {
+            lanes + (K - 1) * d
+        } else {
+            2 * ((K - 1) / 2) + 2 * lanes
+        };
+        let count = l.out_width.div_ceil(lanes);
+        let first = |v: usize| (STRIDE * v * lanes) as isize - l.padding as isize;
+        let head = (0..count).find(|&v| first(v) >= 0).unwrap_or(count);
+        let tail = (head..count)
+            .find(|&v| first(v) + span as isize > l.width as isize)
+            .unwrap_or(count);
+        RowVectors { count, head, tail }
+    }
+
+    /// Vectors with masks.
+    fn edges(&self) -> usize {
+        self.head + self.count - self.tail
+    }
+
+    /// Entry of edge vector `v` in the mask table.
+    fn entry(&self, v: usize) -> usize {
+        if v < self.head {
+            v
+        } else {
+            v - self.tail + self.head
+        }
     }
 }
 
@@ -732,7 +808,7 @@ struct PlaneArgs<'a> {
 /// one FMA; at stride 2 the kernel columns kx and kx + 1 of a row are one load of 2·lanes
 /// consecutive inputs split in registers into its even lanes (tap kx) and odd lanes (tap kx + 1),
 /// so the plane is read once and never copied. `T` = K·K.
-struct Rows<'a, const K: usize, const T: usize, const STRIDE: usize>(PlaneArgs<'a>);
+struct Rows<'a, const K: usize, const T: usize, const STRIDE: usize>(PlaneArgs<'a>, &'a [f32]);
 
 impl<const K: usize, const T: usize, const STRIDE: usize> WithSimd for Rows<'_, K, T, STRIDE> {
     type Output = ();
@@ -747,6 +823,7 @@ impl<const K: usize, const T: usize, const STRIDE: usize> WithSimd for Rows<'_, 
             act,
             out,
         } = self.0;
+        let masks = self.1;
         let (h, w, p, top) = (l.height, l.width, l.padding as isize, l.top as isize);
         // A constant at stride 2 (no dilation there), so that kernel's indexing folds.
         let d = if STRIDE == 1 { l.dilation } else { 1 };
@@ -758,42 +835,45 @@ impl<const K: usize, const T: usize, const STRIDE: usize> WithSimd for Rows<'_, 
         let lanes = S::F32_LANES;
         let wv: [S::f32s; T] = std::array::from_fn(|t| simd.splat_f32s(weights[t]));
         let b = simd.splat_f32s(bias);
-        // Input columns one vector of outputs reads, from its first tap: at stride 2 up to the
-        // end of the last pair's load.
-        let span = if STRIDE == 1 {
-            lanes + (K - 1) * d
-        } else {
-            2 * ((K - 1) / 2) + 2 * lanes
-        };
-        for oy in 0..oh {
-            // Rows in the padding read zeros, so every output sees the same K*K taps.
-            let mut rows = [ZEROS.as_ptr(); K];
-            for (ky, row) in rows.iter_mut().enumerate() {
-                let iy = (STRIDE * oy + ky * d) as isize - top;
-                if iy >= 0 && (iy as usize) < h {
-                    *row = plane[iy as usize * w..].as_ptr();
-                }
-            }
-            let out_row = &mut out[oy * ow..(oy + 1) * ow];
-            let mut ox = 0usize;
-            while ox < ow {
+        let rv = RowVectors::new::<S, K, STRIDE>(l);
+        let words = std::mem::size_of::<[S::m32s; ROW_LOADS]>().div_ceil(4);
+        debug_assert!(masks.len() >= rv.edges() * words);
+        // One vector of outputs; `$masks`: None inside the row (plain loads), else the vector's
+        // load masks (Rows::prepare).
+        macro_rules! step {
+            ($rows:expr, $out_row:expr, $v:expr, $masks:expr) => {
+                let ox = $v * lanes;
                 let first = (STRIDE * ox) as isize - p;
-                let interior = first >= 0 && first as usize + span <= w;
+                let masks: Option<[S::m32s; ROW_LOADS]> = $masks;
+                // No closure: it would lose the level's target features and call its intrinsics.
+                macro_rules! read {
+                    ($row:expr, $col:expr, $j:expr) => {{
+                        let src = $row.wrapping_offset($col);
+                        // SAFETY: `row` holds `w` values (ZEROS is MAX_DIRECT_WIDTH ≥ w long); a
+                        // vector reaching past its ends reads only its lanes inside it.
+                        unsafe {
+                            match masks {
+                                None => load::<S>(src),
+                                Some(m) => simd.mask_load_ptr_f32s(MemMask::new(m[$j]), src),
+                            }
+                        }
+                    }};
+                }
                 // One accumulator per kernel row: K short dependency chains instead of one long.
                 let mut partial = [simd.splat_f32s(0.0); K];
                 partial[0] = b;
                 for kx in (0..K).step_by(STRIDE) {
                     let col = first + (kx * d) as isize;
                     for ky in 0..K {
-                        let row = (rows[ky], w as isize, interior);
+                        let row = $rows[ky];
                         if STRIDE == 1 {
-                            let v = read_row(simd, row, col);
+                            let v = read!(row, col, kx);
                             partial[ky] = simd.mul_add_f32s(wv[ky * K + kx], v, partial[ky]);
                             continue;
                         }
                         let (lo, hi) = (
-                            read_row(simd, row, col),
-                            read_row(simd, row, col + lanes as isize),
+                            read!(row, col, kx),
+                            read!(row, col + lanes as isize, kx + 1),
                         );
                         let (even, odd) = deinterleave(simd, lo, hi);
                         partial[ky] = simd.mul_add_f32s(wv[ky * K + kx], even, partial[ky]);
@@ -810,33 +890,34 @@ impl<const K: usize, const T: usize, const STRIDE: usize> WithSimd for Rows<'_, 
                 unsafe {
                     store_first::<S>(
                         simd,
-                        out_row.as_mut_ptr().add(ox),
+                        $out_row.as_mut_ptr().add(ox),
                         ow - ox,
                         activate_v(simd, acc, act),
                     );
                 }
-                ox += lanes;
-            }
+            };
         }
-    }
-}
-
-/// The vector at column `col` of a row (`row.0`, `row.1` values wide: a plane row or [`ZEROS`]), 0
-/// outside it; unmasked when `row.2` says the caller's vectors of this step all lie inside it.
-#[inline(always)]
-fn read_row<S: Simd>(
-    simd: S,
-    (row, width, interior): (*const f32, isize, bool),
-    col: isize,
-) -> S::f32s {
-    let src = row.wrapping_offset(col);
-    // SAFETY: `row` holds `width` values (ZEROS is MAX_DIRECT_WIDTH ≥ width long); an edge vector
-    // reads only its lanes inside it.
-    unsafe {
-        if interior {
-            load::<S>(src)
-        } else {
-            simd.mask_load_ptr_f32s(lanes_in(simd, col, width), src)
+        for oy in 0..oh {
+            // Rows in the padding read zeros, so every output sees the same K*K taps.
+            let mut rows = [ZEROS.as_ptr(); K];
+            for (ky, row) in rows.iter_mut().enumerate() {
+                let iy = (STRIDE * oy + ky * d) as isize - top;
+                if iy >= 0 && (iy as usize) < h {
+                    *row = plane[iy as usize * w..].as_ptr();
+                }
+            }
+            let out_row = &mut out[oy * ow..(oy + 1) * ow];
+            for v in (0..rv.head).chain(rv.tail..rv.count) {
+                // SAFETY: entry `rv.entry(v)` lies inside the masks.
+                let m = unsafe {
+                    (masks.as_ptr().add(rv.entry(v) * words) as *const [S::m32s; ROW_LOADS])
+                        .read_unaligned()
+                };
+                step!(rows, out_row, v, Some(m));
+            }
+            for v in rv.head..rv.tail {
+                step!(rows, out_row, v, None);
+            }
         }
     }
 }
@@ -894,21 +975,25 @@ pub(super) unsafe fn strided_band(
                 self.l.height * self.l.width,
                 self.l.out_height * self.l.out_width,
             );
+            // The edge vectors' load masks, the same for every channel (as for a task of planes).
+            let mut masks = BUFFERS.with_borrow_mut(|(buf, _)| std::mem::take(buf));
+            <Rows<3, 9, 2> as PlaneKernel>::prepare(simd, self.l, &mut masks);
             for (c, bias) in self.b.iter().enumerate() {
                 // SAFETY: the caller's contract.
                 let out = unsafe {
                     std::slice::from_raw_parts_mut(self.out.0.add(c * self.out.1), outputs)
                 };
-                Rows::<3, 9, 2>(PlaneArgs {
+                let args = PlaneArgs {
                     l: self.l,
                     input: &self.band[c * plane..(c + 1) * plane],
                     weights: &self.w[c * 9..(c + 1) * 9],
                     bias: *bias,
                     act: self.act,
                     out,
-                })
-                .with_simd(simd);
+                };
+                Rows::<3, 9, 2>(args, &masks).with_simd(simd);
             }
+            BUFFERS.with_borrow_mut(|(slot, _)| *slot = masks);
         }
     }
     dispatch(Channels {

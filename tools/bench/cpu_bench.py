@@ -15,7 +15,8 @@ load from elsewhere hits all alike; the table gives the median of the round medi
 as a fresh process each round, so it first makes as many untimed passes as it times (the other engines stay
 warm in this process; with two warm-up passes S0 at batch 1 measured ~25 % slower than in a warm process). Ours runs
 once per SIMD level given by --simd (MOBILEONE_SIMD; the GEMMs keep gemm's own choice), so an AVX-512
-machine also measures the AVX2 path.
+machine also measures the AVX2 path; there ONNX Runtime runs a second time held to its own AVX2 kernels
+(ort_avx2.py, in a worker process), and the AVX2 column is divided by that.
 
     tools/reference/.venv/bin/python tools/bench/cpu_bench.py                 # everything, 2 threads
     tools/reference/.venv/bin/python tools/bench/cpu_bench.py --models s0 ssdlite --rounds 3

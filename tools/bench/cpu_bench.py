@@ -10,8 +10,10 @@ for reference), with the same thread count as the release `mobileone bench --jso
 networks natively). The whole networks are timed without default boxes / NMS (SSDLite: trunk, extras and
 heads; DeepLabV3: trunk, head and the final bilinear resize).
 
-The engines run in alternating short rounds (pauses between them so idle worker threads stop spinning), so
-load from elsewhere hits all alike; the table gives the median of the round medians and ours / ORT. Ours runs
+The engines run in alternating short rounds (pauses between them so idle worker threads stop spinning), and
+each round times every model in turn, so load from elsewhere hits all alike and a slow phase of the host
+(minutes long) touches a round or two of every row; the table gives the median of the round medians, ours /
+ORT, and ours / ORT from each engine's best round (a noisy host only ever slows a run down). Ours runs
 as a fresh process each round, so it first makes as many untimed passes as it times (the other engines stay
 warm in this process; with two warm-up passes S0 at batch 1 measured ~25 % slower than in a warm process). Ours runs
 once per SIMD level given by --simd (MOBILEONE_SIMD; the GEMMs keep gemm's own choice), so an AVX-512
@@ -100,6 +102,16 @@ def ask(worker, request):
     if not line:
         sys.exit(f"error: the ONNX Runtime AVX2 worker exited (request {request})")
     return json.loads(line)
+
+
+def ours_times(cmd, level):
+    """`mobileone bench --json` at one SIMD level, as a fresh process: its per-pass times (ms) as one list."""
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                         env={**os.environ, "MOBILEONE_SIMD": level}).stdout
+    result = json.loads(out)
+    if result["simd"] != level:
+        sys.exit(f"error: asked for {level}, ours ran {result['simd']}")
+    return [result["median_ms"]]
 
 
 def time_callable(fn, iters):
@@ -195,6 +207,10 @@ def main():
                                  "state, so MLAS runs its FMA3 kernels (tools/bench/ort_avx2.py).")
             else:
                 ort_avx2_note = " ONNX Runtime could not be held to AVX2 (no XCR0 read found to patch)."
+        # Every case is built and warmed first; then each round times every case in turn, so a slow
+        # phase of the host (minutes long) touches a round or two of every row instead of every
+        # round of one row.
+        cases = []
         for name in args.models:
             model, size, ours_model = build_torch(name)
             variant = name if name in CLASSIFIERS else "s0"
@@ -209,52 +225,48 @@ def main():
                 so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
                 session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
                 x_np = x.numpy()
-                runners = {"ONNX Runtime": lambda: session.run(None, {"x": x_np})}
+                runners = {"ONNX Runtime": (lambda s, f: lambda n: time_callable(lambda: s.run(None, f), n))(
+                    session, {"x": x_np})}
                 for precision in ["f32"] + (["bf16"] if bf16 else []):
                     compiled = core.compile_model(str(onnx_path), "CPU", {
                         "INFERENCE_NUM_THREADS": args.threads, "INFERENCE_PRECISION_HINT": precision,
                         "PERFORMANCE_HINT": "LATENCY"})
                     request = compiled.create_infer_request()
-                    runners[f"OpenVINO {precision}"] = (lambda r: lambda: r.infer({0: x_np}))(request)
+                    runners[f"OpenVINO {precision}"] = (lambda r, v: lambda n: time_callable(
+                        lambda: r.infer({0: v}), n))(request, x_np)
                 if ort_avx2:
-                    runners[ORT_AVX2] = (lambda n: ask(ort_avx2, {"time": n})["times_ms"])
                     loaded = ask(ort_avx2, {"load": str(onnx_path), "shape": list(x.shape)})["module"]
                     if not loaded.startswith(str(Path(tmp))):
                         sys.exit(f"error: the ONNX Runtime AVX2 worker loaded {loaded}, not the patched copy")
-                for engine, warm in runners.items():
-                    if engine == ORT_AVX2:
-                        warm(max(2, 10 // batch))
-                    else:
-                        time_callable(warm, max(2, 10 // batch))  # engines pick and cache kernels first
-                rounds = {e: [] for e in engines}
-                for _ in range(args.rounds):
-                    for engine in engines:
-                        # The pause lets the previous engine's idle worker threads stop spinning.
-                        time.sleep(PAUSE_S)
-                        if engine == ORT_AVX2:
-                            rounds[engine].append(statistics.median(runners[engine](iters)))
-                            continue
-                        if engine in runners:
-                            rounds[engine].append(statistics.median(time_callable(runners[engine], iters)))
-                            continue
-                        level = engine[len("ours ("):-1]
-                        cmd = [str(args.binary), "bench", "--model", ours_model, "--variant", variant,
-                               "--size", str(size), "--batch", str(batch), "--threads", str(args.threads),
-                               "--iters", str(iters), "--warmup", str(iters), "--fused", "--json"]
-                        out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                                             env={**os.environ, "MOBILEONE_SIMD": level}).stdout
-                        result = json.loads(out)
-                        if result["simd"] != level:
-                            sys.exit(f"error: asked for {level}, ours ran {result['simd']}")
-                        rounds[engine].append(result["median_ms"])
-                medians = {e: statistics.median(r) for e, r in rounds.items()}
+                    runners[ORT_AVX2] = (lambda path: lambda n: ask(ort_avx2, {"time": n, "model": path})[
+                        "times_ms"])(str(onnx_path))
+                for warm in runners.values():
+                    warm(max(2, 10 // batch))  # engines pick and cache kernels first
+                for level in args.simd:
+                    cmd = [str(args.binary), "bench", "--model", ours_model, "--variant", variant,
+                           "--size", str(size), "--batch", str(batch), "--threads", str(args.threads),
+                           "--iters", str(iters), "--warmup", str(iters), "--fused", "--json"]
+                    runners[f"ours ({level})"] = (lambda c, lv: lambda n: ours_times(c, lv))(cmd, level)
                 label = name.upper() if name in CLASSIFIERS else {"ssdlite": "SSDLite-320 (S0)",
                                                                   "deeplabv3": "DeepLabV3-512 OS16 (S0)"}[name]
-                rows.append((label, batch, medians))
-                # Every round's median too: the host's slow phases (minutes long) show up as outliers.
-                print(f"{label} batch {batch}: " + ", ".join(
-                    f"{e} {m:.2f} ms [{' '.join(f'{v:.2f}' for v in rounds[e])}]" for e, m in medians.items()),
-                      file=sys.stderr, flush=True)
+                cases.append((label, batch, iters, runners))
+                print(f"built {label} batch {batch}", file=sys.stderr, flush=True)
+        rounds = [{e: [] for e in engines} for _ in cases]
+        for r in range(args.rounds):
+            for (label, batch, iters, runners), times in zip(cases, rounds):
+                for engine in engines:
+                    # The pause lets the previous engine's idle worker threads stop spinning.
+                    time.sleep(PAUSE_S)
+                    times[engine].append(statistics.median(runners[engine](iters)))
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        for (label, batch, _, _), times in zip(cases, rounds):
+            medians = {e: statistics.median(t) for e, t in times.items()}
+            best = {e: min(t) for e, t in times.items()}
+            rows.append((label, batch, medians, best))
+            # Every round's median too: the host's slow phases show up as outliers.
+            print(f"{label} batch {batch}: " + ", ".join(
+                f"{e} {m:.2f} ms [{' '.join(f'{v:.2f}' for v in times[e])}]" for e, m in medians.items()),
+                  file=sys.stderr, flush=True)
         if ort_avx2:
             ort_avx2.stdin.close()
             ort_avx2.wait()
@@ -263,17 +275,21 @@ def main():
     ours = [e for e in engines if e.startswith("ours")]
     lines = [
         f"CPU: {cpu_name()} ({os.cpu_count()} logical cores; SIMD: {simd_summary(flags)}), {args.threads} threads, "
-        f"random-weight fused models, median of {args.rounds} alternating rounds' medians. "
+        f"random-weight fused models, median of {args.rounds} alternating rounds' medians (each round times "
+        f"every row in turn); the last columns divide the best round's medians (the host only ever slows a "
+        f"run down). "
         f"`uptime` before: {uptime_before}; load average after {load_after[0]:.2f} (before {load_before[0]:.2f}). "
         f"onnxruntime {ort.__version__}, openvino {ov.__version__}, torch {torch.__version__}.{ort_avx2_note}",
         "",
         "| model | batch | " + " | ".join(f"{e} (ms)" for e in engines) + " | " +
-        " | ".join(f"{e} / {reference(e, engines)}" for e in ours) + " |",
-        "|---|---|" + "---:|" * (len(engines) + len(ours)),
+        " | ".join(f"{e} / {reference(e, engines)}" for e in ours) + " | " +
+        " | ".join(f"best rounds: {e} / {reference(e, engines)}" for e in ours) + " |",
+        "|---|---|" + "---:|" * (len(engines) + 2 * len(ours)),
     ]
-    for label, batch, medians in rows:
+    for label, batch, medians, best in rows:
         lines.append(f"| {label} | {batch} | " + " | ".join(f"{medians[e]:.2f}" for e in engines) + " | " +
-                     " | ".join(f"{medians[e] / medians[reference(e, engines)]:.2f}" for e in ours) + " |")
+                     " | ".join(f"{medians[e] / medians[reference(e, engines)]:.2f}" for e in ours) + " | " +
+                     " | ".join(f"{best[e] / best[reference(e, engines)]:.2f}" for e in ours) + " |")
     report = "\n".join(lines)
     print(report)
     if args.markdown:

@@ -12,8 +12,9 @@ Each `xor ecx, ecx; xgetbv` (31 c9 0f 01 d0) becomes `xor ecx, ecx; lea eax, [rc
 same length, ECX still 0 for the CPUID leaf-7 query that follows in MLAS's platform setup.
 
 Run as a worker (what `cpu_bench.py` does): `python ort_avx2.py PACKAGE_PARENT THREADS`, then JSON lines on
-stdin: {"load": onnx_path, "shape": [N, C, H, W]} and {"time": iters}; answers one JSON line each
-({"ok": true} / {"times_ms": [...]}).
+stdin: {"load": onnx_path, "shape": [N, C, H, W]} (a session kept under that path) and
+{"time": iters, "model": onnx_path}; answers one JSON line each ({"ok": true, "module": ...} /
+{"times_ms": [...]}).
 """
 
 import json
@@ -54,7 +55,7 @@ def worker(threads: int):
     import numpy as np
     import onnxruntime as ort
 
-    session, feed = None, None
+    sessions = {}
     for line in sys.stdin:
         request = json.loads(line)
         if "load" in request:
@@ -64,9 +65,10 @@ def worker(threads: int):
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             session = ort.InferenceSession(request["load"], so, providers=["CPUExecutionProvider"])
             rng = np.random.default_rng(0)
-            feed = {"x": rng.standard_normal(request["shape"]).astype(np.float32)}
+            sessions[request["load"]] = (session, {"x": rng.standard_normal(request["shape"]).astype(np.float32)})
             answer = {"ok": True, "module": ort.__file__}
         else:
+            session, feed = sessions[request["model"]]
             times = []
             for _ in range(request["time"]):
                 start = time.perf_counter()

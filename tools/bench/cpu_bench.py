@@ -13,7 +13,8 @@ heads; DeepLabV3: trunk, head and the final bilinear resize).
 The engines run in alternating short rounds (pauses between them so idle worker threads stop spinning), and
 each round times every model in turn, so load from elsewhere hits all alike and a slow phase of the host
 (minutes long) touches a round or two of every row; the table gives the median of the round medians, ours /
-ORT, and ours / ORT from each engine's best round (a noisy host only ever slows a run down). Ours runs
+ORT from those, and the median over the rounds of ours / ORT within one round (seconds apart, so a slow
+phase divides out). Ours runs
 as a fresh process each round, so it first makes as many untimed passes as it times (the other engines stay
 warm in this process; with two warm-up passes S0 at batch 1 measured ~25 % slower than in a warm process). Ours runs
 once per SIMD level given by --simd (MOBILEONE_SIMD; the GEMMs keep gemm's own choice), so an AVX-512
@@ -261,8 +262,10 @@ def main():
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         for (label, batch, _, _), times in zip(cases, rounds):
             medians = {e: statistics.median(t) for e, t in times.items()}
-            best = {e: min(t) for e, t in times.items()}
-            rows.append((label, batch, medians, best))
+            # Ours / ORT within each round (seconds apart), then the median over the rounds.
+            paired = {e: statistics.median(a / b for a, b in zip(t, times[reference(e, engines)]))
+                      for e, t in times.items() if e.startswith("ours")}
+            rows.append((label, batch, medians, paired))
             # Every round's median too: the host's slow phases show up as outliers.
             print(f"{label} batch {batch}: " + ", ".join(
                 f"{e} {m:.2f} ms [{' '.join(f'{v:.2f}' for v in times[e])}]" for e, m in medians.items()),
@@ -276,20 +279,20 @@ def main():
     lines = [
         f"CPU: {cpu_name()} ({os.cpu_count()} logical cores; SIMD: {simd_summary(flags)}), {args.threads} threads, "
         f"random-weight fused models, median of {args.rounds} alternating rounds' medians (each round times "
-        f"every row in turn); the last columns divide the best round's medians (the host only ever slows a "
-        f"run down). "
+        f"every row in turn); the last columns are the median over the rounds of ours / ORT within a round "
+        f"(measured seconds apart, so a slow phase of the host divides out). "
         f"`uptime` before: {uptime_before}; load average after {load_after[0]:.2f} (before {load_before[0]:.2f}). "
         f"onnxruntime {ort.__version__}, openvino {ov.__version__}, torch {torch.__version__}.{ort_avx2_note}",
         "",
         "| model | batch | " + " | ".join(f"{e} (ms)" for e in engines) + " | " +
         " | ".join(f"{e} / {reference(e, engines)}" for e in ours) + " | " +
-        " | ".join(f"best rounds: {e} / {reference(e, engines)}" for e in ours) + " |",
+        " | ".join(f"per round: {e} / {reference(e, engines)}" for e in ours) + " |",
         "|---|---|" + "---:|" * (len(engines) + 2 * len(ours)),
     ]
-    for label, batch, medians, best in rows:
+    for label, batch, medians, paired in rows:
         lines.append(f"| {label} | {batch} | " + " | ".join(f"{medians[e]:.2f}" for e in engines) + " | " +
                      " | ".join(f"{medians[e] / medians[reference(e, engines)]:.2f}" for e in ours) + " | " +
-                     " | ".join(f"{best[e] / best[reference(e, engines)]:.2f}" for e in ours) + " |")
+                     " | ".join(f"{paired[e]:.2f}" for e in ours) + " |")
     report = "\n".join(lines)
     print(report)
     if args.markdown:

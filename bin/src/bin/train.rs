@@ -108,8 +108,8 @@ struct Cli {
     /// Data-loading threads.
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    /// Output folder for checkpoints, logs and curves.
-    #[arg(long, default_value = "runs/train")]
+    /// Output folder for checkpoints, logs and curves (`--out-dir` as in detect and segment).
+    #[arg(long, visible_alias = "out-dir", default_value = "runs/train")]
     out: PathBuf,
     /// Continue a run from its last.safetensors / best.safetensors (same settings required).
     #[arg(long, value_name = "CKPT")]

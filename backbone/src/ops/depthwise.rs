@@ -266,8 +266,7 @@ impl PlaneKernel for Slide3<'_> {
     #[inline(always)]
     fn prepare<S: Simd>(simd: S, l: &PlaneLayout, buf: &mut Vec<f32>) {
         let period = column_period::<S>(l.width);
-        let words = std::mem::size_of::<[S::m32s; 2]>().div_ceil(4);
-        buf.resize(period * words, 0.0);
+        table_resize::<[S::m32s; 2]>(buf, period);
         let (first, last) = (simd.splat_f32s(0.5), simd.splat_f32s(l.width as f32 - 1.5));
         let mut columns = LaneColumns::new(simd, l.width);
         for k in 0..period {
@@ -275,10 +274,7 @@ impl PlaneKernel for Slide3<'_> {
                 simd.greater_than_f32s(columns.col, first),
                 simd.less_than_f32s(columns.col, last),
             ];
-            // SAFETY: entry k lies inside the buffer (`words` f32 per entry).
-            unsafe {
-                (buf.as_mut_ptr().add(k * words) as *mut [S::m32s; 2]).write_unaligned(masks)
-            };
+            table_set(buf, k, masks);
             columns.advance();
         }
     }
@@ -298,6 +294,41 @@ fn column_period<S: Simd>(width: usize) -> usize {
     width / a
 }
 
+/// f32 words one entry of type `T` (an array of SIMD masks) takes in a task's scratch buffer, the
+/// mask tables that [`PlaneKernel::prepare`] builds.
+fn table_words<T>() -> usize {
+    std::mem::size_of::<T>().div_ceil(4)
+}
+
+/// Makes `buf` exactly `entries` entries of `T` long.
+fn table_resize<T>(buf: &mut Vec<f32>, entries: usize) {
+    buf.resize(entries * table_words::<T>(), 0.0);
+}
+
+/// Entries of `T` in the table.
+fn table_len<T>(buf: &[f32]) -> usize {
+    buf.len() / table_words::<T>()
+}
+
+/// Stores entry `i` (panics past the table's end).
+#[inline(always)]
+fn table_set<T: Copy>(buf: &mut [f32], i: usize, value: T) {
+    let words = table_words::<T>();
+    let slot = &mut buf[i * words..(i + 1) * words];
+    // SAFETY: the slot holds size_of::<T>() bytes; T is plain data (SIMD masks).
+    unsafe { (slot.as_mut_ptr() as *mut T).write_unaligned(value) }
+}
+
+/// Entry `i`, as [`table_set`] stored it.
+///
+/// # Safety
+/// `i < table_len::<T>(buf)`, and the entry was stored as a `T`.
+#[inline(always)]
+unsafe fn table_get<T: Copy>(buf: &[f32], i: usize) -> T {
+    debug_assert!(i < table_len::<T>(buf));
+    (buf.as_ptr().add(i * table_words::<T>()) as *const T).read_unaligned()
+}
+
 impl<const K: usize, const T: usize> PlaneKernel for Flat<'_, K, T> {
     #[inline(always)]
     fn run<S: Simd>(simd: S, args: PlaneArgs, _: &mut Vec<f32>) {
@@ -311,26 +342,12 @@ impl<const K: usize, const T: usize, const STRIDE: usize> PlaneKernel for Rows<'
     #[inline(always)]
     fn prepare<S: Simd>(simd: S, l: &PlaneLayout, buf: &mut Vec<f32>) {
         let rv = RowVectors::new::<S, K, STRIDE>(l);
-        let words = std::mem::size_of::<[S::m32s; ROW_LOADS]>().div_ceil(4);
-        buf.resize(rv.edges() * words, 0.0);
+        table_resize::<[S::m32s; ROW_LOADS]>(buf, rv.edges());
         for v in (0..rv.head).chain(rv.tail..rv.count) {
-            let first = (STRIDE * v * S::F32_LANES) as isize - l.padding as isize;
-            let d = if STRIDE == 1 { l.dilation } else { 1 };
             let masks: [S::m32s; ROW_LOADS] = std::array::from_fn(|j| {
-                // Load j: kernel column kx = j at stride 1; at stride 2 the pair from 2·(j / 2),
-                // its first (even j) or second (odd j) vector.
-                let col = if STRIDE == 1 {
-                    first + (j * d) as isize
-                } else {
-                    first + (2 * (j / 2) + (j % 2) * S::F32_LANES) as isize
-                };
-                lanes_in(simd, col, l.width as isize).mask()
+                lanes_in(simd, rv.load_column::<S, STRIDE>(v, j), l.width as isize).mask()
             });
-            // SAFETY: entry `rv.entry(v)` lies inside the buffer (`words` f32 per entry).
-            unsafe {
-                (buf.as_mut_ptr().add(rv.entry(v) * words) as *mut [S::m32s; ROW_LOADS])
-                    .write_unaligned(masks)
-            };
+            table_set(buf, rv.entry(v), masks);
         }
     }
 
@@ -350,26 +367,57 @@ struct RowVectors {
     count: usize,
     head: usize,
     tail: usize,
+    padding: isize,
+    /// Dilation (a constant 1 at stride 2, so that kernel's indexing folds).
+    dilation: usize,
 }
 
 impl RowVectors {
+    #[inline(always)]
     fn new<S: Simd, const K: usize, const STRIDE: usize>(l: &PlaneLayout) -> Self {
         let lanes = S::F32_LANES;
-        let d = if STRIDE == 1 { l.dilation } else { 1 };
+        let dilation = if STRIDE == 1 { l.dilation } else { 1 };
         // Input columns one vector of outputs reads, from its first tap: at stride 2 up to the
         // end of the last pair's load.
         let span = if STRIDE == 1 {
-            lanes + (K - 1) * d
+            lanes + (K - 1) * dilation
         } else {
             2 * ((K - 1) / 2) + 2 * lanes
         };
         let count = l.out_width.div_ceil(lanes);
-        let first = |v: usize| (STRIDE * v * lanes) as isize - l.padding as isize;
+        let mut rv = RowVectors {
+            count,
+            head: count,
+            tail: count,
+            padding: l.padding as isize,
+            dilation,
+        };
+        let first = |v: usize| rv.first_column::<S, STRIDE>(v);
         let head = (0..count).find(|&v| first(v) >= 0).unwrap_or(count);
         let tail = (head..count)
             .find(|&v| first(v) + span as isize > l.width as isize)
             .unwrap_or(count);
-        RowVectors { count, head, tail }
+        (rv.head, rv.tail) = (head, tail);
+        rv
+    }
+
+    /// Input column of vector `v`'s first tap.
+    #[inline(always)]
+    fn first_column<S: Simd, const STRIDE: usize>(&self, v: usize) -> isize {
+        (STRIDE * v * S::F32_LANES) as isize - self.padding
+    }
+
+    /// Input column where vector `v`'s load `j` of a kernel row starts: kernel column kx = j at
+    /// stride 1; at stride 2 the pair of columns from 2·(j / 2), its first (even j) or second
+    /// (odd j) vector.
+    #[inline(always)]
+    fn load_column<S: Simd, const STRIDE: usize>(&self, v: usize, j: usize) -> isize {
+        let first = self.first_column::<S, STRIDE>(v);
+        if STRIDE == 1 {
+            first + (j * self.dilation) as isize
+        } else {
+            first + (2 * (j / 2) + (j % 2) * S::F32_LANES) as isize
+        }
     }
 
     /// Vectors with masks.
@@ -607,12 +655,9 @@ impl WithSimd for Slide3<'_> {
         }
         // Steps whose next loads (q + lanes ± W .. q + 2·lanes ± W) all lie inside the plane.
         let (interior_start, interior_end) = (w as isize - lanes, len - w as isize - 2 * lanes);
-        // The column masks of vector k (Slide3::prepare), cycling with the period.
-        let (period, words) = (
-            column_period::<S>(w),
-            std::mem::size_of::<[S::m32s; 2]>().div_ceil(4),
-        );
-        debug_assert!(masks.len() >= period * words);
+        // The column masks of vector k (Slide3::prepare), cycling with the table's period.
+        let period = table_len::<[S::m32s; 2]>(masks);
+        debug_assert!(period == column_period::<S>(w));
         let mut k = 0;
         let zero = simd.splat_f32s(0.0);
         // One step: the vector of outputs at q. `$check` is a literal, so the interior loop below
@@ -631,10 +676,8 @@ impl WithSimd for Slide3<'_> {
                     prev[r] = cur[r];
                     cur[r] = next;
                 }
-                // SAFETY: entry k < period lies inside the masks.
-                let [has_left, has_right] = unsafe {
-                    (masks.as_ptr().add(k * words) as *const [S::m32s; 2]).read_unaligned()
-                };
+                // SAFETY: k < period, the table's length.
+                let [has_left, has_right]: [S::m32s; 2] = unsafe { table_get(masks, k) };
                 k = if k + 1 == period { 0 } else { k + 1 };
                 let acc = simd.add_f32s(
                     sums[1],
@@ -824,9 +867,9 @@ impl<const K: usize, const T: usize, const STRIDE: usize> WithSimd for Rows<'_, 
             out,
         } = self.0;
         let masks = self.1;
-        let (h, w, p, top) = (l.height, l.width, l.padding as isize, l.top as isize);
-        // A constant at stride 2 (no dilation there), so that kernel's indexing folds.
-        let d = if STRIDE == 1 { l.dilation } else { 1 };
+        let (h, w, top) = (l.height, l.width, l.top as isize);
+        let rv = RowVectors::new::<S, K, STRIDE>(l);
+        let d = rv.dilation;
         let (oh, ow) = (l.out_height, l.out_width);
         debug_assert!(
             l.stride == STRIDE && (STRIDE == 1 || l.dilation == 1) && w <= MAX_DIRECT_WIDTH
@@ -835,15 +878,12 @@ impl<const K: usize, const T: usize, const STRIDE: usize> WithSimd for Rows<'_, 
         let lanes = S::F32_LANES;
         let wv: [S::f32s; T] = std::array::from_fn(|t| simd.splat_f32s(weights[t]));
         let b = simd.splat_f32s(bias);
-        let rv = RowVectors::new::<S, K, STRIDE>(l);
-        let words = std::mem::size_of::<[S::m32s; ROW_LOADS]>().div_ceil(4);
-        debug_assert!(masks.len() >= rv.edges() * words);
+        debug_assert!(table_len::<[S::m32s; ROW_LOADS]>(masks) == rv.edges());
         // One vector of outputs; `$masks`: None inside the row (plain loads), else the vector's
         // load masks (Rows::prepare).
         macro_rules! step {
             ($rows:expr, $out_row:expr, $v:expr, $masks:expr) => {
                 let ox = $v * lanes;
-                let first = (STRIDE * ox) as isize - p;
                 let masks: Option<[S::m32s; ROW_LOADS]> = $masks;
                 // No closure: it would lose the level's target features and call its intrinsics.
                 macro_rules! read {
@@ -863,7 +903,7 @@ impl<const K: usize, const T: usize, const STRIDE: usize> WithSimd for Rows<'_, 
                 let mut partial = [simd.splat_f32s(0.0); K];
                 partial[0] = b;
                 for kx in (0..K).step_by(STRIDE) {
-                    let col = first + (kx * d) as isize;
+                    let col = rv.load_column::<S, STRIDE>($v, kx);
                     for ky in 0..K {
                         let row = $rows[ky];
                         if STRIDE == 1 {
@@ -873,7 +913,7 @@ impl<const K: usize, const T: usize, const STRIDE: usize> WithSimd for Rows<'_, 
                         }
                         let (lo, hi) = (
                             read!(row, col, kx),
-                            read!(row, col + lanes as isize, kx + 1),
+                            read!(row, rv.load_column::<S, STRIDE>($v, kx + 1), kx + 1),
                         );
                         let (even, odd) = deinterleave(simd, lo, hi);
                         partial[ky] = simd.mul_add_f32s(wv[ky * K + kx], even, partial[ky]);
@@ -908,11 +948,8 @@ impl<const K: usize, const T: usize, const STRIDE: usize> WithSimd for Rows<'_, 
             }
             let out_row = &mut out[oy * ow..(oy + 1) * ow];
             for v in (0..rv.head).chain(rv.tail..rv.count) {
-                // SAFETY: entry `rv.entry(v)` lies inside the masks.
-                let m = unsafe {
-                    (masks.as_ptr().add(rv.entry(v) * words) as *const [S::m32s; ROW_LOADS])
-                        .read_unaligned()
-                };
+                // SAFETY: the table holds an entry for every edge vector.
+                let m = unsafe { table_get(masks, rv.entry(v)) };
                 step!(rows, out_row, v, Some(m));
             }
             for v in rv.head..rv.tail {

@@ -14,10 +14,9 @@ The engines run in alternating short rounds (pauses between them so idle worker 
 each round times every model in turn, so load from elsewhere hits all alike and a slow phase of the host
 (minutes long) touches a round or two of every row; the table gives the median of the round medians, ours /
 ORT from those, and the median over the rounds of ours / ORT within one round (seconds apart, so a slow
-phase divides out). Ours runs
-as a fresh process each round, so it first makes as many untimed passes as it times (the other engines stay
-warm in this process; with two warm-up passes S0 at batch 1 measured ~25 % slower than in a warm process). Ours runs
-once per SIMD level given by --simd (MOBILEONE_SIMD; the GEMMs keep gemm's own choice), so an AVX-512
+phase divides out). Ours runs as a fresh process each round, so it first makes as many untimed passes as
+it times (the other engines stay warm in this process; with two warm-up passes S0 at batch 1 measured ~25 %
+slower than in a warm process). Ours runs once per SIMD level given by --simd (MOBILEONE_SIMD; the GEMMs keep gemm's own choice), so an AVX-512
 machine also measures the AVX2 path; there ONNX Runtime runs a second time held to its own AVX2 kernels
 (ort_avx2.py, in a worker process), and the AVX2 column is divided by that.
 
@@ -40,7 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools" / "reference"))
-from ort_avx2 import patched_package  # noqa: E402 (tools/bench is this script's folder)
+from ort_avx2 import cpu_session, patched_package  # noqa: E402 (tools/bench is this script's folder)
 PAUSE_S = 0.5
 ORT_AVX2 = "ONNX Runtime (avx2)"
 CLASSIFIERS = ["s0", "s1", "s2", "s3", "s4"]
@@ -106,7 +105,8 @@ def ask(worker, request):
 
 
 def ours_times(cmd, level):
-    """`mobileone bench --json` at one SIMD level, as a fresh process: its per-pass times (ms) as one list."""
+    """`mobileone bench --json` at one SIMD level, as a fresh process: its median pass time (ms), as a
+    one-element list (the other engines' runners return every pass's time)."""
     out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                          env={**os.environ, "MOBILEONE_SIMD": level}).stdout
     result = json.loads(out)
@@ -220,11 +220,7 @@ def main():
                 x = torch.randn(batch, 3, size, size)
                 onnx_path = Path(tmp) / f"{name}_b{batch}.onnx"
                 torch.onnx.export(model, (x,), str(onnx_path), input_names=["x"], opset_version=17, dynamo=False)
-                so = ort.SessionOptions()
-                so.intra_op_num_threads = args.threads
-                so.inter_op_num_threads = 1
-                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+                session = cpu_session(ort, onnx_path, args.threads)
                 x_np = x.numpy()
                 runners = {"ONNX Runtime": (lambda s, f: lambda n: time_callable(lambda: s.run(None, f), n))(
                     session, {"x": x_np})}

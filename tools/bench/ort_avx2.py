@@ -51,6 +51,16 @@ def patched_package(dest: Path) -> tuple[Path, int]:
     return dest, sites
 
 
+def cpu_session(ort, onnx_path, threads):
+    """An ONNX Runtime CPU session as the benchmark runs every one (here and in cpu_bench.py): `threads`
+    intra-op threads, one inter-op thread, every graph optimisation (the NCHWc transformer included)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+
+
 def worker(threads: int):
     import numpy as np
     import onnxruntime as ort
@@ -59,11 +69,7 @@ def worker(threads: int):
     for line in sys.stdin:
         request = json.loads(line)
         if "load" in request:
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            session = ort.InferenceSession(request["load"], so, providers=["CPUExecutionProvider"])
+            session = cpu_session(ort, request["load"], threads)
             rng = np.random.default_rng(0)
             sessions[request["load"]] = (session, {"x": rng.standard_normal(request["shape"]).astype(np.float32)})
             answer = {"ok": True, "module": ort.__file__}

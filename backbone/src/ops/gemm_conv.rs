@@ -2,11 +2,10 @@
 //!
 //! In NCHW a 1x1 stride-1 convolution of one image is already `W (C_out, C_in) × X (C_in, H*W)`:
 //! it runs on the register-blocked [`pointwise`] kernel with no copy, in tiles that rayon runs in
-//! parallel. Strided KxK convolutions (the stem), and stride-1 ones without dilation and with few
-//! input channels, run on the same kernel, over im2col columns unfolded one band of output rows at
-//! a time ([`forward_by_bands`]). The other stride-1 KxK convolutions (dilated, as DeepLabV3's ASPP)
-//! run tap by tap on `gemm`, over only the outputs each tap reaches ([`forward_by_taps`]). The
-//! backward pass is `gemm` products over the im2col columns.
+//! parallel. Strided KxK convolutions (the stem) run on the same kernel, over im2col columns unfolded
+//! one band of output rows at a time ([`forward_by_bands`]).
+//! Stride-1 KxK convolutions run tap by tap on `gemm`, over only the outputs each tap reaches
+//! ([`forward_by_taps`]). The backward pass is `gemm` products over the im2col columns.
 
 use super::pointwise::{self, PointwiseTile};
 use super::simd::{deinterleave, dispatch, lanes_in, store_first};
@@ -227,21 +226,11 @@ fn unfold_tap(
     }
 }
 
-/// Most unfolded rows (C_in·K²) of a stride-1 convolution without dilation that runs by bands of
-/// output rows, as the strided ones, rather than tap by tap on `gemm`. Two threads, batch 1,
-/// alternating: AVX-512 256 -> 256 channels 3x3 at 32x32 (DeepLabV3's head) 7.79 -> 6.48 ms, 128
-/// -> 256 at 32x32 4.38 -> 3.62, 256 -> 128 at 64x64 15.0 -> 13.1, 512 -> 256 at 32x32 14.9 ->
-/// 14.1; AVX2 256 -> 256 7.94 -> 6.70. At 1024 -> 256 (9216 rows) the taps are as fast (AVX-512)
-/// or faster (AVX2 31.3 against 33.4 ms); dilated, they skip the taps that fall in the padding
-/// (1024 -> 256 at dilation 12: 17.4 against 31.0 ms by bands).
-const MAX_UNFOLDED_ROWS: usize = 4608;
-
 /// Unfolded values one band of a strided convolution's forward keeps (64 KB: the band's columns
 /// stay in L2 while every output channel reads them, and one register block's slice in L1).
 const BAND_VALUES: usize = 16 * 1024;
 
-/// Forward of a strided KxK convolution (the stem), or of a stride-1 one with few unfolded rows
-/// ([`MAX_UNFOLDED_ROWS`]), in bands of output rows: each band's im2col
+/// Forward of a strided KxK convolution (the stem) in bands of output rows: each band's im2col
 /// columns are unfolded into a per-thread buffer and multiplied by the weights at once, so the
 /// K²-fold copy of the input never leaves the cache (unfolding the whole input first cost a
 /// quarter of the stem's time, and the product then read the columns back from memory).
@@ -380,7 +369,7 @@ impl CustomOp3 for GemmConv {
             k: c_in * k * k,
         };
         let pointwise = k == 1 && g.stride == 1 && g.padding == 0;
-        if g.stride == 1 && !pointwise && (g.dilation > 1 || shape.k > MAX_UNFOLDED_ROWS) {
+        if g.stride == 1 && !pointwise {
             let out = forward_by_taps(x, w, b, (n, c_in, h, wd), k, (oh, ow), g);
             return Ok((CpuStorage::F32(out), Shape::from((n, c_out, oh, ow))));
         }

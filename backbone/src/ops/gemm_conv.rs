@@ -321,7 +321,6 @@ pub(super) unsafe fn band_product(
         w_rs: taps,
         x: columns.as_ptr(),
         x_rs: cols,
-        next_x: std::ptr::null(),
         out,
         out_rs,
         c_in: taps,
@@ -390,13 +389,6 @@ impl CustomOp3 for GemmConv {
                     w_rs: shape.k,
                     x: image_x.as_ptr().add(tile.cols.start),
                     x_rs: shape.n,
-                    // Rayon deals each thread a run of consecutive tiles.
-                    next_x: if tile.image + 1 < n {
-                        x.as_ptr()
-                            .add((tile.image + 1) * shape.k * shape.n + tile.cols.start)
-                    } else {
-                        std::ptr::null()
-                    },
                     out: image_out.add(tile.rows.start * shape.n + tile.cols.start),
                     out_rs: shape.n,
                     c_in: shape.k,

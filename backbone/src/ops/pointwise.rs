@@ -40,9 +40,6 @@ pub(super) struct PointwiseTile<'a> {
     pub w_rs: usize,
     pub x: *const f32,
     pub x_rs: usize,
-    /// The input of the tile this thread most likely runs next (the next image's), laid out as
-    /// `x`, whose first band is prefetched during the last; null if none.
-    pub next_x: *const f32,
     pub out: *mut f32,
     pub out_rs: usize,
     pub c_in: usize,
@@ -101,16 +98,9 @@ impl WithSimd for Packed<'_> {
                     }
                 }
             }
-            let blocks = tile.rows.div_ceil(MR) * (b_end - b0) / step;
-            let mut next_band = if b_end < full_end {
-                NextBand::new(tile, tile.x, b_end..(b_end + band).min(full_end), blocks)
-            } else {
-                NextBand::new(tile, tile.next_x, 0..band.min(full_end), blocks)
-            };
             for r0 in (0..tile.rows).step_by(MR) {
                 let rows = (tile.rows - r0).min(MR);
                 for q in (b0..b_end).step_by(step) {
-                    next_band.prefetch_some();
                     let x = if pack {
                         // SAFETY: inside the panel.
                         (
@@ -133,76 +123,6 @@ impl WithSimd for Packed<'_> {
             }
         }
         tile.rest(simd, full_end, self.panel);
-    }
-}
-
-/// Floats per cache line.
-const LINE: usize = 16;
-
-/// Prefetches the next band's inputs (or the next tile's first band) into L2 while the current
-/// band computes, a few lines before each block. Read by the band's first pass alone (packing it,
-/// or the first channel block in place), its rows C_in apart came from memory one by one (skipping
-/// the packing altogether made 96 -> 96 channels at 56x56 15 % faster). Batch 8, one thread,
-/// alternating: AVX2 96 -> 96 at 56x56 5.15 -> 4.87 ms, 192 and 256 channels at 28x28 1-3 %
-/// (within the noise); AVX-512 96 -> 96 at 56x56 4.82 -> 4.70, 256 at 28x28 7.89 -> 7.76, 512 at
-/// 14x14 7.71 -> 7.58. (Packing the next band's panels there too, a few row segments per block,
-/// ran no faster than packing each band alone; so did a smaller band.)
-struct NextBand {
-    /// Column 0 of the band in input row 0, and the input's row stride.
-    x: *const f32,
-    x_rs: usize,
-    /// Lines of the band in each row, and in all.
-    lines: usize,
-    total: usize,
-    /// Lines prefetched, and to prefetch before each block.
-    cursor: usize,
-    per_block: usize,
-}
-
-impl NextBand {
-    /// Columns `cols` of an input laid out as `tile`'s, starting at `x` (null: none), spread over
-    /// `blocks` blocks.
-    fn new(
-        tile: &PointwiseTile,
-        x: *const f32,
-        cols: std::ops::Range<usize>,
-        blocks: usize,
-    ) -> Self {
-        let lines = if x.is_null() {
-            0
-        } else {
-            cols.len().div_ceil(LINE)
-        };
-        let total = lines * tile.c_in;
-        Self {
-            x: x.wrapping_add(cols.start),
-            x_rs: tile.x_rs,
-            lines,
-            total,
-            cursor: 0,
-            per_block: total.div_ceil(blocks.max(1)),
-        }
-    }
-
-    /// The next `per_block` lines, row by row.
-    #[inline(always)]
-    fn prefetch_some(&mut self) {
-        let end = (self.cursor + self.per_block).min(self.total);
-        for line in self.cursor..end {
-            let (row, column) = (line / self.lines, line % self.lines * LINE);
-            let address = self.x.wrapping_add(row * self.x_rs + column);
-            // SAFETY: prefetching never faults.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                    address as *const i8,
-                );
-            }
-            // (No stable prefetch on other targets.)
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = address;
-        }
-        self.cursor = end;
     }
 }
 

@@ -224,6 +224,37 @@ fn depthwise_cases() -> f32 {
             }
         }
     }
+    // Whole groups of 8 channels, 3x3, padding 1, planes up to 20 wide at stride 1 and 56 at
+    // stride 2: the channel-group kernel on AVX2 (two images of two groups, odd sizes whose rows
+    // end in a partial group of columns, planes of one and four values, the widest planes, and
+    // wider ones that stay on the plane kernels).
+    for (input, stride) in [
+        ([2, 16, 14, 14], 1),
+        ([2, 16, 14, 14], 2),
+        ([1, 8, 9, 11], 1),
+        ([1, 8, 9, 11], 2),
+        ([1, 8, 7, 5], 1),
+        ([1, 8, 1, 1], 1),
+        ([1, 8, 2, 2], 2),
+        ([1, 8, 20, 20], 1),
+        ([1, 8, 21, 21], 1),
+        ([1, 8, 56, 56], 2),
+        ([1, 8, 58, 58], 2),
+    ] {
+        for act in ACTS {
+            for bias in [true, false] {
+                let case = Case {
+                    input,
+                    out_channels: input[1],
+                    kernel: 3,
+                    config: config(stride, 1, 1, input[1]),
+                    bias,
+                    act,
+                };
+                worst = worst.max(case.check());
+            }
+        }
+    }
     // Stride 3 takes the padded-copy path (H ≡ W mod 3 for the reference backward).
     for act in ACTS {
         let case = Case {

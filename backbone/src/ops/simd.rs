@@ -279,6 +279,79 @@ pub(super) fn deinterleave<S: Simd>(_simd: S, lo: S::f32s, hi: S::f32s) -> (S::f
     }
 }
 
+/// The 8×8 transpose of 8 vectors of 8 lanes: lane j of output i is lane i of input j. Eight
+/// unpacks, eight shuffles and eight 128-bit permutes on AVX2; through memory on any other level
+/// with 8 lanes.
+#[inline(always)]
+pub(super) fn transpose8<S: Simd>(_simd: S, rows: [S::f32s; 8]) -> [S::f32s; 8] {
+    use std::mem::transmute_copy as cast;
+    debug_assert!(S::F32_LANES == 8);
+    // SAFETY: as in `deinterleave`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        use std::arch::x86_64::*;
+        if S::F32_LANES == 8 && std::mem::size_of::<S::f32s>() == 32 {
+            // No closures here: they would lose the level's target features and call each
+            // intrinsic.
+            let (r0, r1, r2, r3): (__m256, __m256, __m256, __m256) = (
+                cast(&rows[0]),
+                cast(&rows[1]),
+                cast(&rows[2]),
+                cast(&rows[3]),
+            );
+            let (r4, r5, r6, r7): (__m256, __m256, __m256, __m256) = (
+                cast(&rows[4]),
+                cast(&rows[5]),
+                cast(&rows[6]),
+                cast(&rows[7]),
+            );
+            // Pairs of rows interleaved: lanes 0, 1 (and 4, 5) of rows 2k and 2k + 1, then lanes
+            // 2, 3 (6, 7).
+            let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
+            let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
+            let (t4, t5) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5));
+            let (t6, t7) = (_mm256_unpacklo_ps(r6, r7), _mm256_unpackhi_ps(r6, r7));
+            // Lane j of rows 0-3 (uj) or 4-7 (vj) in the low half, lane 4 + j in the high half.
+            let (u0, u1) = (
+                _mm256_shuffle_ps::<0x44>(t0, t2),
+                _mm256_shuffle_ps::<0xEE>(t0, t2),
+            );
+            let (u2, u3) = (
+                _mm256_shuffle_ps::<0x44>(t1, t3),
+                _mm256_shuffle_ps::<0xEE>(t1, t3),
+            );
+            let (v0, v1) = (
+                _mm256_shuffle_ps::<0x44>(t4, t6),
+                _mm256_shuffle_ps::<0xEE>(t4, t6),
+            );
+            let (v2, v3) = (
+                _mm256_shuffle_ps::<0x44>(t5, t7),
+                _mm256_shuffle_ps::<0xEE>(t5, t7),
+            );
+            return [
+                cast(&_mm256_permute2f128_ps::<0x20>(u0, v0)),
+                cast(&_mm256_permute2f128_ps::<0x20>(u1, v1)),
+                cast(&_mm256_permute2f128_ps::<0x20>(u2, v2)),
+                cast(&_mm256_permute2f128_ps::<0x20>(u3, v3)),
+                cast(&_mm256_permute2f128_ps::<0x31>(u0, v0)),
+                cast(&_mm256_permute2f128_ps::<0x31>(u1, v1)),
+                cast(&_mm256_permute2f128_ps::<0x31>(u2, v2)),
+                cast(&_mm256_permute2f128_ps::<0x31>(u3, v3)),
+            ];
+        }
+    }
+    let mut v = [[0f32; 8]; 8];
+    for (i, row) in rows.iter().enumerate() {
+        // SAFETY: 8 lanes of 4 bytes.
+        let lanes: [f32; 8] = unsafe { cast(row) };
+        for (j, value) in lanes.into_iter().enumerate() {
+            v[j][i] = value;
+        }
+    }
+    // SAFETY: as above.
+    std::array::from_fn(|i| unsafe { cast(&v[i]) })
+}
+
 /// The lanes of `cur` moved up by one, the first filled from the last of `prev` and the vector
 /// after (`[prev[L-1], cur[0], …, cur[L-2]]`, `[cur[1], …, cur[L-1], next[0]]`): the left and right
 /// neighbours of every lane of a run `prev ++ cur ++ next`. One `valignd` each on AVX-512, two

@@ -317,8 +317,8 @@ fn pointwise_cases() -> f32 {
         // channels): a full band and a partial one per image, packed (13 rows) and in place (5).
         ([2, 200, 24, 24], 13),
         ([1, 200, 24, 24], 5),
-        // Several bands, then the rest of each channel block after its last band's panels: 529
-        // positions, the last one a dot product on every level.
+        // Several bands, then the positions after the full panels: 529 positions, the last one
+        // a dot product on every level.
         ([1, 200, 23, 23], 13),
     ] {
         for act in ACTS {

@@ -830,16 +830,19 @@ impl WithSimd for ChannelGroups<'_> {
                 for x0 in (0..w).step_by(G) {
                     let (p, count) = (y * w + x0, (w - x0).min(G));
                     // Columns past the row read the next row (stored nowhere); past the plane, 0.
-                    let mask = lanes_in(simd, 0, (plane_in - p) as isize);
+                    let mask = if p + G > plane_in {
+                        Some(lanes_in(simd, 0, (plane_in - p) as isize))
+                    } else {
+                        None
+                    };
                     let mut rows = [zero; G];
                     for (i, row) in rows.iter_mut().enumerate() {
                         // SAFETY: channel i's plane holds positions p .. min(p + G, H·W).
                         *row = unsafe {
                             let src = input.as_ptr().add(i * plane_in + p);
-                            if p + G <= plane_in {
-                                load::<S>(src)
-                            } else {
-                                simd.mask_load_ptr_f32s(mask, src)
+                            match mask {
+                                None => load::<S>(src),
+                                Some(mask) => simd.mask_load_ptr_f32s(mask, src),
                             }
                         };
                     }

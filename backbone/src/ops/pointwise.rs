@@ -28,8 +28,8 @@ const DOT_MIN_C_IN: usize = 64;
 /// row, every row of the tile in turn) missed on the output rows' lines: 96 channels at 56x56,
 /// batch 8, one thread: AVX2 7.0 -> 5.0 ms, AVX-512 5.7 -> 5.1 ms.
 const BAND_BYTES: usize = 256 << 10;
-/// Input channels ahead that the block prefetches its row segments on x86 (rows C_in apart defeat
-/// the hardware prefetcher; 16 ahead measured best: 192@28² at batch 8 2.19 -> 2.14 ms).
+/// Input channels ahead that the block prefetches its row segments on x86 when it reads them in
+/// place (rows a plane apart defeat the hardware prefetcher).
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_AHEAD: usize = 16;
 
@@ -220,9 +220,13 @@ impl PointwiseTile<'_> {
         let out = |r: usize| self.out.add(row(r) * self.out_rs + q);
         let mut acc: [[S::f32s; NV]; MR] =
             std::array::from_fn(|r| [simd.splat_f32s(self.bias[row(r)]); NV]);
+        // A packed panel's rows are contiguous and the hardware prefetcher streams them; the
+        // prefetches cost AVX2 4-13 % per layer there (S1 and S2, batch 1 and 8, fastest of
+        // 300-450 passes each).
+        let strided = x_rs != NV * lanes;
         for ci in 0..self.c_in {
             #[cfg(target_arch = "x86_64")]
-            if ci + PREFETCH_AHEAD < self.c_in {
+            if strided && ci + PREFETCH_AHEAD < self.c_in {
                 for v in 0..NV {
                     std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
                         x.add(PREFETCH_AHEAD * x_rs + v * lanes) as *const i8,
@@ -232,9 +236,9 @@ impl PointwiseTile<'_> {
             // The next block's weights, a line per row every 16 input channels: rows past a page
             // start cold for the hardware prefetcher, and a layer's weights come from L3 or
             // memory on its first pass (1024 x 256 at 7x7, or the classifier's 1000 x 1024).
-            // AVX-512 only: in the AVX2 block (12 sums, all 16 registers) it cost S3 13 %.
+            // AVX2, S1 at batch 1: 512 -> 1280 at 7x7 0.42 -> 0.35 ms, 512 x 14x14 0.52 -> 0.50.
             #[cfg(target_arch = "x86_64")]
-            if lanes == 16 && ci % 16 == 0 {
+            if ci % 16 == 0 {
                 for row in &w_rows {
                     std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
                         row.wrapping_add(MR * self.w_rs + ci) as *const i8,

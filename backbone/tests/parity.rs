@@ -73,6 +73,27 @@ fn assert_matches_timm(model: &MobileOne, output_stride: usize, what: &str) {
             );
         }
     }
+    // An inference batch is split between the kernels' threads (runs of one and two images with
+    // two threads) and concatenated back: every image where it was, as alone.
+    let half = (&refs["input"] * 0.5).unwrap();
+    let batch = Tensor::cat(&[&refs["input"], &half, &refs["input"]], 0).unwrap();
+    let feats = model.forward_features_at(&batch, false, &[3, 4]).unwrap();
+    let half_alone = model.forward_features_at(&half, false, &[3, 4]).unwrap();
+    for ((f, alone), i) in feats.iter().zip(&half_alone).zip([3, 4]) {
+        let reference = &refs[&format!("os{output_stride}.features.{i}")];
+        for image in [0, 2] {
+            let err = rel_err(&f.narrow(0, image, 1).unwrap(), reference);
+            assert!(
+                err <= PARITY_TOL,
+                "{what} os{output_stride} features.{i}, image {image} of 3: rel err {err:e}"
+            );
+        }
+        let err = rel_err(&f.narrow(0, 1, 1).unwrap(), alone);
+        assert!(
+            err <= PARITY_TOL,
+            "{what} features.{i}, image 1 of 3: rel err {err:e}"
+        );
+    }
     assert!(model
         .forward_features_at(&refs["input"], false, &[4, 3])
         .is_err());

@@ -778,8 +778,8 @@ impl MobileOne {
     /// and the first (stride-2 depthwise) block as one pass
     /// ([`ops::stem::dense_then_depthwise`](crate::ops::stem::dense_then_depthwise)), so the
     /// stem's output, the largest activation, never reaches memory. An inference pass over a
-    /// batch on the CPU with several threads splits the batch between the threads, each taking a
-    /// run of consecutive images through the whole trunk.
+    /// batch on the CPU with several threads deals the images out to the threads, each image
+    /// through the whole trunk on one thread.
     ///
     /// # Errors
     /// When `out_indices` is not ascending within 0–4, or a layer fails.
@@ -795,34 +795,28 @@ impl MobileOne {
         if out_indices.is_empty() {
             return Ok(Vec::new());
         }
-        let parts = crate::ops::current_threads().min(x.dim(0)?);
-        if !train && parts > 1 && x.device().is_cpu() {
-            return self.forward_batch_split(x, out_indices, parts);
+        if !train && x.dim(0)? > 1 && crate::ops::current_threads() > 1 && x.device().is_cpu() {
+            return self.forward_image_by_image(x, out_indices);
         }
         self.forward_levels(x, train, out_indices)
     }
 
-    /// An inference pass with the batch split into `parts` runs of consecutive images, one per
-    /// thread of the kernels' pool, each run through the whole trunk as its own batch (a thread
-    /// that finishes first takes part of the other runs' layers), the features of each level
+    /// An inference pass image by image, the images dealt out to the threads of the kernels' pool
+    /// (a thread that runs out of images takes another's), each GEMM of an image in one tile
+    /// ([`ops::one_tile_per_image`](crate::ops::one_tile_per_image)), the features of each level
     /// concatenated back into (N, C, H, W). A layer over the whole batch had every thread work on
     /// every layer, its activations (4 MB at 640 × 14x14, batch 8) passing between the cores
-    /// through L3 from one layer to the next. Two threads, batch 8, median of three alternating
-    /// rounds' medians: AVX2 S2 111.0 -> 106.8 ms, S3 161.0 -> 158.5; AVX-512 S3 161.4 -> 153.5,
-    /// S4 250.7 -> 240.7; S0 within the host's noise (AVX2 25.9 -> 26.4, fastest 24.8 -> 24.4).
-    fn forward_batch_split(
-        &self,
-        x: &Tensor,
-        out_indices: &[usize],
-        parts: usize,
-    ) -> Result<Vec<Tensor>> {
+    /// through L3 from one layer to the next; one image's stay in its core's L2. Two threads,
+    /// batch 8, median of three alternating rounds' medians, against the batch as one: AVX2 S2
+    /// 111.0 -> 104.9 ms, S3 161.0 -> 148.7; AVX-512 S2 107.7 -> 99.3, S4 250.7 -> 239.7.
+    fn forward_image_by_image(&self, x: &Tensor, out_indices: &[usize]) -> Result<Vec<Tensor>> {
         use rayon::prelude::*;
-        let n = x.dim(0)?;
-        let runs = (0..parts)
+        let runs = (0..x.dim(0)?)
             .into_par_iter()
-            .map(|part| {
-                let (start, end) = (part * n / parts, (part + 1) * n / parts);
-                self.forward_levels(&x.narrow(0, start, end - start)?, false, out_indices)
+            .map(|i| {
+                crate::ops::one_tile_per_image(|| {
+                    self.forward_levels(&x.narrow(0, i, 1)?, false, out_indices)
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         (0..out_indices.len())

@@ -46,10 +46,15 @@ struct Tile {
 /// 6 (the register block of the pointwise kernel and of `gemm`'s), columns in multiples of
 /// `quantum` (a vector of 16, or whole output rows), choosing among the row/column splits the one
 /// that, dealt out to the threads largest first, lets them finish soonest (448 channels x 784
-/// positions on two threads: row blocks of 228 and 220, not column blocks of 400 and 384).
+/// positions on two threads: row blocks of 228 and 220, not column blocks of 400 and 384). Inside
+/// [`super::one_tile_per_image`], one tile per image.
 fn plan_tiles(images: usize, s: GemmShape, quantum: usize) -> Vec<Tile> {
     let threads = rayon::current_num_threads();
-    let per_image = threads.div_ceil(images.max(1));
+    let per_image = if super::one_tile_per_image_set() {
+        1
+    } else {
+        threads.div_ceil(images.max(1))
+    };
     let split = |row_splits: usize| {
         let col_splits = per_image.div_ceil(row_splits);
         let row_step = s.m.div_ceil(row_splits).next_multiple_of(6);

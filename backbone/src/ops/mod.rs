@@ -166,6 +166,32 @@ pub fn run_in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
+thread_local! {
+    /// Set by [`one_tile_per_image`] on the thread running its closure.
+    static ONE_TILE_PER_IMAGE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with each GEMM-based layer (the 1x1, strided and dense convolutions) keeping each image
+/// in one tile, on the calling thread, instead of splitting it between the pool's threads: for
+/// work that already gives every thread images of its own (`MobileOne`'s inference on a batch).
+/// Splitting an image there made each of two tiles on the same thread pack the image's input
+/// panels again (row tiles read every position). Nests: the previous setting comes back after.
+pub fn one_tile_per_image<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ONE_TILE_PER_IMAGE.with(|flag| flag.set(self.0));
+        }
+    }
+    let _restore = Restore(ONE_TILE_PER_IMAGE.with(|flag| flag.replace(true)));
+    f()
+}
+
+/// Whether the calling thread runs inside [`one_tile_per_image`].
+fn one_tile_per_image_set() -> bool {
+    ONE_TILE_PER_IMAGE.with(|flag| flag.get())
+}
+
 /// Number of threads the kernels run on (rayon's global pool).
 pub fn current_threads() -> usize {
     rayon::current_num_threads()

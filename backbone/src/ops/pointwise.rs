@@ -223,6 +223,7 @@ impl PointwiseTile<'_> {
         // A packed panel's rows are contiguous and the hardware prefetcher streams them; the
         // prefetches cost AVX2 4-13 % per layer there (S1 and S2, batch 1 and 8, fastest of
         // 300-450 passes each).
+        #[cfg(target_arch = "x86_64")]
         let strided = x_rs != NV * lanes;
         for ci in 0..self.c_in {
             #[cfg(target_arch = "x86_64")]

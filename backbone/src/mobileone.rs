@@ -778,8 +778,8 @@ impl MobileOne {
     /// and the first (stride-2 depthwise) block as one pass
     /// ([`ops::stem::dense_then_depthwise`](crate::ops::stem::dense_then_depthwise)), so the
     /// stem's output, the largest activation, never reaches memory. An inference pass over a
-    /// batch on the CPU with several threads deals the images out to the threads, each image
-    /// through the whole trunk on one thread.
+    /// batch of at least as many images as threads, on the CPU, deals the images out to the
+    /// threads, each image through the whole trunk on one thread.
     ///
     /// # Errors
     /// When `out_indices` is not ascending within 0–4, or a layer fails.
@@ -795,25 +795,36 @@ impl MobileOne {
         if out_indices.is_empty() {
             return Ok(Vec::new());
         }
-        if !train && x.dim(0)? > 1 && crate::ops::current_threads() > 1 && x.device().is_cpu() {
-            return self.forward_image_by_image(x, out_indices);
+        let threads = crate::ops::current_threads();
+        if !train && threads > 1 && x.dim(0)? >= threads && x.device().is_cpu() {
+            return self.forward_image_by_image(x, out_indices, threads);
         }
         self.forward_levels(x, train, out_indices)
     }
 
-    /// An inference pass image by image, the images dealt out to the threads of the kernels' pool
-    /// (a thread that runs out of images takes another's), each GEMM of an image in one tile
-    /// ([`ops::one_tile_per_image`](crate::ops::one_tile_per_image)), the features of each level
-    /// concatenated back into (N, C, H, W). A layer over the whole batch had every thread work on
+    /// An inference pass image by image, the images dealt out to the `threads` threads of the
+    /// kernels' pool (a thread that runs out of images takes another's), each GEMM of an image in
+    /// one tile ([`ops::one_tile_per_image`](crate::ops::one_tile_per_image)), as many images as
+    /// fill every thread equally; the rest (fewer than `threads`) after them as one batch, each
+    /// layer split between the threads (else, with 3 images on 2 threads, one thread would take
+    /// two images and the other one). The features of each level concatenated back into (N, C,
+    /// H, W). A layer over the whole batch had every thread work on
     /// every layer, its activations (4 MB at 640 × 14x14, batch 8) passing between the cores
     /// through L3 from one layer to the next; one image's stay in its core's L2. Two threads,
     /// batch 8, median of three alternating rounds' medians: the batch as one against one run of
     /// four images per thread, AVX2 S2 111.0 -> 106.8 ms, S3 161.0 -> 158.5, AVX-512 S3 161.4 ->
     /// 153.5, S4 250.7 -> 240.7 (S0 within noise); that against image by image, AVX2 S1 71.0 ->
     /// 68.0, S3 154.2 -> 150.0, AVX-512 level (S1 68.2 and 68.0, S3 148.1 and 150.4).
-    fn forward_image_by_image(&self, x: &Tensor, out_indices: &[usize]) -> Result<Vec<Tensor>> {
+    fn forward_image_by_image(
+        &self,
+        x: &Tensor,
+        out_indices: &[usize],
+        threads: usize,
+    ) -> Result<Vec<Tensor>> {
         use rayon::prelude::*;
-        let runs = (0..x.dim(0)?)
+        let images = x.dim(0)?;
+        let dealt = images / threads * threads;
+        let mut runs = (0..dealt)
             .into_par_iter()
             .map(|i| {
                 crate::ops::one_tile_per_image(|| {
@@ -821,6 +832,10 @@ impl MobileOne {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        if dealt < images {
+            let rest = x.narrow(0, dealt, images - dealt)?;
+            runs.push(self.forward_levels(&rest, false, out_indices)?);
+        }
         (0..out_indices.len())
             .map(|level| Tensor::cat(&runs.iter().map(|run| &run[level]).collect::<Vec<_>>(), 0))
             .collect()

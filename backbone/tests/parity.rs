@@ -73,8 +73,9 @@ fn assert_matches_timm(model: &MobileOne, output_stride: usize, what: &str) {
             );
         }
     }
-    // An inference batch is split between the kernels' threads (runs of one and two images with
-    // two threads) and concatenated back: every image where it was, as alone.
+    // An inference batch is dealt out to the kernels' threads image by image (with two threads:
+    // images 0 and 1, then image 2 alone, split between the threads) and concatenated back: every
+    // image where it was, as alone.
     let half = (&refs["input"] * 0.5).unwrap();
     let batch = Tensor::cat(&[&refs["input"], &half, &refs["input"]], 0).unwrap();
     let feats = model.forward_features_at(&batch, false, &[3, 4]).unwrap();

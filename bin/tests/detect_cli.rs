@@ -368,7 +368,8 @@ fn the_committed_person_detector_finds_the_astronaut() {
 
 /// `../shared/cases/23-truncated-jpeg`: a JPEG cut at 60 % (Pillow: "image file is truncated"). It was
 /// decoded with grey rows and used; now every path refuses it by name: files (skipped, counted, exit
-/// 1, the readable images' results still written whole), and a dataset run (stops, writes nothing).
+/// 1, the readable images' results still written whole, none when no image was read), and a
+/// dataset run (stops, writes nothing).
 #[test]
 fn a_truncated_jpeg_is_refused_by_name_everywhere() {
     let case = common::shared_cases().join("23-truncated-jpeg");
@@ -403,6 +404,17 @@ fn a_truncated_jpeg_is_refused_by_name_everywhere() {
     assert!(!entries.is_empty() && entries.iter().all(|e| e["file_name"] == "owl_baseline.jpg"));
     assert!(dir.join("pictures/owl_baseline.jpg").is_file());
     assert!(!dir.join("pictures/owl_truncated.jpg").exists());
+    // The truncated image alone: exit 1 and no (empty) results file.
+    let alone = dir.join("alone.json");
+    let out = detect(&[
+        truncated.to_str().unwrap(),
+        "--weights",
+        &weights(),
+        "--json",
+        alone.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(!alone.exists(), "no results file when no image was read");
 
     let report = dir.join("dataset.json");
     // The case's categories are shapes; map the test model's ten classes onto them.

@@ -278,12 +278,17 @@ fn detect_images(
     }
     bar.finish_and_clear();
     if let Some(json) = &cli.json {
-        write_json(json, &results)?;
-        println!(
-            "wrote {} detection(s) to {} (image_id: {id_source})",
-            results.len(),
-            json.display()
-        );
+        // With no image read there is nothing to report: no empty file left behind.
+        if failures.len() < files.len() {
+            write_json(json, &results)?;
+            println!(
+                "wrote {} detection(s) to {} (image_id: {id_source})",
+                results.len(),
+                json.display()
+            );
+        } else {
+            eprintln!("{} not written: no image was read", json.display());
+        }
     }
     if speed.images() > 0 {
         let size = detector.config.image_size;

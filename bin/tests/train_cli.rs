@@ -122,7 +122,9 @@ fn a_box_without_area_in_float32_is_dropped_as_torchvision_drops_it() {
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(result.status.success(), "{stderr}");
     assert!(
-        stderr.contains("1 box(es) without area in float32 left out"),
+        stderr.contains("1 box(es) without area in float32")
+            && stderr.contains("left out of training")
+            && stderr.contains("annotation id(s) 99"),
         "{stderr}"
     );
     assert!(std::path::Path::new(&out)

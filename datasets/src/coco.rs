@@ -366,9 +366,10 @@ impl CocoDataset {
         })
     }
 
-    /// Non-crowd annotations whose box has no area once converted as training converts it
-    /// ([`training_box`]); training drops them.
-    pub fn degenerate_boxes(&self) -> usize {
+    /// The ids of the non-crowd annotations whose box has no area (zero or negative width or
+    /// height) once converted as training converts it ([`training_box`]), in file order; training
+    /// drops them.
+    pub fn degenerate_boxes(&self) -> Vec<u64> {
         self.annotations
             .iter()
             .filter(|a| !a.iscrowd)
@@ -376,7 +377,8 @@ impl CocoDataset {
                 let image = self.image(a.image_id).expect("checked when indexed");
                 training_box(a.bbox, image.width, image.height).is_none()
             })
-            .count()
+            .map(|a| a.id)
+            .collect()
     }
 
     /// The image with this id.

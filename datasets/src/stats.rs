@@ -41,7 +41,7 @@ impl DetectionStats {
         let mut stats = Self {
             images: dataset.images.len(),
             annotations: dataset.annotations.len(),
-            degenerate: dataset.degenerate_boxes(),
+            degenerate: dataset.degenerate_boxes().len(),
             per_class: dataset
                 .categories
                 .iter()

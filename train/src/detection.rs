@@ -90,10 +90,17 @@ impl DetectionTask {
         let sides = train.images.iter().map(|i| i.width.max(i.height)).collect();
         warn_if_upscaled(sides, settings.image_size, "longer");
         let dropped = train.degenerate_boxes();
-        if dropped > 0 {
+        if !dropped.is_empty() {
+            const SHOWN: usize = 10;
+            let ids: Vec<String> = dropped.iter().take(SHOWN).map(u64::to_string).collect();
+            let more = if dropped.len() > SHOWN { ", …" } else { "" };
             eprintln!(
-                "{}: {dropped} box(es) without area in float32 left out of training (torchvision's reference drops them too)",
-                train.path.display()
+                "{}: {} box(es) without area in float32 (zero or negative width or height once \
+                 clipped to the image) left out of training, as torchvision's reference drops them: \
+                 annotation id(s) {}{more}",
+                train.path.display(),
+                dropped.len(),
+                ids.join(", ")
             );
         }
         let source = Arc::new(CocoDetection::new(train, train_dir, LabelMode::Contiguous));

@@ -41,7 +41,7 @@ struct Tile {
 }
 
 /// Splits `images` GEMMs into enough tiles to keep every thread busy: each image's product into
-/// about `threads / images` tiles (one per thread: with two, the extra joins cost S1 and S2 1-2 %
+/// about `threads / images` tiles, or more where that leaves a thread idle at the end (one per thread: with two, the extra joins cost S1 and S2 1-2 %
 /// at batch 1, though a thread slowed down by other work now stalls the op), rows in multiples of
 /// 6 (the register block of the pointwise kernel and of `gemm`'s), columns in multiples of
 /// `quantum` (a vector of 16, or whole output rows), choosing among the row/column splits the one
@@ -50,12 +50,14 @@ struct Tile {
 /// [`super::one_tile_per_image`], one tile per image.
 fn plan_tiles(images: usize, s: GemmShape, quantum: usize) -> Vec<Tile> {
     let threads = rayon::current_num_threads();
-    let per_image = if super::one_tile_per_image_set() {
-        1
+    // Tiles per image: enough for every thread, or more where the images do not divide evenly
+    // between the threads (3 on 2: two tiles each, not one).
+    let per_image_range = if super::one_tile_per_image_set() {
+        1..=1
     } else {
-        threads.div_ceil(images.max(1))
+        threads.div_ceil(images.max(1))..=threads.max(1)
     };
-    let split = |row_splits: usize| {
+    let split = |(per_image, row_splits): (usize, usize)| {
         let col_splits = per_image.div_ceil(row_splits);
         let row_step = s.m.div_ceil(row_splits).next_multiple_of(6);
         let col_step = s.n.div_ceil(col_splits).next_multiple_of(quantum);
@@ -92,8 +94,9 @@ fn plan_tiles(images: usize, s: GemmShape, quantum: usize) -> Vec<Tile> {
         }
         loads.into_iter().max().unwrap_or(0)
     };
-    (1..=per_image)
-        .map(|row_splits| tiles_of(split(row_splits)))
+    per_image_range
+        .flat_map(|per_image| (1..=per_image).map(move |row_splits| (per_image, row_splits)))
+        .map(|splits| tiles_of(split(splits)))
         .min_by_key(|tiles| (finish(tiles), tiles.len()))
         .unwrap_or_default()
 }

@@ -132,3 +132,59 @@ fn a_box_without_area_in_float32_is_dropped_as_torchvision_drops_it() {
         .is_file());
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// `../shared/cases/23-truncated-jpeg` as training data: the run stops on the image, names it, and
+/// leaves no empty output directory behind.
+#[test]
+fn a_truncated_training_image_stops_the_run_by_name_and_leaves_no_empty_output() {
+    let case = shared_data::shared_cases().join("23-truncated-jpeg");
+    let root =
+        std::env::temp_dir().join(format!("train-cli-truncated-data-{}", std::process::id()));
+    for split in ["train2017", "val2017"] {
+        std::fs::create_dir_all(root.join(split)).unwrap();
+        std::fs::copy(
+            case.join("owl_truncated.jpg"),
+            root.join(split).join("owl_truncated.jpg"),
+        )
+        .unwrap();
+    }
+    std::fs::create_dir_all(root.join("annotations")).unwrap();
+    for split in ["train2017", "val2017"] {
+        std::fs::copy(
+            case.join("coco/annotations/instances_val2017.json"),
+            root.join(format!("annotations/instances_{split}.json")),
+        )
+        .unwrap();
+    }
+    let out = out_dir("truncated");
+    let result = Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(["det", "--dataset", "coco", "--data-root"])
+        .arg(&root)
+        .args([
+            "--size",
+            "64",
+            "--batch",
+            "1",
+            "--epochs",
+            "1",
+            "--augment",
+            "none",
+            "--threads",
+            "1",
+            "--out",
+            &out,
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("owl_truncated.jpg") && stderr.contains("truncated"),
+        "{stderr}"
+    );
+    assert!(
+        !std::path::Path::new(&out).exists(),
+        "no empty output directory left"
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}

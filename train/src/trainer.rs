@@ -575,9 +575,21 @@ impl Trainer {
     }
 
     /// Trains until the last epoch (then exports the fused model) or until `stop` is raised (then
-    /// saves `last` and returns [`Outcome::Interrupted`]).
+    /// saves `last` and returns [`Outcome::Interrupted`]). On an error, an output directory this run
+    /// created and left empty is removed again.
     pub fn run(&mut self, stop: &AtomicBool) -> Result<Outcome> {
+        let created = !self.out_dir.exists();
         std::fs::create_dir_all(&self.out_dir).map_err(io_error(&self.out_dir))?;
+        let outcome = self.run_epochs(stop);
+        if outcome.is_err() && created {
+            // Fails, and so keeps the directory, when anything was written into it.
+            let _ = std::fs::remove_dir(&self.out_dir);
+        }
+        outcome
+    }
+
+    /// [`run`](Self::run) once its output directory exists.
+    fn run_epochs(&mut self, stop: &AtomicBool) -> Result<Outcome> {
         let last = self.out_dir.join(LAST);
         let epochs = self.state.settings.epochs;
         let logging = !std::io::stderr().is_terminal() && self.log_every > 0;

@@ -21,6 +21,24 @@ fn out_dir(name: &str) -> String {
         .to_string()
 }
 
+/// `train det` for one epoch at 64 px on the COCO layout under `root`, one thread, into `out`.
+fn train_tiny_detector(root: &std::path::Path, batch: usize, out: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(["det", "--dataset", "coco", "--data-root"])
+        .arg(root)
+        .args([
+            "--size",
+            "64",
+            "--batch",
+            &batch.to_string(),
+            "--epochs",
+            "1",
+        ])
+        .args(["--augment", "none", "--threads", "1", "--out", out])
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn missing_annotations_are_named() {
     let out = out_dir("missing");
@@ -100,25 +118,7 @@ mod shared_data;
 fn a_box_without_area_in_float32_is_dropped_as_torchvision_drops_it() {
     let root = shared_data::shared_cases().join("19-near-zero-box-training/data_B_float_noise");
     let out = out_dir("case19");
-    let result = Command::new(env!("CARGO_BIN_EXE_train"))
-        .args(["det", "--dataset", "coco", "--data-root"])
-        .arg(&root)
-        .args([
-            "--size",
-            "64",
-            "--batch",
-            "2",
-            "--epochs",
-            "1",
-            "--augment",
-            "none",
-            "--threads",
-            "1",
-            "--out",
-            &out,
-        ])
-        .output()
-        .unwrap();
+    let result = train_tiny_detector(&root, 2, &out);
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(result.status.success(), "{stderr}");
     assert!(
@@ -157,25 +157,7 @@ fn a_truncated_training_image_stops_the_run_by_name_and_leaves_no_empty_output()
         .unwrap();
     }
     let out = out_dir("truncated");
-    let result = Command::new(env!("CARGO_BIN_EXE_train"))
-        .args(["det", "--dataset", "coco", "--data-root"])
-        .arg(&root)
-        .args([
-            "--size",
-            "64",
-            "--batch",
-            "1",
-            "--epochs",
-            "1",
-            "--augment",
-            "none",
-            "--threads",
-            "1",
-            "--out",
-            &out,
-        ])
-        .output()
-        .unwrap();
+    let result = train_tiny_detector(&root, 1, &out);
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert_eq!(result.status.code(), Some(1), "{stderr}");
     assert!(

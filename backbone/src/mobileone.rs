@@ -808,13 +808,13 @@ impl MobileOne {
     /// fill every thread equally; the rest (fewer than `threads`) after them as one batch, each
     /// layer split between the threads (else, with 3 images on 2 threads, one thread would take
     /// two images and the other one). The features of each level concatenated back into (N, C,
-    /// H, W). A layer over the whole batch had every thread work on
-    /// every layer, its activations (4 MB at 640 × 14x14, batch 8) passing between the cores
-    /// through L3 from one layer to the next; one image's stay in its core's L2. Two threads,
-    /// batch 8, median of three alternating rounds' medians: the batch as one against one run of
-    /// four images per thread, AVX2 S2 111.0 -> 106.8 ms, S3 161.0 -> 158.5, AVX-512 S3 161.4 ->
-    /// 153.5, S4 250.7 -> 240.7 (S0 within noise); that against image by image, AVX2 S1 71.0 ->
-    /// 68.0, S3 154.2 -> 150.0, AVX-512 level (S1 68.2 and 68.0, S3 148.1 and 150.4).
+    /// H, W). A layer over the whole batch had every thread work on every layer, its activations
+    /// (4 MB at 640 × 14x14, batch 8) passing between the cores through L3 from one layer to the
+    /// next; one image's stay in its core's L2. Two threads, batch 8, median of three alternating
+    /// rounds' medians: the batch as one against one run of four images per thread, AVX2 S2 111.0
+    /// -> 106.8 ms, S3 161.0 -> 158.5, AVX-512 S3 161.4 -> 153.5, S4 250.7 -> 240.7 (S0 within
+    /// noise); that against image by image, AVX2 S1 71.0 -> 68.0, S3 154.2 -> 150.0, AVX-512
+    /// level (S1 68.2 and 68.0, S3 148.1 and 150.4).
     fn forward_image_by_image(
         &self,
         x: &Tensor,

@@ -41,13 +41,14 @@ struct Tile {
 }
 
 /// Splits `images` GEMMs into enough tiles to keep every thread busy: each image's product into
-/// about `threads / images` tiles, or more where that leaves a thread idle at the end (one per thread: with two, the extra joins cost S1 and S2 1-2 %
-/// at batch 1, though a thread slowed down by other work now stalls the op), rows in multiples of
-/// 6 (the register block of the pointwise kernel and of `gemm`'s), columns in multiples of
-/// `quantum` (a vector of 16, or whole output rows), choosing among the row/column splits the one
-/// that, dealt out to the threads largest first, lets them finish soonest (448 channels x 784
-/// positions on two threads: row blocks of 228 and 220, not column blocks of 400 and 384). Inside
-/// [`super::one_tile_per_image`], one tile per image.
+/// about `threads / images` tiles, or more where that leaves a thread idle at the end (one per
+/// thread: with two, the extra joins cost S1 and S2 1-2 % at batch 1, though a thread slowed down
+/// by other work now stalls the op), rows in multiples of 6 (the register block of the pointwise
+/// kernel and of `gemm`'s), columns in multiples of `quantum` (a vector of 16, or whole output
+/// rows), choosing among the row/column splits the one that, dealt out to the threads largest
+/// first, lets them finish soonest (448 channels x 784 positions on two threads: row blocks of 228
+/// and 220, not column blocks of 400 and 384). Inside [`super::one_tile_per_image`], one tile per
+/// image.
 fn plan_tiles(images: usize, s: GemmShape, quantum: usize) -> Vec<Tile> {
     let threads = rayon::current_num_threads();
     // Tiles per image: enough for every thread, or more where the images do not divide evenly

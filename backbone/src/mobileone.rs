@@ -586,6 +586,29 @@ impl MobileOneBlock {
     }
 }
 
+/// A reparameterised depthwise block and the reparameterised block after it, neither with
+/// squeeze-excitation, as [`ops::panels::depthwise_then_pointwise`]'s two (weight, bias, config)
+/// triples (which runs any other pair as its two convolutions).
+///
+/// [`ops::panels::depthwise_then_pointwise`]: crate::ops::panels::depthwise_then_pointwise
+#[allow(clippy::type_complexity)]
+fn fused_pair<'a>(
+    first: &'a MobileOneBlock,
+    second: &'a MobileOneBlock,
+) -> Option<(
+    (&'a Tensor, &'a Tensor, &'a ConvConfig),
+    (&'a Tensor, &'a Tensor, &'a ConvConfig),
+)> {
+    if first.attn.is_some() || second.attn.is_some() {
+        return None;
+    }
+    let (a, b) = (first.reparam_conv.as_ref()?, second.reparam_conv.as_ref()?);
+    (a.config.groups > 1 && b.config.groups == 1).then_some((
+        (&a.weight, a.bias.as_ref()?, &a.config),
+        (&b.weight, b.bias.as_ref()?, &b.config),
+    ))
+}
+
 impl ModuleT for MobileOneBlock {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if let Some(conv) = &self.reparam_conv {
@@ -872,8 +895,28 @@ impl MobileOne {
         };
         for (s, stage) in self.stages.iter().enumerate().take(last) {
             let first = if s == 0 { skip } else { 0 };
-            for block in &stage[first..] {
-                x = block.forward_t(&x, train)?;
+            let blocks = &stage[first..];
+            let mut i = 0;
+            while i < blocks.len() {
+                let pair = match (train, blocks.get(i + 1)) {
+                    (false, Some(next)) => fused_pair(&blocks[i], next),
+                    _ => None,
+                };
+                x = match pair {
+                    Some((depthwise, pointwise)) => {
+                        i += 2;
+                        crate::ops::panels::depthwise_then_pointwise(
+                            &x,
+                            depthwise,
+                            pointwise,
+                            Activation::Relu,
+                        )?
+                    }
+                    None => {
+                        i += 1;
+                        blocks[i - 1].forward_t(&x, train)?
+                    }
+                };
             }
             if out_indices.contains(&(s + 1)) {
                 features.push(x.clone());

@@ -565,3 +565,61 @@ fn stem_then_depthwise_cases() -> f32 {
     }
     worst
 }
+
+#[test]
+fn depthwise_then_pointwise_matches_the_two_convolutions() {
+    let worst = on_every_level("depthwise + 1x1", depthwise_then_pointwise_cases);
+    assert!(worst <= TOLERANCE);
+}
+
+/// The depthwise and 1x1 pair (its intermediate in position panels on the AVX2 level) against the
+/// two native convolutions, bit for bit, and against candle's: in panels, the channel-group kernel
+/// at strides 1 and 2 (16 channels at 14x14 and from 28x28) and the 3x3 plane kernel (12 channels
+/// at 28x28), outputs whose last panel is partly used (7x7, 10x10), several images, and fewer
+/// output channels than a register block; as two convolutions, planes of more than 64 panels
+/// (56x56, and stride 2 from 112 wide).
+fn depthwise_then_pointwise_cases() -> f32 {
+    let mut worst = 0f32;
+    for (input, stride, out_channels) in [
+        ([1, 16, 14, 14], 1, 40),
+        ([2, 16, 28, 28], 2, 24),
+        ([1, 12, 28, 28], 1, 30),
+        ([3, 12, 56, 56], 1, 5),
+        ([1, 8, 112, 112], 2, 16),
+        ([2, 24, 14, 14], 2, 64),
+        ([1, 8, 10, 10], 1, 7),
+    ] {
+        for act in ACTS {
+            let channels = input[1];
+            let x = tensor(&input, 1);
+            let w1 = tensor(&[channels, 1, 3, 3], 2);
+            let b1 = tensor(&[channels], 3);
+            let w2 = tensor(&[out_channels, channels, 1, 1], 4);
+            let b2 = tensor(&[out_channels], 5);
+            let depthwise = config(stride, 1, 1, channels);
+            let pointwise = config(1, 0, 1, 1);
+            let y = mobileone::ops::panels::depthwise_then_pointwise(
+                &x,
+                (&w1, &b1, &depthwise),
+                (&w2, &b2, &pointwise),
+                act,
+            )
+            .unwrap();
+            let mid = conv2d(&x, &w1, Some(&b1), &depthwise, act).unwrap();
+            let y_two = conv2d(&mid, &w2, Some(&b2), &pointwise, act).unwrap();
+            let what = format!("input {input:?} stride {stride} → {out_channels} {act:?}");
+            let diff = (&y - &y_two).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(
+                diff.to_scalar::<f32>().unwrap(),
+                0.0,
+                "{what}: not the two convolutions'"
+            );
+            let mid = reference_conv2d(&x, &w1, Some(&b1), &depthwise, act).unwrap();
+            let y_ref = reference_conv2d(&mid, &w2, Some(&b2), &pointwise, act).unwrap();
+            let error = relative_error(&y, &y_ref);
+            assert!(error <= TOLERANCE, "{what}: relative error {error}");
+            worst = worst.max(error);
+        }
+    }
+    worst
+}

@@ -12,6 +12,7 @@
 //! the buffer for consecutive outputs of a row. On AVX2, narrow 3x3 planes run 8 channels at a
 //! time on a transposed, channels-last copy instead ([`ChannelGroups`]).
 
+use super::pointwise::{panel_stride, PANEL};
 use super::simd::{
     activate_v, deinterleave, dispatch, lanes_in, load, neighbours, simd_level, store_first,
     transpose8, vectorized, SimdLevel,
@@ -41,12 +42,104 @@ thread_local! {
     static BUFFERS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// Where a depthwise convolution writes its output planes: NCHW, or position panels (the layout
+/// [`super::panels`] hands to the 1x1 kernel: per image, each run of [`PANEL`] positions of every
+/// channel, channel after channel).
+#[derive(Clone, Copy)]
+pub(super) struct OutPlanes {
+    pub ptr: *mut f32,
+    /// Positions per output plane.
+    pub plane_out: usize,
+    /// The channels per image when the output is in panels.
+    pub panels: Option<usize>,
+}
+
+// SAFETY: tasks write disjoint planes through it.
+unsafe impl Send for OutPlanes {}
+unsafe impl Sync for OutPlanes {}
+
+impl OutPlanes {
+    /// Position `q` of output plane `p` (counted over the batch: image · C + channel).
+    ///
+    /// # Safety
+    /// `p` and `q` lie inside the output.
+    #[inline(always)]
+    unsafe fn at(&self, p: usize, q: usize) -> *mut f32 {
+        match self.panels {
+            None => self.ptr.add(p * self.plane_out + q),
+            Some(channels) => {
+                let (image, channel) = (p / channels, p % channels);
+                let panel = panel_stride(channels);
+                let image_len = self.plane_out.div_ceil(PANEL) * panel;
+                self.ptr
+                    .add(image * image_len + q / PANEL * panel + channel * PANEL + q % PANEL)
+            }
+        }
+    }
+}
+
+/// Depthwise convolution of x (N, C, H, W) (weight (C·M, 1, K, K), bias (C·M), geometry `layout`)
+/// into `out`: tasks of whole planes, tiny planes batched, but at least two tasks per thread; whole
+/// groups of channels for the channel-group kernel.
+pub(super) fn forward(
+    layout: &PlaneLayout,
+    (x, w, b): (&[f32], &[f32], &[f32]),
+    act: Activation,
+    (n, c, multiplier): (usize, usize, usize),
+    out: OutPlanes,
+) {
+    let plane_out = layout.out_height * layout.out_width;
+    let planes = n * c * multiplier;
+    let by_groups = ChannelGroups::applies(layout, multiplier, c);
+    let quantum = if by_groups { CHANNEL_GROUP } else { 1 };
+    let group = MIN_TASK_OUTPUTS
+        .div_ceil(plane_out)
+        .min(planes.div_ceil(2 * rayon::current_num_threads()))
+        .next_multiple_of(quantum)
+        .max(quantum);
+    (0..planes.div_ceil(group))
+        .into_par_iter()
+        .for_each(|task| {
+            let first = task * group;
+            let count = group.min(planes - first);
+            if by_groups {
+                dispatch(ChannelGroups {
+                    l: layout,
+                    x,
+                    w,
+                    b,
+                    act,
+                    channels: c,
+                    first,
+                    count,
+                    out,
+                });
+            } else {
+                let channels = (c, multiplier);
+                forward_planes(layout, (x, w, b), act, channels, (first, count), out);
+            }
+        });
+}
+
+/// Whether [`forward`] can write this layer's output (one output channel per input channel, `c`
+/// of them) in panels: on the kernels that store each vector straight into its panel, the
+/// channel-group kernel and the 3x3 stride-1 plane kernel.
+pub(super) fn writes_panels(layout: &PlaneLayout, c: usize) -> bool {
+    let l = layout;
+    let slide3 = l.kernel == 3
+        && l.stride == 1
+        && l.padding == 1
+        && l.dilation == 1
+        && (l.out_height, l.out_width) == (l.height, l.width);
+    ChannelGroups::applies(l, 1, c) || slide3
+}
+
 /// Depthwise convolution of x (N, C, H, W) with weight (C·M, 1, K, K) and bias (C·M): output channel
 /// o reads input channel o / M.
 pub(super) struct DepthwiseConv(pub(super) Geometry);
 
 /// Where each input value of a plane lands in the padded, phase-split buffer.
-struct PlaneLayout {
+pub(super) struct PlaneLayout {
     height: usize,
     width: usize,
     stride: usize,
@@ -56,8 +149,8 @@ struct PlaneLayout {
     top: usize,
     dilation: usize,
     kernel: usize,
-    out_height: usize,
-    out_width: usize,
+    pub(super) out_height: usize,
+    pub(super) out_width: usize,
     phase_height: usize,
     phase_width: usize,
     /// Buffer offset of tap (ky, kx), row-major over the kernel.
@@ -75,7 +168,7 @@ struct PhaseColumns {
 }
 
 impl PlaneLayout {
-    fn new(height: usize, width: usize, kernel: usize, g: &Geometry) -> Result<Self> {
+    pub(super) fn new(height: usize, width: usize, kernel: usize, g: &Geometry) -> Result<Self> {
         let out_height = output_size(height, kernel, g)?;
         let out_width = output_size(width, kernel, g)?;
         let s = g.stride;
@@ -250,20 +343,26 @@ struct Planes<'a, P> {
     act: Activation,
     /// Input channels and output channels per input channel.
     channels: (usize, usize),
+    /// First output plane of the task, and how many.
     first: usize,
-    out: &'a mut [f32],
+    count: usize,
+    out: OutPlanes,
     kernel: std::marker::PhantomData<P>,
 }
 
 /// A kernel that computes one output plane from its unpadded input plane (`buf`: scratch space,
 /// filled by `prepare` once per task of planes, before the first).
 trait PlaneKernel {
+    /// Whether the kernel writes its output straight into panels (`PlaneArgs::panels`).
+    const PANELS: bool = false;
     #[inline(always)]
     fn prepare<S: Simd>(_: S, _: &PlaneLayout, _: &mut Vec<f32>) {}
     fn run<S: Simd>(simd: S, args: PlaneArgs, buf: &mut Vec<f32>);
 }
 
 impl PlaneKernel for Slide3<'_> {
+    const PANELS: bool = true;
+
     /// The column masks of the vectors of a plane, which repeat every `period` vectors.
     #[inline(always)]
     fn prepare<S: Simd>(simd: S, l: &PlaneLayout, buf: &mut Vec<f32>) {
@@ -476,10 +575,21 @@ impl<P: PlaneKernel> WithSimd for Planes<'_, P> {
         // level's target features, and the kernels inside it would call their intrinsics.
         let mut buf = BUFFERS.with_borrow_mut(|(buf, _)| std::mem::take(buf));
         P::prepare(simd, self.l, &mut buf);
-        for (i, out) in self.out.chunks_exact_mut(plane_out).enumerate() {
-            let p = self.first + i;
+        debug_assert!(self.out.panels.is_none() || P::PANELS);
+        for p in self.first..self.first + self.count {
             let (image, co) = (p / c_out, p % c_out);
             let input = image * c + co / multiplier;
+            // SAFETY: plane p is this task's.
+            let (out, panels) = match self.out.panels {
+                None => (
+                    unsafe { std::slice::from_raw_parts_mut(self.out.at(p, 0), plane_out) },
+                    None,
+                ),
+                Some(channels) => (
+                    &mut [][..],
+                    Some((unsafe { self.out.at(p, 0) }, panel_stride(channels))),
+                ),
+            };
             P::run(
                 simd,
                 PlaneArgs {
@@ -489,6 +599,7 @@ impl<P: PlaneKernel> WithSimd for Planes<'_, P> {
                     bias: self.b[co],
                     act: self.act,
                     out,
+                    panels,
                 },
                 &mut buf,
             );
@@ -497,7 +608,7 @@ impl<P: PlaneKernel> WithSimd for Planes<'_, P> {
     }
 }
 
-/// Computes output planes `first ..` (whole planes in `out`), one SIMD dispatch for all of them:
+/// Computes output planes `first .. first + count` into `out`, one SIMD dispatch for all of them:
 /// strides 1 and 2 straight from the input, other strides (and kernels other than 1, 3 and 5)
 /// through the padded, phase-split copy.
 fn forward_planes(
@@ -505,8 +616,8 @@ fn forward_planes(
     (x, w, b): (&[f32], &[f32], &[f32]),
     act: Activation,
     channels: (usize, usize),
-    first: usize,
-    out: &mut [f32],
+    (first, count): (usize, usize),
+    out: OutPlanes,
 ) {
     macro_rules! run {
         ($kernel:ty) => {
@@ -518,6 +629,7 @@ fn forward_planes(
                 act,
                 channels,
                 first,
+                count,
                 out,
                 kernel: std::marker::PhantomData,
             })
@@ -565,6 +677,7 @@ impl<const K: usize, const T: usize> WithSimd for Flat<'_, K, T> {
             bias,
             act,
             out,
+            ..
         } = self.0;
         let (h, w, p, d) = (l.height, l.width, l.padding as isize, l.dilation as isize);
         let len = (h * w) as isize;
@@ -637,11 +750,13 @@ impl WithSimd for Slide3<'_> {
             bias,
             act,
             out,
+            panels,
         } = self.0;
         let masks = self.1;
         let (h, w) = (l.height, l.width);
         debug_assert!(l.kernel == 3 && l.padding == 1 && l.dilation == 1 && l.stride == 1);
-        debug_assert!(plane.len() == h * w && out.len() == h * w && weights.len() == 9);
+        debug_assert!(plane.len() == h * w && weights.len() == 9);
+        debug_assert!(out.len() == h * w || panels.is_some() && S::F32_LANES <= PANEL);
         let len = (h * w) as isize;
         let lanes = S::F32_LANES as isize;
         let wv: [S::f32s; 9] = std::array::from_fn(|t| simd.splat_f32s(weights[t]));
@@ -689,9 +804,16 @@ impl WithSimd for Slide3<'_> {
                     ),
                 );
                 let acc = activate_v(simd, acc, $act);
-                // SAFETY: outputs q .. min(q + lanes, H·W) exist (all `lanes` in the interior).
+                // SAFETY: outputs q .. min(q + lanes, H·W) exist (all `lanes` in the interior); a
+                // vector from a multiple of its lanes stays inside one run of PANEL.
                 unsafe {
-                    let dst = out.as_mut_ptr().offset(q);
+                    let dst = match panels {
+                        None => out.as_mut_ptr().offset(q),
+                        Some((start, run)) => {
+                            let q = q as usize;
+                            start.add(q / PANEL * run + q % PANEL)
+                        }
+                    };
                     if $check {
                         store_first::<S>(simd, dst, (len - q) as usize, acc);
                     } else {
@@ -755,9 +877,10 @@ struct ChannelGroups<'a> {
     act: Activation,
     /// Channels per image (a multiple of [`CHANNEL_GROUP`]).
     channels: usize,
-    /// First output plane of `out` (a multiple of [`CHANNEL_GROUP`]).
+    /// First output plane of the task and how many (multiples of [`CHANNEL_GROUP`]).
     first: usize,
-    out: &'a mut [f32],
+    count: usize,
+    out: OutPlanes,
 }
 
 impl ChannelGroups<'_> {
@@ -807,8 +930,7 @@ impl WithSimd for ChannelGroups<'_> {
             tile[(y * tw + w + 1) * G..][..G].fill(0.0);
         }
         let zero = simd.splat_f32s(0.0);
-        for (g, out) in self.out.chunks_exact_mut(plane_out * G).enumerate() {
-            let plane = self.first + g * G;
+        for plane in (self.first..self.first + self.count).step_by(G) {
             let c0 = plane % self.channels;
             let input = &self.x[plane * plane_in..(plane + G) * plane_in];
             // Each tap's (and the bias's) values of the group's channels in one vector.
@@ -906,9 +1028,10 @@ impl WithSimd for ChannelGroups<'_> {
                 let channels = transpose8(simd, vectors);
                 #[allow(clippy::needless_range_loop)]
                 for i in 0..G {
-                    // SAFETY: output plane i holds positions q .. q + count.
+                    // SAFETY: the group's output planes are this task's; a run of G positions
+                    // from a multiple of G stays inside one panel.
                     unsafe {
-                        let dst = out.as_mut_ptr().add(i * plane_out + q);
+                        let dst = self.out.at(plane + i, q);
                         if count == G {
                             (dst as *mut S::f32s).write_unaligned(channels[i]);
                         } else {
@@ -1042,6 +1165,9 @@ struct PlaneArgs<'a> {
     bias: f32,
     act: Activation,
     out: &'a mut [f32],
+    /// Instead of `out` (then empty), for a kernel that writes panels ([`PlaneKernel::PANELS`]):
+    /// position 0 of the plane in panels, and the distance between its runs of [`PANEL`].
+    panels: Option<(*mut f32, usize)>,
 }
 
 /// KxK plane at stride `STRIDE` (1, or 2 without dilation) read straight from the unpadded input,
@@ -1064,6 +1190,7 @@ impl<const K: usize, const T: usize, const STRIDE: usize> WithSimd for Rows<'_, 
             bias,
             act,
             out,
+            ..
         } = self.0;
         let masks = self.1;
         let (h, w, top) = (l.height, l.width, l.top as isize);
@@ -1226,6 +1353,7 @@ pub(super) unsafe fn strided_band(
                     bias: *bias,
                     act: self.act,
                     out,
+                    panels: None,
                 };
                 Rows::<3, 9, 2>(args, &masks).with_simd(simd);
             }
@@ -1259,6 +1387,7 @@ impl<const T: usize> WithSimd for Phased<'_, T> {
             bias,
             act,
             out,
+            ..
         } = self.0;
         let lanes = S::F32_LANES;
         let w: [S::f32s; T] = std::array::from_fn(|t| simd.splat_f32s(weights[t]));
@@ -1387,37 +1516,13 @@ impl CustomOp3 for DepthwiseConv {
         let (n, c, _, _) = l1.shape().dims4()?;
         let c_out = c * multiplier;
         let plane_out = layout.out_height * layout.out_width;
-        let act = self.0.act;
         let mut out = super::output_buffer(n * c_out * plane_out);
-        // Tasks of whole planes: tiny planes batched, but at least two tasks per thread; whole
-        // groups of channels for the channel-group kernel.
-        let planes = n * c_out;
-        let by_groups = ChannelGroups::applies(&layout, multiplier, c);
-        let quantum = if by_groups { CHANNEL_GROUP } else { 1 };
-        let group = MIN_TASK_OUTPUTS
-            .div_ceil(plane_out)
-            .min(planes.div_ceil(2 * rayon::current_num_threads()))
-            .next_multiple_of(quantum)
-            .max(quantum);
-        out.par_chunks_mut(plane_out * group)
-            .enumerate()
-            .for_each(|(g, out_group)| {
-                if by_groups {
-                    dispatch(ChannelGroups {
-                        l: &layout,
-                        x,
-                        w,
-                        b,
-                        act,
-                        channels: c,
-                        first: g * group,
-                        out: out_group,
-                    });
-                } else {
-                    let channels = (c, multiplier);
-                    forward_planes(&layout, (x, w, b), act, channels, g * group, out_group);
-                }
-            });
+        let planes = OutPlanes {
+            ptr: out.as_mut_ptr(),
+            plane_out,
+            panels: None,
+        };
+        forward(&layout, (x, w, b), self.0.act, (n, c, multiplier), planes);
         let shape = Shape::from((n, c_out, layout.out_height, layout.out_width));
         Ok((CpuStorage::F32(out), shape))
     }

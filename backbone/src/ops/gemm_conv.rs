@@ -102,6 +102,64 @@ fn plan_tiles(images: usize, s: GemmShape, quantum: usize) -> Vec<Tile> {
         .unwrap_or_default()
 }
 
+/// The 1x1 convolution `out (N, C_out, P) = act(w (C_out, C_in) × x + b (C_out))` of `n` images
+/// on the [`pointwise`] kernel, in the tiles [`plan_tiles`] cuts: x (N, C_in, P), or with `panels`
+/// x in position panels ([`super::panels`]: per image, ⌈P / PANEL⌉ panels of C_in × PANEL).
+pub(super) fn pointwise_images(
+    (x, panels): (&[f32], bool),
+    (w, b): (&[f32], &[f32]),
+    act: Activation,
+    (n, c_out, c_in, positions): (usize, usize, usize, usize),
+    out: &mut [f32],
+) {
+    let shape = GemmShape {
+        m: c_out,
+        n: positions,
+        k: c_in,
+    };
+    let (image_len, x_rs, x_ps) = if panels {
+        let x_ps = pointwise::panel_stride(c_in);
+        (
+            positions.div_ceil(pointwise::PANEL) * x_ps,
+            pointwise::PANEL,
+            x_ps,
+        )
+    } else {
+        (c_in * positions, positions, 0)
+    };
+    debug_assert!(x.len() == n * image_len && out.len() == n * c_out * positions);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    plan_tiles(n, shape, pointwise::PANEL)
+        .par_iter()
+        .for_each(|tile| {
+            let image_out = out_ptr.get().wrapping_add(tile.image * shape.m * shape.n);
+            let image_x = &x[tile.image * image_len..][..image_len];
+            // Tiles start at multiples of PANEL columns (the quantum).
+            let x_col = if panels {
+                tile.cols.start / pointwise::PANEL * x_ps
+            } else {
+                tile.cols.start
+            };
+            // SAFETY: tiles are disjoint; every pointer stays inside its (checked) buffer.
+            unsafe {
+                pointwise::run(PointwiseTile {
+                    w: w.as_ptr().add(tile.rows.start * shape.k),
+                    w_rs: shape.k,
+                    x: image_x.as_ptr().add(x_col),
+                    x_rs,
+                    x_ps,
+                    out: image_out.add(tile.rows.start * shape.n + tile.cols.start),
+                    out_rs: shape.n,
+                    c_in: shape.k,
+                    rows: tile.rows.len(),
+                    cols: tile.cols.len(),
+                    bias: &b[tile.rows.clone()],
+                    act,
+                })
+            }
+        });
+}
+
 /// Unfolds x (N, C_in, H, W) into (N, C_in*K*K, OH*OW) columns: row (ci, ky, kx) holds the input
 /// value under that tap for every output position, 0 in the padding. Writes every element once.
 fn im2col(
@@ -330,6 +388,7 @@ pub(super) unsafe fn band_product(
         w_rs: taps,
         x: columns.as_ptr(),
         x_rs: cols,
+        x_ps: 0,
         out,
         out_rs,
         c_in: taps,
@@ -386,28 +445,13 @@ impl CustomOp3 for GemmConv {
             forward_by_bands((x, w, b), (n, c_in, h, wd), k, (oh, ow), shape, g, &mut out);
             return Ok((CpuStorage::F32(out), Shape::from((n, c_out, oh, ow))));
         }
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        let act = g.act;
-        plan_tiles(n, shape, 16).par_iter().for_each(|tile| {
-            let image_out = out_ptr.get().wrapping_add(tile.image * shape.m * shape.n);
-            let image_x = &x[tile.image * shape.k * shape.n..][..shape.k * shape.n];
-            // SAFETY: tiles are disjoint; every pointer stays inside its (checked) buffer.
-            unsafe {
-                pointwise::run(PointwiseTile {
-                    w: w.as_ptr().add(tile.rows.start * shape.k),
-                    w_rs: shape.k,
-                    x: image_x.as_ptr().add(tile.cols.start),
-                    x_rs: shape.n,
-                    out: image_out.add(tile.rows.start * shape.n + tile.cols.start),
-                    out_rs: shape.n,
-                    c_in: shape.k,
-                    rows: tile.rows.len(),
-                    cols: tile.cols.len(),
-                    bias: &b[tile.rows.clone()],
-                    act,
-                })
-            }
-        });
+        pointwise_images(
+            (x, false),
+            (w, b),
+            g.act,
+            (n, c_out, c_in, oh * ow),
+            &mut out,
+        );
         Ok((CpuStorage::F32(out), Shape::from((n, c_out, oh, ow))))
     }
 

@@ -13,6 +13,7 @@ mod depthwise;
 pub mod excite;
 mod gemm_conv;
 pub mod layout;
+pub mod panels;
 mod pointwise;
 pub mod simd;
 pub mod stem;

@@ -18,6 +18,16 @@ use pulp::{Simd, WithSimd};
 
 /// Output channels per register block.
 const MR: usize = 6;
+/// Positions per panel of an input in panels ([`PointwiseTile::x_ps`]): a step of the AVX2 block
+/// (two vectors of 8).
+pub(super) const PANEL: usize = 16;
+
+/// Distance between consecutive panels of an input of `channels` channels in panels: its runs of
+/// [`PANEL`] and one more, so that the panels do not start 2^k bytes apart (with 512 channels 32 KB,
+/// where every panel's run of a channel falls in the same L1 set).
+pub(super) fn panel_stride(channels: usize) -> usize {
+    PANEL * (channels + 1)
+}
 /// Output channels per step of [`PointwiseTile::tail_dots`] (with up to 8 positions, 16 sums).
 const DOT_CHANNELS: usize = 2;
 /// Smallest C_in worth computing a short tail as dot products (each sum ends in a lane reduction).
@@ -34,13 +44,18 @@ const BAND_BYTES: usize = 256 << 10;
 const PREFETCH_AHEAD: usize = 16;
 
 /// One tile of the product, every pointer at the tile's first row and column: weight (r, ci) at
-/// `w + r·w_rs + ci`, input (ci, q) at `x + ci·x_rs + q`, output (r, q) at `out + r·out_rs + q`,
-/// bias r at `bias[r]`, for r < `rows`, q < `cols`.
+/// `w + r·w_rs + ci`, input (ci, q) at `x + ci·x_rs + q` (or, in panels, at `x + (q / PANEL)·x_ps +
+/// ci·x_rs + q % PANEL`), output (r, q) at `out + r·out_rs + q`, bias r at `bias[r]`, for r <
+/// `rows`, q < `cols`.
 pub(super) struct PointwiseTile<'a> {
     pub w: *const f32,
     pub w_rs: usize,
     pub x: *const f32,
     pub x_rs: usize,
+    /// Distance between panels of [`PANEL`] positions when the input comes in panels (the AVX2
+    /// level only, the tile starting at a panel's start), each already what packing would make
+    /// of it; 0 for rows of positions.
+    pub x_ps: usize,
     pub out: *mut f32,
     pub out_rs: usize,
     pub c_in: usize,
@@ -74,7 +89,9 @@ impl WithSimd for Packed<'_> {
         // (AVX2, NEON) or rows a multiple of 1 KB apart (32x32 and 64x64 planes) fall in a few
         // L1 sets and were read from L2 again by every block (AVX2 at 32x32: 7.6 -> 2.7 ms for
         // 1024 -> 256 channels). AVX-512 panels elsewhere run 2-5 % faster in place.
-        let pack = tile.rows > MR && (lanes < 16 || tile.x_rs.is_multiple_of(256));
+        let panels = tile.x_ps != 0;
+        debug_assert!(!panels || step == PANEL);
+        let pack = !panels && tile.rows > MR && (lanes < 16 || tile.x_rs.is_multiple_of(256));
         let band = (BAND_BYTES / (4 * tile.c_in)).max(step) / step * step;
         if pack {
             self.panel.resize(tile.c_in * band.min(full_end), 0.0);
@@ -108,6 +125,9 @@ impl WithSimd for Packed<'_> {
                             unsafe { self.panel.as_ptr().add((q - b0) * tile.c_in) },
                             step,
                         )
+                    } else if panels {
+                        // SAFETY: the tile's panel of column q.
+                        (unsafe { tile.x.add(q / PANEL * tile.x_ps) }, tile.x_rs)
                     } else {
                         // SAFETY: column q of the tile.
                         (unsafe { tile.x.add(q) }, tile.x_rs)
@@ -134,8 +154,8 @@ impl PointwiseTile<'_> {
     fn rest<S: Simd>(&self, simd: S, full_end: usize, scratch: &mut Vec<f32>) {
         let lanes = S::F32_LANES;
         let rest = self.cols - full_end;
-        // SAFETY: the tile's rows of X hold columns full_end .. full_end + rest.
-        let x = (unsafe { self.x.add(full_end) }, self.x_rs);
+        // SAFETY: the tile's rows of X (or its last panel) hold columns full_end .. full_end + rest.
+        let x = unsafe { self.column(full_end) };
         let (whole, part) = (rest / lanes, rest % lanes);
         if part == 0 || 2 * part > lanes || self.c_in < DOT_MIN_C_IN {
             match rest.div_ceil(lanes) {
@@ -168,6 +188,20 @@ impl PointwiseTile<'_> {
                 7 => self.tail_dots::<S, 7>(simd, q, scratch),
                 _ => self.tail_dots::<S, 8>(simd, q, scratch),
             }
+        }
+    }
+
+    /// Input column `q` and the row stride from there (within its panel, for an input in panels;
+    /// the run from `q` must not leave it).
+    ///
+    /// # Safety
+    /// Column q lies inside the tile.
+    #[inline(always)]
+    unsafe fn column(&self, q: usize) -> (*const f32, usize) {
+        if self.x_ps == 0 {
+            (self.x.add(q), self.x_rs)
+        } else {
+            (self.x.add(q / PANEL * self.x_ps + q % PANEL), self.x_rs)
         }
     }
 
@@ -278,8 +312,9 @@ impl PointwiseTile<'_> {
     unsafe fn tail_dots<S: Simd, const T: usize>(&self, simd: S, q: usize, columns: &mut Vec<f32>) {
         let (lanes, k) = (S::F32_LANES, self.c_in);
         columns.resize(T * k, 0.0);
+        let (x0, x_rs) = self.column(q);
         for ci in 0..k {
-            let x = self.x.add(ci * self.x_rs + q);
+            let x = x0.add(ci * x_rs);
             for t in 0..T {
                 columns[t * k + ci] = *x.add(t);
             }

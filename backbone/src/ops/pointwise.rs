@@ -28,8 +28,11 @@ pub(super) const PANEL: usize = 16;
 pub(super) fn panel_stride(channels: usize) -> usize {
     PANEL * (channels + 1)
 }
-/// Output channels per step of [`PointwiseTile::tail_dots`] (with up to 8 positions, 16 sums).
-const DOT_CHANNELS: usize = 2;
+/// Output channels per step of [`PointwiseTile::tail_dots`]: 4 for up to 2 positions (the
+/// classifier's fc at batch 1, or a 7x7 plane's last position; more weight rows in flight: S1's
+/// 1280 -> 1000 fc at AVX2, one thread, 0.37 -> 0.33 ms), else 2 (with up to 8 positions, 16
+/// sums).
+const DOT_CHANNELS: [usize; 2] = [4, 2];
 /// Smallest C_in worth computing a short tail as dot products (each sum ends in a lane reduction).
 const DOT_MIN_C_IN: usize = 64;
 /// Most bytes of input in one band of positions: every channel block runs over a band before the
@@ -321,12 +324,14 @@ impl PointwiseTile<'_> {
         }
         let chunks = k / lanes;
         let last = lanes_in(simd, 0, (k % lanes) as isize);
-        for r0 in (0..self.rows).step_by(DOT_CHANNELS) {
-            let rows = (self.rows - r0).min(DOT_CHANNELS);
+        // A constant per T: the unused channels' accumulators compile away.
+        let dc = DOT_CHANNELS[usize::from(T > 2)];
+        for r0 in (0..self.rows).step_by(dc) {
+            let rows = (self.rows - r0).min(dc);
             // Channels past `rows` repeat the last one; their sums are not stored.
-            let w: [*const f32; DOT_CHANNELS] =
+            let w: [*const f32; DOT_CHANNELS[0]] =
                 std::array::from_fn(|c| self.w.add((r0 + c.min(rows - 1)) * self.w_rs));
-            let mut acc = [[simd.splat_f32s(0.0); T]; DOT_CHANNELS];
+            let mut acc = [[simd.splat_f32s(0.0); T]; DOT_CHANNELS[0]];
             // No closure here: it would lose the level's target features and call its intrinsics.
             for chunk in 0..k.div_ceil(lanes) {
                 let (offset, full) = (chunk * lanes, chunk < chunks);
@@ -340,13 +345,13 @@ impl PointwiseTile<'_> {
                     };
                 }
                 #[cfg(target_arch = "x86_64")]
-                for row in &w {
+                for row in &w[..dc] {
                     // The next rows' weights (as in `block`), a line at a time.
                     std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                        row.wrapping_add(DOT_CHANNELS * self.w_rs + offset) as *const i8,
+                        row.wrapping_add(dc * self.w_rs + offset) as *const i8,
                     );
                 }
-                for c in 0..DOT_CHANNELS {
+                for c in 0..dc {
                     let ptr = w[c].add(offset);
                     let wv = if full {
                         load::<S>(ptr)
@@ -359,7 +364,7 @@ impl PointwiseTile<'_> {
                 }
             }
             #[allow(clippy::needless_range_loop)]
-            for c in 0..DOT_CHANNELS {
+            for c in 0..dc {
                 if c < rows {
                     let out = self.out.add((r0 + c) * self.out_rs + q);
                     for t in 0..T {

@@ -529,11 +529,15 @@ fn stem_then_depthwise_matches_reference() {
 
 /// The fused stem and stride-2 depthwise pass against candle's two convolutions: one band (odd
 /// sizes), 15 output rows in bands of unequal height (3 and 4 rows with two threads, 5 with one),
-/// and a last band whose bottom row lies below the image.
+/// and a last band whose bottom row lies below the image; on AVX2 the channels-last band for
+/// multiples of 8 channels (one or two groups per block, stem rows of 6 and 13 positions, output
+/// rows of 3 and 7).
 fn stem_then_depthwise_cases() -> f32 {
     let mut worst = 0f32;
     for (input, channels) in [
         ([2, 3, 13, 11], 6),
+        ([2, 3, 13, 11], 24),
+        ([1, 3, 30, 26], 8),
         // 15 × 100 depthwise outputs of 48 channels: bands of at most 6 rows (BAND_VALUES).
         ([1, 3, 60, 400], 48),
         ([1, 3, 61, 300], 40),

@@ -360,13 +360,43 @@ pub(super) unsafe fn band_product(
     (out, out_rs): (*mut f32, usize),
 ) {
     let (taps, cols) = (c_in * k * k, rows.len() * ow);
+    band_columns(image, (c_in, h, w), k, ow, g, rows, columns);
+    pointwise::run(PointwiseTile {
+        w: weight.as_ptr(),
+        w_rs: taps,
+        x: columns.as_ptr(),
+        x_rs: cols,
+        x_ps: 0,
+        out,
+        out_rs,
+        c_in: taps,
+        rows: bias.len(),
+        cols,
+        bias,
+        act: g.act,
+    })
+}
+
+/// The im2col columns of output rows `rows` (each OW wide) of a dense KxK convolution of one image
+/// (C_in, H, W) into `columns`: row (ci, ky, kx) of C_in·K·K holds, for each of the rows' outputs,
+/// the input value under that tap (0 in the padding).
+pub(super) fn band_columns(
+    image: &[f32],
+    (c_in, h, w): (usize, usize, usize),
+    k: usize,
+    ow: usize,
+    g: &Geometry,
+    rows: std::ops::Range<usize>,
+    columns: &mut Vec<f32>,
+) {
+    let (taps, cols) = (c_in * k * k, rows.len() * ow);
     columns.resize(taps * cols, 0.0);
     if k == 3 && g.stride == 2 && g.padding == 1 && g.dilation == 1 {
         dispatch(Stride2Rows {
             image,
             shape: (c_in, h, w),
             ow,
-            rows: rows.clone(),
+            rows,
             columns,
         });
     } else {
@@ -383,20 +413,6 @@ pub(super) unsafe fn band_product(
             );
         }
     }
-    pointwise::run(PointwiseTile {
-        w: weight.as_ptr(),
-        w_rs: taps,
-        x: columns.as_ptr(),
-        x_rs: cols,
-        x_ps: 0,
-        out,
-        out_rs,
-        c_in: taps,
-        rows: bias.len(),
-        cols,
-        bias,
-        act: g.act,
-    })
 }
 
 impl CustomOp3 for GemmConv {

@@ -91,6 +91,9 @@ impl SimpleBackend for RandomWeights {
     }
 }
 
+/// One forward pass of the timed network.
+type Network = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     mobileone::ops::set_threads(args.threads.unwrap_or(0)).context("setting the thread count")?;
     let size = args.size.unwrap_or(match args.model {
@@ -109,32 +112,31 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         trunk_fused: args.fused,
         heads_fused: args.fused,
     };
-    let network: Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync> =
-        match args.model {
-            BenchModel::Classifier => {
-                let config = MobileOneConfig::from_variant(args.variant);
-                let model = if args.fused {
-                    MobileOne::new_fused(&config, 32, vb)?
-                } else {
-                    MobileOne::new(&config, 32, vb)?
-                };
-                Box::new(move |x| {
-                    let features = model.forward_features_at(x, false, &[4])?;
-                    let last = features.last().expect("the stride-32 feature map");
-                    Ok(model.forward_head(last)?.unwrap_or_else(|| last.clone()))
-                })
-            }
-            BenchModel::Ssdlite => {
-                let config = ssdlite::SsdLiteConfig::new(args.variant, 91);
-                let model = ssdlite::SsdDetector::new(&config, form, vb)?;
-                Box::new(move |x| model.head_outputs(x, false).map(|o| o.cls_logits))
-            }
-            BenchModel::Deeplabv3 => {
-                let config = deeplabv3::DeepLabConfig::new(args.variant, 21, 16);
-                let model = deeplabv3::DeepLabV3::with_form(&config, form, vb)?;
-                Box::new(move |x| model.forward_t(x, false).map(|o| o.logits))
-            }
-        };
+    let network: Network = match args.model {
+        BenchModel::Classifier => {
+            let config = MobileOneConfig::from_variant(args.variant);
+            let model = if args.fused {
+                MobileOne::new_fused(&config, 32, vb)?
+            } else {
+                MobileOne::new(&config, 32, vb)?
+            };
+            Box::new(move |x| {
+                let features = model.forward_features_at(x, false, &[4])?;
+                let last = features.last().expect("the stride-32 feature map");
+                Ok(model.forward_head(last)?.unwrap_or_else(|| last.clone()))
+            })
+        }
+        BenchModel::Ssdlite => {
+            let config = ssdlite::SsdLiteConfig::new(args.variant, 91);
+            let model = ssdlite::SsdDetector::new(&config, form, vb)?;
+            Box::new(move |x| model.head_outputs(x, false).map(|o| o.cls_logits))
+        }
+        BenchModel::Deeplabv3 => {
+            let config = deeplabv3::DeepLabConfig::new(args.variant, 21, 16);
+            let model = deeplabv3::DeepLabV3::with_form(&config, form, vb)?;
+            Box::new(move |x| model.forward_t(x, false).map(|o| o.logits))
+        }
+    };
     let input = Tensor::randn(0f32, 1.0, (args.batch, 3, size, size), &device)?;
     let forward = || -> Result<Tensor> { Ok(mobileone::ops::run_in_pool(|| network(&input))?) };
     for _ in 0..args.warmup {

@@ -51,7 +51,7 @@ pub fn summary(detections: &[Detection], labels: &Labels) -> String {
             None => counts.push((name.to_string(), 1)),
         }
     }
-    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    counts.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
     counts
         .iter()
         .map(|(name, n)| {

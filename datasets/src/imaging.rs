@@ -100,6 +100,8 @@ fn libjpeg_message(cinfo: &mut mozjpeg_sys::jpeg_common_struct) -> String {
     }
 }
 
+// The codes' Rust type follows the target's C enum type (i32 here), hence the casts.
+#[allow(clippy::unnecessary_cast)]
 unsafe extern "C-unwind" fn fail_on_warning(
     cinfo: &mut mozjpeg_sys::jpeg_common_struct,
     level: i32,
@@ -235,9 +237,9 @@ fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Coefficients
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
         let mut ww = 0.0;
-        for x in 0..xmax {
+        for (x, slot) in k.iter_mut().enumerate().take(xmax) {
             let w = filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss);
-            k[x] = w;
+            *slot = w;
             ww += w;
         }
         for x in 0..ksize {

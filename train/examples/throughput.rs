@@ -21,6 +21,8 @@ fn main() -> candle_core::Result<()> {
     let vars = VarMap::new();
     let vb = seeded_var_builder(&vars, 0, &device);
     let x = Tensor::randn(0f32, 1.0, (batch, 3, size, size), &device)?;
+    // One value per run: its size does not matter.
+    #[allow(clippy::large_enum_variant)]
     enum Model {
         Trunk(MobileOne),
         Det(SsdDetector),

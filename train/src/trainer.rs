@@ -620,7 +620,7 @@ impl Trainer {
                 pb.set_position(self.state.step_in_epoch);
                 pb.set_message(message.clone());
                 if logging
-                    && (self.state.global_step % self.log_every == 0
+                    && (self.state.global_step.is_multiple_of(self.log_every)
                         || last_log.elapsed().as_secs() >= 30)
                 {
                     last_log = Instant::now();
@@ -657,7 +657,7 @@ impl Trainer {
         let settings = self.state.settings.clone();
         let epoch = self.state.epoch + 1;
         let progress = std::mem::take(&mut self.state.progress);
-        let validate = epoch % settings.val_every == 0 || epoch == settings.epochs;
+        let validate = epoch.is_multiple_of(settings.val_every) || epoch == settings.epochs;
         let validation_started = Instant::now();
         let validation = if validate {
             let pb = ProgressBar::new(0);

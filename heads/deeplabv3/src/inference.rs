@@ -62,7 +62,7 @@ pub fn predict_logits(
 /// Window start positions along one axis, as mmsegmentation's `slide_inference`: every `stride`
 /// pixels, the last window moved back to end at the border.
 fn window_starts(size: usize, tile: usize, stride: usize) -> Vec<(usize, usize)> {
-    let count = (size.saturating_sub(tile) + stride - 1) / stride + 1;
+    let count = size.saturating_sub(tile).div_ceil(stride) + 1;
     (0..count)
         .map(|i| {
             let end = (i * stride + tile).min(size);

@@ -850,6 +850,43 @@ impl WithSimd for Slide3<'_> {
 /// Channels per group of [`ChannelGroups`]: the lanes of an AVX2 vector.
 const CHANNEL_GROUP: usize = 8;
 
+/// The 3x3 weights (C, 9) and the biases of channels `c0 .. c0 + 8` as vectors of the 8 channels, a
+/// vector per tap and the biases last: what a channel-group kernel multiplies each output vector's
+/// nine input vectors by (on a level of 8 lanes).
+#[inline(always)]
+pub(super) fn channel_group_taps<S: Simd>(w: &[f32], b: &[f32], c0: usize) -> [S::f32s; 10] {
+    debug_assert!(S::F32_LANES == CHANNEL_GROUP);
+    let mut values = [[0f32; CHANNEL_GROUP]; 10];
+    for (i, c) in (c0..c0 + CHANNEL_GROUP).enumerate() {
+        for (tap, values) in values[..9].iter_mut().enumerate() {
+            values[i] = w[c * 9 + tap];
+        }
+        values[9][i] = b[c];
+    }
+    // SAFETY: 8 values each, the lanes of the level.
+    std::array::from_fn(|t| unsafe { load::<S>(values[t].as_ptr()) })
+}
+
+/// One output vector of a channel group from `tap(ky, kx)`, its input vector under each tap, and
+/// [`channel_group_taps`]' vectors: one accumulator per kernel row (three short dependency chains
+/// instead of one of nine), summed (row 0 + row 1) + row 2, in the order of the stride-2 plane
+/// kernel.
+#[inline(always)]
+pub(super) fn channel_group_output<S: Simd>(
+    simd: S,
+    wv: &[S::f32s; 10],
+    tap: impl Fn(usize, usize) -> S::f32s,
+) -> S::f32s {
+    let zero = simd.splat_f32s(0.0);
+    let mut rows = [wv[9], zero, zero];
+    for kx in 0..3 {
+        for (ky, row) in rows.iter_mut().enumerate() {
+            *row = simd.mul_add_f32s(wv[ky * 3 + kx], tap(ky, kx), *row);
+        }
+    }
+    simd.add_f32s(simd.add_f32s(rows[0], rows[1]), rows[2])
+}
+
 /// Widest input plane [`ChannelGroups`] takes at stride 1 and at stride 2. One thread, batch 8,
 /// against the plane kernels (alternating, median of 3): stride 1, 512 channels at 14x14 0.46 ->
 /// 0.36 ms, 256 at 20x20 0.41 -> 0.37, 256 at 10x10 0.17 -> 0.13; stride 2, 512 at 14x14 0.41 ->
@@ -933,20 +970,7 @@ impl WithSimd for ChannelGroups<'_> {
         for plane in (self.first..self.first + self.count).step_by(G) {
             let c0 = plane % self.channels;
             let input = &self.x[plane * plane_in..(plane + G) * plane_in];
-            // Each tap's (and the bias's) values of the group's channels in one vector.
-            let mut values = [[0f32; G]; 10];
-            for (i, c) in (c0..c0 + G).enumerate() {
-                for (tap, values) in values[..9].iter_mut().enumerate() {
-                    values[i] = self.w[c * 9 + tap];
-                }
-                values[9][i] = self.b[c];
-            }
-            let mut wv = [zero; 10];
-            for (v, values) in wv.iter_mut().zip(&values) {
-                // SAFETY: G = lanes values.
-                *v = unsafe { load::<S>(values.as_ptr()) };
-            }
-            let bias = wv[9];
+            let wv = channel_group_taps::<S>(self.w, self.b, c0);
             // The planes into the tile, G columns of a row at a time (consecutive in the tile).
             for y in 0..h {
                 for x0 in (0..w).step_by(G) {
@@ -980,8 +1004,8 @@ impl WithSimd for ChannelGroups<'_> {
                     }
                 }
             }
-            // Nine multiply-adds per output vector, one accumulator per kernel row; compiled per
-            // activation (`$act` a literal), so that it is not a branch per vector.
+            // Nine multiply-adds per output vector; compiled per activation (`$act` a literal), so
+            // that it is not a branch per vector.
             macro_rules! outputs {
                 ($act:expr) => {{
                     let mut dst = outputs.as_mut_ptr();
@@ -992,17 +1016,9 @@ impl WithSimd for ChannelGroups<'_> {
                             // SAFETY: rows stride·oy + ky ≤ H + 1 and columns stride·ox + kx ≤
                             // W + 1 of the tile; `outputs` holds plane_out vectors.
                             unsafe {
-                                let tap = |ky: usize, kx: usize| load::<S>(src.add(at + (ky * tw + kx) * G));
-                                let mut r0 = simd.mul_add_f32s(wv[0], tap(0, 0), bias);
-                                let mut r1 = simd.mul_add_f32s(wv[3], tap(1, 0), zero);
-                                let mut r2 = simd.mul_add_f32s(wv[6], tap(2, 0), zero);
-                                r0 = simd.mul_add_f32s(wv[1], tap(0, 1), r0);
-                                r1 = simd.mul_add_f32s(wv[4], tap(1, 1), r1);
-                                r2 = simd.mul_add_f32s(wv[7], tap(2, 1), r2);
-                                r0 = simd.mul_add_f32s(wv[2], tap(0, 2), r0);
-                                r1 = simd.mul_add_f32s(wv[5], tap(1, 2), r1);
-                                r2 = simd.mul_add_f32s(wv[8], tap(2, 2), r2);
-                                let sum = simd.add_f32s(r0, simd.add_f32s(r1, r2));
+                                let sum = channel_group_output(simd, &wv, |ky, kx| {
+                                    load::<S>(src.add(at + (ky * tw + kx) * G))
+                                });
                                 (dst as *mut S::f32s).write_unaligned(activate_v(simd, sum, $act));
                                 dst = dst.add(G);
                             }

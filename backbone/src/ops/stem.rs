@@ -2,6 +2,7 @@
 //! inference: the stem's output is the largest activation of the network (48 × 112² per 224² image,
 //! 19 MB at batch 8) and is otherwise written to memory only to be read back by the next layer.
 
+use super::depthwise::{channel_group_output, channel_group_taps};
 use super::gemm_conv::{band_columns, band_product};
 use super::simd::{activate_v, dispatch, load, simd_level, store_first, transpose8, SimdLevel};
 use super::{
@@ -211,7 +212,6 @@ impl WithSimd for ChannelsLast<'_> {
         // Tile row stride (input columns -1 ..= W₁), and one group's rows.
         let tw = width + 2;
         let group_len = count * tw * G;
-        let zero = simd.splat_f32s(0.0);
         self.tile.resize(c / G * group_len, 0.0);
         // Zeros: the border columns, and the rows outside the image.
         for tile in self.tile.chunks_exact_mut(group_len) {
@@ -272,16 +272,7 @@ impl WithSimd for ChannelsLast<'_> {
         // The depthwise outputs of a group, padded to whole transposes.
         self.outputs.resize((rows * out_width + G) * G, 0.0);
         for g in 0..c / G {
-            let mut values = [[0f32; G]; 10];
-            for i in 0..G {
-                for (tap, values) in values[..9].iter_mut().enumerate() {
-                    values[i] = w2[(g * G + i) * 9 + tap];
-                }
-                values[9][i] = b2[g * G + i];
-            }
-            // SAFETY: G values each.
-            let wv: [S::f32s; 10] =
-                std::array::from_fn(|i| unsafe { load::<S>(values[i].as_ptr()) });
+            let wv = channel_group_taps::<S>(w2, b2, g * G);
             // SAFETY: group g's rows lie inside the tile.
             let group = unsafe { tile.add(g * group_len) as *const f32 };
             macro_rules! outputs {
@@ -292,19 +283,10 @@ impl WithSimd for ChannelsLast<'_> {
                             // SAFETY: band rows 2·oy .. 2·oy + 2 < count, tile columns 2·ox ..
                             // 2·ox + 2 ≤ W₁ + 1; `outputs` holds rows·out_width vectors.
                             unsafe {
-                                let at = group.add(((2 * oy) * tw + 2 * ox) * G);
-                                let tap =
-                                    |ky: usize, kx: usize| load::<S>(at.add((ky * tw + kx) * G));
-                                let mut p0 = simd.mul_add_f32s(wv[0], tap(0, 0), wv[9]);
-                                let mut p1 = simd.mul_add_f32s(wv[3], tap(1, 0), zero);
-                                let mut p2 = simd.mul_add_f32s(wv[6], tap(2, 0), zero);
-                                p0 = simd.mul_add_f32s(wv[1], tap(0, 1), p0);
-                                p1 = simd.mul_add_f32s(wv[4], tap(1, 1), p1);
-                                p2 = simd.mul_add_f32s(wv[7], tap(2, 1), p2);
-                                p0 = simd.mul_add_f32s(wv[2], tap(0, 2), p0);
-                                p1 = simd.mul_add_f32s(wv[5], tap(1, 2), p1);
-                                p2 = simd.mul_add_f32s(wv[8], tap(2, 2), p2);
-                                let sum = simd.add_f32s(simd.add_f32s(p0, p1), p2);
+                                let at = group.add((2 * oy * tw + 2 * ox) * G);
+                                let sum = channel_group_output(simd, &wv, |ky, kx| {
+                                    load::<S>(at.add((ky * tw + kx) * G))
+                                });
                                 (dst as *mut S::f32s).write_unaligned(activate_v(simd, sum, $act));
                                 dst = dst.add(G);
                             }

@@ -527,6 +527,27 @@ fn stem_then_depthwise_matches_reference() {
     assert!(worst <= TOLERANCE);
 }
 
+#[test]
+fn stem_then_depthwise_names_mismatched_shapes() {
+    // A bias shorter than the stem's channels: an error naming the shapes, not a crash or
+    // channels left unwritten.
+    on_every_level("stem + depthwise, mismatched bias", || {
+        let x = tensor(&[1, 3, 32, 32], 1);
+        let (w1, b1) = (tensor(&[16, 3, 3, 3], 2), tensor(&[8], 3));
+        let (w2, b2) = (tensor(&[16, 1, 3, 3], 4), tensor(&[16], 5));
+        let err = mobileone::ops::stem::dense_then_depthwise(
+            &x,
+            (&w1, &b1, &config(2, 1, 1, 1)),
+            (&w2, &b2, &config(2, 1, 1, 16)),
+            Activation::Relu,
+        )
+        .expect_err("a bias of 8 for 16 channels")
+        .to_string();
+        assert!(err.contains("bias"), "{err}");
+        0.0
+    });
+}
+
 /// The fused stem and stride-2 depthwise pass against candle's two convolutions: one band (odd
 /// sizes), 15 output rows in bands of unequal height (3 and 4 rows with two threads, 5 with one),
 /// and a last band whose bottom row lies below the image; on AVX2 the channels-last band for
@@ -580,8 +601,8 @@ fn depthwise_then_pointwise_matches_the_two_convolutions() {
 /// two native convolutions, bit for bit, and against candle's: in panels, the channel-group kernel
 /// at strides 1 and 2 (16 channels at 14x14 and from 28x28) and the 3x3 plane kernel (12 channels
 /// at 28x28), outputs whose last panel is partly used (7x7, 10x10), several images, and fewer
-/// output channels than a register block; as two convolutions, planes of more than 64 panels
-/// (56x56, and stride 2 from 112 wide).
+/// output channels than a register block, 64 panels per plane (32x32); as two convolutions, planes
+/// of more than 64 panels (33x33, 56x56, and stride 2 from 112 wide).
 fn depthwise_then_pointwise_cases() -> f32 {
     let mut worst = 0f32;
     for (input, stride, out_channels) in [
@@ -592,6 +613,9 @@ fn depthwise_then_pointwise_cases() -> f32 {
         ([1, 8, 112, 112], 2, 16),
         ([2, 24, 14, 14], 2, 64),
         ([1, 8, 10, 10], 1, 7),
+        // 64 panels per plane (the most in panels) and 69 (two convolutions).
+        ([1, 8, 32, 32], 1, 8),
+        ([1, 8, 33, 33], 1, 8),
     ] {
         for act in ACTS {
             let channels = input[1];

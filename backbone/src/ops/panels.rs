@@ -28,8 +28,10 @@ thread_local! {
 /// (C, 1, K, K), bias (C), geometry `depthwise_cfg`) and then a 1x1 one (weight (C_out, C, 1, 1),
 /// bias (C_out), stride 1, no padding), both followed by `act`, to (N, C_out, H', W'). The same
 /// kernels as [`super::conv2d`] compute both, with the intermediate in position panels on the AVX2
-/// level; elsewhere (other levels, devices, dtypes or geometries) it is the two convolutions. The
-/// result is the same either way, bit for bit. No gradient: inference only.
+/// level where the depthwise kernel writes panels (the channel groups, the 3x3 stride-1 plane
+/// kernel) and an output plane has at most [`MAX_PANELS`] panels (32x32); elsewhere (other levels,
+/// devices, dtypes, geometries, wider planes) it is the two convolutions. The result is the same
+/// either way, bit for bit. No gradient: inference only.
 ///
 /// # Errors
 /// When the shapes do not fit (named in the message).
@@ -81,11 +83,12 @@ pub fn depthwise_then_pointwise(
     let (oh, ow) = (layout.out_height, layout.out_width);
     let positions = oh * ow;
     // One buffer per calling thread, kept: written back into the same lines each time, the
-    // panels stay in cache. The last panel's positions past the plane are never written nor read.
+    // panels stay in cache. Zeroed when allocated: each panel's padding run and the last panel's
+    // positions past the plane are never written (nor read).
     let mut panels = PANELS.take();
     let len = n * positions.div_ceil(PANEL) * panel_stride(c);
     if panels.len() < len {
-        panels = super::output_buffer(len);
+        panels = vec![0.0; len];
     }
     let mut out = super::output_buffer(n * c_out * positions);
     with_cpu_slices(&[x, w1, b1, w2, b2], "depthwise-pointwise", |s| {

@@ -65,7 +65,10 @@ pub fn dense_then_depthwise(
         && x.rank() == 4
         && stem.groups == 1
         && x.dim(1)? == c_in_w
+        && w1.dim(3)? == k
+        && b1.dims() == [c]
         && w2.dims() == [c, 1, 3, 3]
+        && b2.dims() == [c]
         && *depthwise_cfg
             == (ConvConfig {
                 stride: 2,
@@ -115,7 +118,7 @@ pub fn dense_then_depthwise(
                 return BUFFERS.with_borrow_mut(|(columns, tile, outputs)| {
                     band_columns(image_x, (c_in, h, w), k, w1o, &g1, valid.clone(), columns);
                     let first = (valid.start as isize - r0) as usize;
-                    dispatch(ChannelsLast {
+                    dispatch(ChannelsLastBand {
                         columns,
                         stem: (&w1t, b1),
                         depthwise: (w2, b2),
@@ -175,7 +178,7 @@ pub fn dense_then_depthwise(
 /// Multiplies and adds in the order of the 1x1 kernel's register block and the stride-2 plane
 /// kernel. S1 at AVX2, fastest of 600 passes: stem and depthwise 0.73 -> 0.58 ms on one thread,
 /// 0.39 -> 0.30 on two (ONNX Runtime's two layers: 0.57 on one); S0 0.55 -> 0.44 and 0.28 -> 0.22.
-struct ChannelsLast<'a> {
+struct ChannelsLastBand<'a> {
     /// The im2col columns of the band's valid stem rows: C_in·K·K rows of valid·W₁.
     columns: &'a [f32],
     /// Stem weight (C_in·K·K, C) and bias (C).
@@ -193,7 +196,7 @@ struct ChannelsLast<'a> {
     outputs: &'a mut Vec<f32>,
 }
 
-impl WithSimd for ChannelsLast<'_> {
+impl WithSimd for ChannelsLastBand<'_> {
     type Output = ();
 
     #[inline(always)]

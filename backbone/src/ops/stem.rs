@@ -173,16 +173,17 @@ pub fn dense_then_depthwise(
     Tensor::from_vec(out, (n, c, h2, w2o), x.device())
 }
 
-/// One band on AVX2 (and AVX-512) with the stem's output kept channels last, the layout ONNX Runtime's blocked
-/// kernels use: the stem is computed as 6 positions × 16 channels in registers (a broadcast input
-/// times a vector of 8 channels' weights per tap) and stored as vectors of 8 channels into a tile of
-/// the band's rows with a zero column on each side; every depthwise output vector is then nine
-/// multiply-adds with plain loads (the plane kernel splits each input vector into even and odd
-/// lanes, six shuffles per kernel row), and 8 × 8 transposes put the outputs into their planes.
-/// Multiplies and adds in the order of the 1x1 kernel's register block and the stride-2 plane
-/// kernel. On AVX-512 too, in 8-lane vectors (Zen 4 runs a 512-bit FMA as two 256-bit halves):
-/// S1, one thread, stem and depthwise 0.71 -> 0.61 ms (mean), 0.64 -> 0.54 (fastest). S1 at AVX2, fastest of 600 passes: stem and depthwise 0.73 -> 0.58 ms on one thread,
-/// 0.39 -> 0.30 on two (ONNX Runtime's two layers: 0.57 on one); S0 0.55 -> 0.44 and 0.28 -> 0.22.
+/// One band on AVX2 and AVX-512 with the stem's output kept channels last, the layout ONNX
+/// Runtime's blocked kernels use: the stem is computed as 6 positions × 16 channels in registers (a
+/// broadcast input times a vector of 8 channels' weights per tap) and stored as vectors of 8
+/// channels into a tile of the band's rows with a zero column on each side; every depthwise output
+/// vector is then nine multiply-adds with plain loads (the plane kernel splits each input vector
+/// into even and odd lanes, six shuffles per kernel row), and 8 × 8 transposes put the outputs into
+/// their planes. Multiplies and adds in the order of the 1x1 kernel's register block and the
+/// stride-2 plane kernel. S1 at AVX2, fastest of 600 passes: stem and depthwise 0.73 -> 0.58 ms on
+/// one thread, 0.39 -> 0.30 on two (ONNX Runtime's two layers: 0.57 on one); S0 0.55 -> 0.44 and
+/// 0.28 -> 0.22. On AVX-512 in 8-lane vectors too (Zen 4 runs a 512-bit FMA as two 256-bit halves):
+/// S1 on one thread 0.71 -> 0.61 ms (mean), 0.64 -> 0.54 (fastest).
 struct ChannelsLastBand<'a> {
     /// The im2col columns of the band's valid stem rows: C_in·K·K rows of valid·W₁.
     columns: &'a [f32],

@@ -166,7 +166,10 @@ pub(crate) fn dispatch_8_lanes<Op: WithSimd>(op: Op) -> Option<Op::Output> {
             unsafe { pulp::x86::V3::new_unchecked() },
             op,
         )),
-        _ => None,
+        _ => {
+            drop(op);
+            None
+        }
     }
 }
 

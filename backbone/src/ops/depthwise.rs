@@ -69,11 +69,19 @@ impl OutPlanes {
             None => self.ptr.add(p * self.plane_out + q),
             Some(channels) => {
                 let (image, channel) = (p / channels, p % channels);
-                let panel = panel_stride(channels);
-                let image_len = self.plane_out.div_ceil(PANEL) * panel;
+                let image_len = self.plane_out.div_ceil(PANEL) * panel_stride(channels);
                 self.ptr
-                    .add(image * image_len + q / PANEL * panel + channel * PANEL + q % PANEL)
+                    .add(image * image_len + channel * PANEL + self.offset(q))
             }
+        }
+    }
+
+    /// Offset of position `q` of a plane from its position 0.
+    #[inline(always)]
+    fn offset(&self, q: usize) -> usize {
+        match self.panels {
+            None => q,
+            Some(channels) => q / PANEL * panel_stride(channels) + q % PANEL,
         }
     }
 }
@@ -1032,8 +1040,12 @@ impl WithSimd for ChannelGroups<'_> {
                 Activation::Relu => outputs!(Activation::Relu),
                 Activation::Relu6 => outputs!(Activation::Relu6),
             }
-            // The output vectors back into the group's planes.
+            // The output vectors back into the group's planes (their starts found once).
+            // SAFETY: the group's planes are this task's.
+            let starts: [*mut f32; G] =
+                std::array::from_fn(|i| unsafe { self.out.at(plane + i, 0) });
             for q in (0..plane_out).step_by(G) {
+                let offset = self.out.offset(q);
                 let count = (plane_out - q).min(G);
                 let mut vectors = [zero; G];
                 for (j, vector) in vectors.iter_mut().enumerate() {
@@ -1047,7 +1059,7 @@ impl WithSimd for ChannelGroups<'_> {
                     // SAFETY: the group's output planes are this task's; a run of G positions
                     // from a multiple of G stays inside one panel.
                     unsafe {
-                        let dst = self.out.at(plane + i, q);
+                        let dst = starts[i].add(offset);
                         if count == G {
                             (dst as *mut S::f32s).write_unaligned(channels[i]);
                         } else {

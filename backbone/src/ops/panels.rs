@@ -19,6 +19,9 @@ use std::cell::Cell;
 /// its 1x1 gained 0.03; 256 × 28x28 (49) 0.086 -> 0.093 against 0.019 (S1 and S0 likewise).
 const MAX_PANELS: usize = 64;
 
+/// Most values of the panels buffer a thread keeps between calls (16 MB).
+const MAX_KEPT: usize = 4 << 20;
+
 thread_local! {
     /// The intermediate in panels, reused by the calling thread's next pair.
     static PANELS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
@@ -102,6 +105,9 @@ pub fn depthwise_then_pointwise(
         pointwise_images((&panels[..len], true), (s[3], s[4]), act, shape, &mut out);
         Ok(())
     })?;
-    PANELS.set(panels);
+    // A large batch's buffer is not held on to (S1 at batch 8 on one thread needs 1.2 M values).
+    if panels.len() <= MAX_KEPT {
+        PANELS.set(panels);
+    }
     Tensor::from_vec(out, (n, c_out, oh, ow), x.device())
 }

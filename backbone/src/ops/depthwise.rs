@@ -12,7 +12,7 @@
 //! the buffer for consecutive outputs of a row. On AVX2, narrow 3x3 planes run 8 channels at a
 //! time on a transposed, channels-last copy instead ([`ChannelGroups`]).
 
-use super::pointwise::{panel_stride, PANEL};
+use super::pointwise::{panel_offset, panel_stride, panels_len, PANEL};
 use super::simd::{
     activate_v, deinterleave, dispatch, lanes_in, load, neighbours, simd_level, store_first,
     transpose8, vectorized, SimdLevel,
@@ -69,7 +69,7 @@ impl OutPlanes {
             None => self.ptr.add(p * self.plane_out + q),
             Some(channels) => {
                 let (image, channel) = (p / channels, p % channels);
-                let image_len = self.plane_out.div_ceil(PANEL) * panel_stride(channels);
+                let image_len = panels_len(channels, self.plane_out);
                 self.ptr
                     .add(image * image_len + channel * PANEL + self.offset(q))
             }
@@ -81,7 +81,7 @@ impl OutPlanes {
     fn offset(&self, q: usize) -> usize {
         match self.panels {
             None => q,
-            Some(channels) => q / PANEL * panel_stride(channels) + q % PANEL,
+            Some(channels) => panel_offset(q, panel_stride(channels)),
         }
     }
 }
@@ -817,10 +817,7 @@ impl WithSimd for Slide3<'_> {
                 unsafe {
                     let dst = match panels {
                         None => out.as_mut_ptr().offset(q),
-                        Some((start, run)) => {
-                            let q = q as usize;
-                            start.add(q / PANEL * run + q % PANEL)
-                        }
+                        Some((start, run)) => start.add(panel_offset(q as usize, run)),
                     };
                     if $check {
                         store_first::<S>(simd, dst, (len - q) as usize, acc);

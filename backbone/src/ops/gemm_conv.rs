@@ -104,7 +104,7 @@ fn plan_tiles(images: usize, s: GemmShape, quantum: usize) -> Vec<Tile> {
 
 /// The 1x1 convolution `out (N, C_out, P) = act(w (C_out, C_in) × x + b (C_out))` of `n` images
 /// on the [`pointwise`] kernel, in the tiles [`plan_tiles`] cuts: x (N, C_in, P), or with `panels`
-/// x in position panels ([`super::panels`]: per image, ⌈P / PANEL⌉ panels of C_in × PANEL).
+/// x in position panels ([`super::panels`]: per image, [`pointwise::panels_len`] values).
 pub(super) fn pointwise_images(
     (x, panels): (&[f32], bool),
     (w, b): (&[f32], &[f32]),
@@ -120,7 +120,7 @@ pub(super) fn pointwise_images(
     let (image_len, x_rs, x_ps) = if panels {
         let x_ps = pointwise::panel_stride(c_in);
         (
-            positions.div_ceil(pointwise::PANEL) * x_ps,
+            pointwise::panels_len(c_in, positions),
             pointwise::PANEL,
             x_ps,
         )
@@ -136,7 +136,7 @@ pub(super) fn pointwise_images(
             let image_x = &x[tile.image * image_len..][..image_len];
             // Tiles start at multiples of PANEL columns (the quantum).
             let x_col = if panels {
-                tile.cols.start / pointwise::PANEL * x_ps
+                pointwise::panel_offset(tile.cols.start, x_ps)
             } else {
                 tile.cols.start
             };

@@ -8,7 +8,7 @@
 
 use super::depthwise::{self, OutPlanes, PlaneLayout};
 use super::gemm_conv::pointwise_images;
-use super::pointwise::{panel_stride, PANEL};
+use super::pointwise::{panels_len, PANEL};
 use super::simd::{simd_level, SimdLevel};
 use super::{with_cpu_slices, Activation, ConvConfig, Geometry};
 use candle_core::{DType, Result, Tensor};
@@ -89,7 +89,7 @@ pub fn depthwise_then_pointwise(
     // panels stay in cache. Zeroed when allocated: each panel's padding run and the last panel's
     // positions past the plane are never written (nor read).
     let mut panels = PANELS.take();
-    let len = n * positions.div_ceil(PANEL) * panel_stride(c);
+    let len = n * panels_len(c, positions);
     if panels.len() < len {
         panels = vec![0.0; len];
     }

@@ -28,6 +28,19 @@ pub(super) const PANEL: usize = 16;
 pub(super) fn panel_stride(channels: usize) -> usize {
     PANEL * (channels + 1)
 }
+
+/// Values one image of `channels` × `positions` takes in panels (the last panel's positions past
+/// the plane, and each panel's extra run, unused).
+pub(super) fn panels_len(channels: usize, positions: usize) -> usize {
+    positions.div_ceil(PANEL) * panel_stride(channels)
+}
+
+/// Offset of position `q` of a channel from its position 0, in panels `stride` apart.
+#[inline(always)]
+pub(super) fn panel_offset(q: usize, stride: usize) -> usize {
+    q / PANEL * stride + q % PANEL
+}
+
 /// Output channels per step of [`PointwiseTile::tail_dots`]: 4 for up to 2 positions (the
 /// classifier's fc at batch 1, or a 7x7 plane's last position; more weight rows in flight: S1's
 /// 1280 -> 1000 fc at AVX2, one thread, 0.37 -> 0.33 ms), else 2 (with up to 8 positions, 16
@@ -130,7 +143,7 @@ impl WithSimd for Packed<'_> {
                         )
                     } else if panels {
                         // SAFETY: the tile's panel of column q.
-                        (unsafe { tile.x.add(q / PANEL * tile.x_ps) }, tile.x_rs)
+                        (unsafe { tile.x.add(panel_offset(q, tile.x_ps)) }, tile.x_rs)
                     } else {
                         // SAFETY: column q of the tile.
                         (unsafe { tile.x.add(q) }, tile.x_rs)
@@ -204,7 +217,7 @@ impl PointwiseTile<'_> {
         if self.x_ps == 0 {
             (self.x.add(q), self.x_rs)
         } else {
-            (self.x.add(q / PANEL * self.x_ps + q % PANEL), self.x_rs)
+            (self.x.add(panel_offset(q, self.x_ps)), self.x_rs)
         }
     }
 

@@ -133,13 +133,17 @@ pub(super) fn forward(
 /// of them) in panels: on the kernels that store each vector straight into its panel, the
 /// channel-group kernel and the 3x3 stride-1 plane kernel.
 pub(super) fn writes_panels(layout: &PlaneLayout, c: usize) -> bool {
-    let l = layout;
-    let slide3 = l.kernel == 3
+    ChannelGroups::applies(layout, 1, c) || slides_3x3(layout)
+}
+
+/// Whether the plane kernels run the layer on [`Slide3`]: 3x3, stride 1, padding 1, no dilation
+/// (an output plane the size of the input).
+fn slides_3x3(l: &PlaneLayout) -> bool {
+    l.kernel == 3
         && l.stride == 1
         && l.padding == 1
         && l.dilation == 1
-        && (l.out_height, l.out_width) == (l.height, l.width);
-    ChannelGroups::applies(l, 1, c) || slide3
+        && (l.out_height, l.out_width) == (l.height, l.width)
 }
 
 /// Depthwise convolution of x (N, C, H, W) with weight (C·M, 1, K, K) and bias (C·M): output channel
@@ -583,7 +587,10 @@ impl<P: PlaneKernel> WithSimd for Planes<'_, P> {
         // level's target features, and the kernels inside it would call their intrinsics.
         let mut buf = BUFFERS.with_borrow_mut(|(buf, _)| std::mem::take(buf));
         P::prepare(simd, self.l, &mut buf);
-        debug_assert!(self.out.panels.is_none() || P::PANELS);
+        assert!(
+            self.out.panels.is_none() || P::PANELS,
+            "depthwise: this plane kernel cannot write panels"
+        );
         for p in self.first..self.first + self.count {
             let (image, co) = (p / c_out, p % c_out);
             let input = image * c + co / multiplier;
@@ -649,7 +656,7 @@ fn forward_planes(
     let direct = l.width <= MAX_DIRECT_WIDTH && (l.stride == 1 || l.dilation == 1);
     match (l.kernel, l.stride, flat, direct) {
         (1, 1, true, _) => run!(Flat<1, 1>),
-        (3, 1, true, _) if l.padding == 1 && l.dilation == 1 => run!(Slide3),
+        (3, 1, true, _) if slides_3x3(l) => run!(Slide3),
         (3, 1, true, _) => run!(Flat<3, 9>),
         (5, 1, true, _) => run!(Flat<5, 25>),
         (1, 1, false, true) => run!(Rows<1, 1, 1>),

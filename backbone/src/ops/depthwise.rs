@@ -859,8 +859,29 @@ impl WithSimd for Slide3<'_> {
     }
 }
 
-/// Channels per group of [`ChannelGroups`]: the lanes of an AVX2 vector.
-const CHANNEL_GROUP: usize = 8;
+/// Channels per group of [`ChannelGroups`] (and of the channels-last stem): the lanes of an AVX2
+/// vector.
+pub(super) const CHANNEL_GROUP: usize = 8;
+
+/// A channel group's output vectors of 8 consecutive positions (at `src`, a vector of the 8
+/// channels per position) transposed into runs of positions, the first `count` (at most 8 stored)
+/// of channel i's run at `dst[i]`.
+///
+/// # Safety
+/// `src` holds 8 vectors and each `dst[i]` min(count, 8) writable values.
+#[inline(always)]
+pub(super) unsafe fn store_channel_runs<S: Simd>(
+    simd: S,
+    src: *const f32,
+    dst: [*mut f32; CHANNEL_GROUP],
+    count: usize,
+) {
+    let vectors: [S::f32s; CHANNEL_GROUP] =
+        std::array::from_fn(|j| load::<S>(src.add(j * CHANNEL_GROUP)));
+    for (run, dst) in transpose8(simd, vectors).into_iter().zip(dst) {
+        store_first::<S>(simd, dst, count, run);
+    }
+}
 
 /// The 3x3 weights (C, 9) and the biases of channels `c0 .. c0 + 8` as vectors of the 8 channels, a
 /// vector per tap and the biases last: what a channel-group kernel multiplies each output vector's
@@ -1050,27 +1071,17 @@ impl WithSimd for ChannelGroups<'_> {
                 std::array::from_fn(|i| unsafe { self.out.at(plane + i, 0) });
             for q in (0..plane_out).step_by(G) {
                 let offset = self.out.offset(q);
-                let count = (plane_out - q).min(G);
-                let mut vectors = [zero; G];
-                for (j, vector) in vectors.iter_mut().enumerate() {
-                    // SAFETY: `outputs` holds whole groups of G vectors (those past plane_out are
-                    // not stored).
-                    *vector = unsafe { load::<S>(outputs.as_ptr().add((q + j) * G)) };
-                }
-                let channels = transpose8(simd, vectors);
-                #[allow(clippy::needless_range_loop)]
-                for i in 0..G {
-                    // SAFETY: the group's output planes are this task's; a run of G positions
-                    // from a multiple of G stays inside one panel.
-                    unsafe {
-                        let dst = starts[i].add(offset);
-                        if count == G {
-                            (dst as *mut S::f32s).write_unaligned(channels[i]);
-                        } else {
-                            store_first::<S>(simd, dst, count, channels[i]);
-                        }
-                    }
-                }
+                // SAFETY: `outputs` holds whole groups of G vectors (those past plane_out are not
+                // stored); the group's output planes are this task's, and a run of G positions
+                // from a multiple of G stays inside one panel.
+                unsafe {
+                    store_channel_runs(
+                        simd,
+                        outputs.as_ptr().add(q * G),
+                        std::array::from_fn(|i| starts[i].add(offset)),
+                        plane_out - q,
+                    )
+                };
             }
         }
         BUFFERS.with_borrow_mut(|(slot, _)| *slot = buf);

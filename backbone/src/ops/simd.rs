@@ -155,21 +155,28 @@ pub(crate) fn dispatch<Op: WithSimd>(op: Op) -> Op::Output {
     }
 }
 
-/// Runs `op` on 8-lane AVX2 vectors where the current level is AVX2 or AVX-512 (a kernel built
-/// around 8 × 8 transposes), `None` on other levels.
+/// Whether [`dispatch_8_lanes`] runs its op here: the current level is AVX2 or AVX-512.
+pub(crate) fn eight_lanes() -> bool {
+    matches!(simd_level(), SimdLevel::Avx512 | SimdLevel::Avx2)
+}
+
+/// Runs `op` on 8-lane AVX2 vectors where [`eight_lanes`] (a kernel built around 8 × 8
+/// transposes), `None` on other levels.
 #[inline]
 pub(crate) fn dispatch_8_lanes<Op: WithSimd>(op: Op) -> Option<Op::Output> {
-    match simd_level() {
-        // SAFETY: `simd_level` only returns levels this CPU supports, and AVX-512 implies AVX2.
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 | SimdLevel::Avx2 => Some(Simd::vectorize(
-            unsafe { pulp::x86::V3::new_unchecked() },
-            op,
-        )),
-        _ => {
-            drop(op);
-            None
-        }
+    if !eight_lanes() {
+        return None;
+    }
+    // SAFETY: `simd_level` only returns levels this CPU supports, and AVX-512 implies AVX2.
+    #[cfg(target_arch = "x86_64")]
+    return Some(Simd::vectorize(
+        unsafe { pulp::x86::V3::new_unchecked() },
+        op,
+    ));
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        drop(op);
+        None
     }
 }
 

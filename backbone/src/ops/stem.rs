@@ -2,11 +2,11 @@
 //! inference: the stem's output is the largest activation of the network (48 × 112² per 224² image,
 //! 19 MB at batch 8) and is otherwise written to memory only to be read back by the next layer.
 
-use super::depthwise::{channel_group_output, channel_group_taps};
-use super::gemm_conv::{band_columns, band_product};
-use super::simd::{
-    activate_v, dispatch_8_lanes, load, simd_level, store_first, transpose8, SimdLevel,
+use super::depthwise::{
+    channel_group_output, channel_group_taps, store_channel_runs, CHANNEL_GROUP as GROUP,
 };
+use super::gemm_conv::{band_columns, band_product};
+use super::simd::{activate_v, dispatch_8_lanes, eight_lanes, load};
 use super::{
     band_range, depthwise, output_size, row_bands, with_cpu_slices, Activation, ConvConfig,
     Geometry, SendPtr,
@@ -28,9 +28,6 @@ thread_local! {
     static BUFFERS: RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
         const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
-
-/// Channels per group of the channels-last band: the lanes of an AVX2 vector.
-const GROUP: usize = 8;
 
 /// `act(depthwise(act(conv(x))))`: x (N, C_in, H, W) through a dense KxK convolution (weight
 /// (C, C_in, K, K), bias (C), `stem`'s geometry) and then a 3x3 stride-2 depthwise one (weight
@@ -93,8 +90,7 @@ pub fn dense_then_depthwise(
     let bands = row_bands(h2, most, n);
     let mut out = super::output_buffer(n * c * h2 * w2o);
     let out_ptr = SendPtr(out.as_mut_ptr());
-    let channels_last =
-        matches!(simd_level(), SimdLevel::Avx2 | SimdLevel::Avx512) && c.is_multiple_of(GROUP);
+    let channels_last = eight_lanes() && c.is_multiple_of(GROUP);
     with_cpu_slices(&[x, w1, b1, w2, b2], "stem-depthwise", |s| {
         let (x, w1, b1, w2, b2) = (s[0], s[1], s[2], s[3], s[4]);
         // The stem's weights as (C_in·K·K, C): a vector of 8 channels per tap.
@@ -311,22 +307,17 @@ impl WithSimd for ChannelsLastBand<'_> {
             // Back into the group's planes, 8 positions of a row at a time.
             for oy in 0..rows {
                 for x0 in (0..out_width).step_by(G) {
-                    let first = (oy * out_width + x0) * G;
-                    // SAFETY: `outputs` holds G vectors past the last row's.
-                    let vectors: [S::f32s; G] = std::array::from_fn(|j| unsafe {
-                        load::<S>(self.outputs.as_ptr().add(first + j * G))
-                    });
-                    let channels = transpose8(simd, vectors);
-                    for (i, v) in channels.into_iter().enumerate() {
-                        // SAFETY: the caller's rows of channel g·G + i.
-                        unsafe {
-                            let dst = self
-                                .out
-                                .0
-                                .add((g * G + i) * self.out.1 + oy * out_width + x0);
-                            store_first::<S>(simd, dst, out_width - x0, v);
-                        }
-                    }
+                    let row = oy * out_width + x0;
+                    // SAFETY: `outputs` holds G vectors past the last row's; the caller's rows of
+                    // channels g·G ...
+                    unsafe {
+                        store_channel_runs(
+                            simd,
+                            self.outputs.as_ptr().add(row * G),
+                            std::array::from_fn(|i| self.out.0.add((g * G + i) * self.out.1 + row)),
+                            out_width - x0,
+                        )
+                    };
                 }
             }
         }

@@ -1,5 +1,6 @@
 //! MobileOne backbone (S0–S4) on candle: the train-time multi-branch form, its exact reparameterisation
 //! into one conv per layer, timm / Apple / own checkpoints, multi-scale features and dilation.
+pub mod alloc;
 pub mod checkpoint;
 pub mod layers;
 pub mod mobileone;

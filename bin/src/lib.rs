@@ -10,6 +10,11 @@ pub mod npy;
 pub mod output;
 pub mod segment_render;
 
+/// Every tool starts large blocks on a cache line, so the kernels' vectors never straddle two
+/// ([`mobileone::alloc`]).
+#[global_allocator]
+static GLOBAL: mobileone::alloc::CacheLineAligned = mobileone::alloc::CacheLineAligned;
+
 /// The `main` of the report-printing tools: parse the flags, run, and on failure print the error
 /// chain and exit with status 1. A closed stdout (`detect ... | head`) ends the process quietly, as
 /// it does Unix filters, instead of panicking in `println!`; freed tensors' memory stays in the

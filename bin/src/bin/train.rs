@@ -6,6 +6,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use mobileone::Variant;
+// Linked for its global allocator (`mobileone_cli`), which this tool shares with the others.
+use mobileone_cli as _;
 use mobileone_train::{
     Augment, DatasetKind, OptimizerKind, Outcome, RunSettings, TaskKind, Trainer,
 };

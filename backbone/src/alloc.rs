@@ -113,7 +113,10 @@ mod tests {
             unsafe {
                 let p = a.alloc(layout);
                 assert!(!p.is_null());
-                assert!(size < MIN_SIZE || (p as usize).is_multiple_of(ALIGN), "size {size}");
+                assert!(
+                    size < MIN_SIZE || (p as usize).is_multiple_of(ALIGN),
+                    "size {size}"
+                );
                 p.write_bytes(7, size);
                 let z = a.alloc_zeroed(layout);
                 assert!(std::slice::from_raw_parts(z, size).iter().all(|&b| b == 0));
@@ -124,7 +127,9 @@ mod tests {
                     q.write_bytes(9, size);
                     let r = a.realloc(q, layout, new_size);
                     assert!(new_size < MIN_SIZE || (r as usize).is_multiple_of(ALIGN));
-                    assert!(std::slice::from_raw_parts(r, size.min(new_size)).iter().all(|&b| b == 9));
+                    assert!(std::slice::from_raw_parts(r, size.min(new_size))
+                        .iter()
+                        .all(|&b| b == 9));
                     a.dealloc(r, Layout::from_size_align(new_size, 4).unwrap());
                 }
                 a.dealloc(p, layout);

@@ -41,11 +41,12 @@ pub(super) fn panel_offset(q: usize, stride: usize) -> usize {
     q / PANEL * stride + q % PANEL
 }
 
-/// Output channels per step of [`PointwiseTile::tail_dots`]: 4 for up to 2 positions (the
-/// classifier's fc at batch 1, or a 7x7 plane's last position; more weight rows in flight: S1's
-/// 1280 -> 1000 fc at AVX2, one thread, 0.37 -> 0.33 ms), else 2 (with up to 8 positions, 16
-/// sums).
-const DOT_CHANNELS: [usize; 2] = [4, 2];
+/// Output channels per step of [`PointwiseTile::tail_dots`] for 1, 2 and more positions: 8 for one
+/// (the classifier's fc at batch 1, or a 7x7 plane's last position; more weight rows in flight: S1's
+/// 1280 -> 1000 fc at AVX2, two threads, 0.171 -> 0.149 ms against 4 rows, one thread 0.37 -> 0.33
+/// ms from 2 to 4), 4 for two, else 2 (with up to 8 positions, 16 sums): at most 16 sums, the
+/// registers AVX2 has.
+const DOT_CHANNELS: [usize; 3] = [8, 4, 2];
 /// Smallest C_in worth computing a short tail as dot products (each sum ends in a lane reduction).
 const DOT_MIN_C_IN: usize = 64;
 /// Most bytes of input in one band of positions: every channel block runs over a band before the
@@ -338,7 +339,7 @@ impl PointwiseTile<'_> {
         let chunks = k / lanes;
         let last = lanes_in(simd, 0, (k % lanes) as isize);
         // A constant per T: the unused channels' accumulators compile away.
-        let dc = DOT_CHANNELS[usize::from(T > 2)];
+        let dc = DOT_CHANNELS[(T - 1).min(2)];
         for r0 in (0..self.rows).step_by(dc) {
             let rows = (self.rows - r0).min(dc);
             // Channels past `rows` repeat the last one; their sums are not stored.

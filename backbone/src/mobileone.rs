@@ -329,6 +329,8 @@ pub struct MobileOneBlock {
     pub identity: Option<BatchNorm2d>,
     pub reparam_conv: Option<Conv2d>,
     pub attn: Option<SqueezeExcite>,
+    /// `reparam_conv`'s weights packed for the blocked 1x1 kernel, once (1x1 blocks, AVX2).
+    packed: crate::ops::blocked::PackedPointwise,
 }
 
 impl MobileOneBlock {
@@ -378,6 +380,7 @@ impl MobileOneBlock {
             identity,
             reparam_conv: None,
             attn: Self::attn(spec, &vb)?,
+            packed: Default::default(),
         })
     }
 
@@ -397,6 +400,7 @@ impl MobileOneBlock {
             identity: None,
             reparam_conv: Some(conv),
             attn: Self::attn(spec, &vb)?,
+            packed: Default::default(),
         })
     }
 
@@ -607,6 +611,44 @@ fn fused_pair<'a>(
         (&a.weight, a.bias.as_ref()?, &a.config),
         (&b.weight, b.bias.as_ref()?, &b.config),
     ))
+}
+
+/// A stage's reparameterised blocks (two or more, none with squeeze-excitation) as the layers of a
+/// blocked run ([`crate::ops::blocked`]): 3x3 depthwise (padding 1, no dilation) and 1x1 (stride 1)
+/// convolutions, each with its bias.
+fn blocked_layers(blocks: &[MobileOneBlock]) -> Option<Vec<crate::ops::blocked::BlockedLayer<'_>>> {
+    use crate::ops::blocked::BlockedLayer;
+    if blocks.len() < 2 {
+        return None;
+    }
+    blocks
+        .iter()
+        .map(|block| {
+            let conv = block
+                .reparam_conv
+                .as_ref()
+                .filter(|_| block.attn.is_none())?;
+            let (weight, bias, cfg) = (&conv.weight, conv.bias.as_ref()?, &conv.config);
+            let kernel = weight.dims().get(2).copied()?;
+            match (cfg.groups > 1, kernel) {
+                (true, 3) if cfg.padding == 1 && cfg.dilation == 1 => {
+                    Some(BlockedLayer::Depthwise {
+                        weight,
+                        bias,
+                        stride: cfg.stride,
+                    })
+                }
+                (false, 1) if cfg.stride == 1 && cfg.padding == 0 => {
+                    Some(BlockedLayer::Pointwise {
+                        weight,
+                        bias,
+                        packed: &block.packed,
+                    })
+                }
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 impl ModuleT for MobileOneBlock {
@@ -893,9 +935,35 @@ impl MobileOne {
                 (x, 0)
             }
         };
+        use crate::ops::blocked;
+        // The channels entering a pending blocked run (None once a stage could not join one).
+        let blocked_entry = |x: &Tensor| {
+            (!train && blocked::enabled(x))
+                .then(|| x.dim(1))
+                .transpose()
+        };
+        let mut blocked_channels = blocked_entry(&x)?;
+        let mut pending = Vec::new();
         for (s, stage) in self.stages.iter().enumerate().take(last) {
             let first = if s == 0 { skip } else { 0 };
             let blocks = &stage[first..];
+            // Stages that can run blocked join one run, converted from and back to planes once, up
+            // to a stage whose features are asked for.
+            let layers = blocked_channels
+                .and_then(|c| blocked_layers(blocks).map(|layers| (c, layers)))
+                .and_then(|(c, layers)| Some((blocked::channels_after(c, &layers)?, layers)));
+            if let Some((c_out, layers)) = layers {
+                pending.extend(layers);
+                blocked_channels = Some(c_out);
+                if out_indices.contains(&(s + 1)) {
+                    x = blocked::run(&x, &std::mem::take(&mut pending), Activation::Relu)?;
+                    features.push(x.clone());
+                }
+                continue;
+            }
+            if !pending.is_empty() {
+                x = blocked::run(&x, &std::mem::take(&mut pending), Activation::Relu)?;
+            }
             let mut i = 0;
             while i < blocks.len() {
                 let pair = match (train, blocks.get(i + 1)) {
@@ -921,6 +989,7 @@ impl MobileOne {
             if out_indices.contains(&(s + 1)) {
                 features.push(x.clone());
             }
+            blocked_channels = blocked_entry(&x)?;
         }
         Ok(features)
     }

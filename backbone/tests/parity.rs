@@ -43,7 +43,21 @@ fn load_tiny(file: &str, output_stride: usize) -> MobileOne {
     load_mobileone(&ckpt, &tiny_config(), output_stride, &Device::Cpu).unwrap()
 }
 
+/// [`assert_matches_level`] on the CPU's best SIMD level and, where the CPU has it and it is a
+/// lower one, on AVX2 (whose 1x1 and depthwise layers run in the blocked NCHW8c layout at
+/// inference); one test at a time forces a level (it is process-wide).
 fn assert_matches_timm(model: &MobileOne, output_stride: usize, what: &str) {
+    use mobileone::ops::simd::{set_simd_level, simd_level, SimdLevel};
+    static FORCING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = FORCING.lock().unwrap_or_else(|e| e.into_inner());
+    assert_matches_level(model, output_stride, &format!("{what} ({})", simd_level()));
+    if simd_level() != SimdLevel::Avx2 && set_simd_level(Some(SimdLevel::Avx2)).is_ok() {
+        assert_matches_level(model, output_stride, &format!("{what} (avx2)"));
+        set_simd_level(None).unwrap();
+    }
+}
+
+fn assert_matches_level(model: &MobileOne, output_stride: usize, what: &str) {
     let refs = reference();
     let feats = model.forward_features(&refs["input"], false).unwrap();
     assert_eq!(feats.len(), 5);

@@ -8,6 +8,7 @@
 //! convolutions). Tensors stay NCHW at the op boundary.
 
 pub(crate) mod batch_norm;
+pub(crate) mod blocked;
 pub(crate) mod branch_merge;
 mod depthwise;
 pub mod excite;

@@ -4,7 +4,8 @@
 //! channel, channel after channel: the copy that the AVX2 1x1 kernel otherwise packs from the planes
 //! before it multiplies. Packing it there is done by every thread for its own tile, so at batch 1,
 //! where each of two threads gets half the rows and all the positions, the whole input was copied
-//! twice per layer.
+//! twice per layer. A MobileOne stage whose layers all fit the blocked layout runs in it instead
+//! ([`super::blocked`]); these pairs serve the rest (channel counts that are not multiples of 8).
 
 use super::depthwise::{self, OutPlanes, PlaneLayout};
 use super::gemm_conv::pointwise_images;

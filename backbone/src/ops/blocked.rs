@@ -1,0 +1,525 @@
+//! Runs of reparameterised depthwise 3x3 and 1x1 layers in the blocked NCHW8c layout, for
+//! inference on the AVX2 level: value (n, c, y, x) at ((n·C/8 + c/8)·H·W + y·W + x)·8 + c % 8,
+//! ONNX Runtime's NCHWc layout for 8-lane vectors. There a depthwise output vector (8 channels at
+//! one position) is nine multiply-adds with plain loads, without the transposes of the channel-group
+//! kernel or the lane shifts of the plane kernels, and a 1x1 layer broadcasts one input value per
+//! position against vectors of 8 output channels' weights, packed once per model
+//! ([`PackedPointwise`]), its output already blocked for the next layer. A run converts its input
+//! from planes once and its output back once.
+
+use super::depthwise::{channel_group_output, channel_group_taps};
+use super::simd::{activate_v, dispatch_8_lanes, lanes_in, load, store_first, transpose8};
+use super::{one_tile_per_image_set, output_buffer, with_cpu_slices, Activation, SendPtr};
+use candle_core::{Result, Tensor, TensorId};
+use pulp::{Simd, WithSimd};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// Channels per block: the lanes of an AVX2 vector.
+pub(crate) const BLOCK: usize = 8;
+/// Positions per 1x1 register block (6 × 2 vectors of 8 output channels: 12 sums, 2 weight vectors
+/// and a broadcast in AVX2's 16 registers).
+const POSITIONS: usize = 6;
+
+/// One layer of a blocked run: a 3x3 depthwise convolution (padding 1, stride 1 or 2) or a 1x1
+/// convolution (stride 1), each with its bias and followed by the run's activation.
+pub(crate) enum BlockedLayer<'a> {
+    /// Weight (C, 1, 3, 3), bias (C).
+    Depthwise {
+        weight: &'a Tensor,
+        bias: &'a Tensor,
+        stride: usize,
+    },
+    /// Weight (C_out, C_in, 1, 1), bias (C_out), and the cache of its packed weights.
+    Pointwise {
+        weight: &'a Tensor,
+        bias: &'a Tensor,
+        packed: &'a PackedPointwise,
+    },
+}
+
+/// The weights of a 1x1 layer packed for the blocked kernel, (C_out / 8, C_in, 8): for each input
+/// channel a vector of 8 output channels' weights. Kept for the weight tensor it was packed from
+/// (by id): packing per call would cost about as much as the layer at batch 1.
+#[derive(Default)]
+pub struct PackedPointwise(Mutex<Option<(TensorId, Arc<Vec<f32>>)>>);
+
+impl Clone for PackedPointwise {
+    /// An empty cache: a clone packs its own weights on first use.
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl std::fmt::Debug for PackedPointwise {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PackedPointwise")
+    }
+}
+
+impl PackedPointwise {
+    /// The packing of `weight` (C_out, C_in, 1, 1), C_out a multiple of [`BLOCK`].
+    fn get(&self, weight: &Tensor) -> Result<Arc<Vec<f32>>> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((id, packed)) = &*slot {
+            if *id == weight.id() {
+                return Ok(packed.clone());
+            }
+        }
+        let (c_out, c_in) = (weight.dim(0)?, weight.dim(1)?);
+        let packed = with_cpu_slices(&[weight], "blocked pointwise", |s| {
+            let w = s[0];
+            let mut packed = vec![0f32; c_out * c_in];
+            for (o, row) in w.chunks_exact(c_in).enumerate() {
+                let (block, lane) = (o / BLOCK, o % BLOCK);
+                for (ci, &value) in row.iter().enumerate() {
+                    packed[(block * c_in + ci) * BLOCK + lane] = value;
+                }
+            }
+            Ok(Arc::new(packed))
+        })?;
+        *slot = Some((weight.id(), packed.clone()));
+        Ok(packed)
+    }
+}
+
+/// Whether x can enter a blocked run: the AVX2 level, an f32 CPU tensor (N, C, H, W).
+pub(crate) fn enabled(x: &Tensor) -> bool {
+    super::simd::simd_level() == super::simd::SimdLevel::Avx2
+        && x.device().is_cpu()
+        && x.dtype() == candle_core::DType::F32
+        && x.rank() == 4
+}
+
+/// The channels after `layers` when they can run blocked on `c_in` input channels, else `None`:
+/// every channel count a multiple of [`BLOCK`], depthwise layers 3x3 with one output per input
+/// channel, 1x1 layers reading the previous layer's channels, f32 CPU weights.
+pub(crate) fn channels_after(c_in: usize, layers: &[BlockedLayer]) -> Option<usize> {
+    let mut c = c_in;
+    for layer in layers {
+        let ok = match *layer {
+            BlockedLayer::Depthwise {
+                weight,
+                bias,
+                stride,
+            } => {
+                weight.dims() == [c, 1, 3, 3] && bias.dims() == [c] && (stride == 1 || stride == 2)
+            }
+            BlockedLayer::Pointwise { weight, bias, .. } => {
+                let c_out = weight.dims()[0];
+                let ok = weight.dims() == [c_out, c, 1, 1] && bias.dims() == [c_out];
+                c = c_out;
+                ok
+            }
+        };
+        let f32_cpu = [weight_of(layer), bias_of(layer)]
+            .iter()
+            .all(|t| t.dtype() == candle_core::DType::F32 && t.device().is_cpu());
+        if !(ok && f32_cpu && c.is_multiple_of(BLOCK)) {
+            return None;
+        }
+    }
+    c_in.is_multiple_of(BLOCK).then_some(c)
+}
+
+fn weight_of<'a>(layer: &BlockedLayer<'a>) -> &'a Tensor {
+    match *layer {
+        BlockedLayer::Depthwise { weight, .. } | BlockedLayer::Pointwise { weight, .. } => weight,
+    }
+}
+
+fn bias_of<'a>(layer: &BlockedLayer<'a>) -> &'a Tensor {
+    match *layer {
+        BlockedLayer::Depthwise { bias, .. } | BlockedLayer::Pointwise { bias, .. } => bias,
+    }
+}
+
+/// `layers` one after the other on x (N, C, H, W), each followed by `act`, in the blocked layout
+/// (x [`enabled`], the layers checked by [`channels_after`]); the result (N, C', H', W') in planes.
+///
+/// # Errors
+/// When a tensor is not on the CPU or not contiguous f32 (named in the message).
+pub(crate) fn run(x: &Tensor, layers: &[BlockedLayer], act: Activation) -> Result<Tensor> {
+    debug_assert!(enabled(x) && channels_after(x.dim(1)?, layers).is_some());
+    let (n, c, h, w) = x.dims4()?;
+    let mut y = with_cpu_slices(&[x], "blocked run", |s| {
+        Ok(Blocked::from_planes(s[0], (n, c, h, w)))
+    })?;
+    for layer in layers {
+        y = match *layer {
+            BlockedLayer::Depthwise {
+                weight,
+                bias,
+                stride,
+            } => with_cpu_slices(&[weight, bias], "blocked depthwise", |s| {
+                Ok(y.depthwise((s[0], s[1]), stride, act))
+            })?,
+            BlockedLayer::Pointwise {
+                weight,
+                bias,
+                packed,
+            } => {
+                let packed = packed.get(weight)?;
+                let c_out = weight.dim(0)?;
+                with_cpu_slices(&[bias], "blocked pointwise", |s| {
+                    Ok(y.pointwise((&packed, s[0]), c_out, act))
+                })?
+            }
+        };
+    }
+    let (n, c, h, w) = (y.n, y.c, y.h, y.w);
+    Tensor::from_vec(y.into_planes(), (n, c, h, w), x.device())
+}
+
+/// N images' activations in the blocked layout (module docs).
+struct Blocked {
+    data: Vec<f32>,
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+}
+
+/// Runs `task(i)` for i in 0..count: on the pool's threads, or on the calling thread inside
+/// [`super::one_tile_per_image`] (its images already have a thread each).
+fn for_tasks(count: usize, task: impl Fn(usize) + Sync + Send) {
+    if one_tile_per_image_set() || rayon::current_num_threads() == 1 {
+        (0..count).for_each(task);
+    } else {
+        (0..count).into_par_iter().for_each(task);
+    }
+}
+
+impl Blocked {
+    /// x (N, C, H, W) in planes, C a multiple of [`BLOCK`].
+    fn from_planes(x: &[f32], (n, c, h, w): (usize, usize, usize, usize)) -> Self {
+        let mut data = output_buffer(x.len());
+        let out = SendPtr(data.as_mut_ptr());
+        let plane = h * w;
+        for_tasks(n * c / BLOCK, |block| {
+            dispatch_8_lanes(Transpose {
+                // SAFETY: block `block`'s 8 planes and its run of the output.
+                src: unsafe { x.as_ptr().add(block * BLOCK * plane) },
+                dst: unsafe { out.get().add(block * BLOCK * plane) },
+                plane,
+                to_blocked: true,
+            });
+        });
+        Self { data, n, c, h, w }
+    }
+
+    /// The activations back in planes, (N, C, H, W).
+    fn into_planes(self) -> Vec<f32> {
+        let mut planes = output_buffer(self.data.len());
+        let out = SendPtr(planes.as_mut_ptr());
+        let plane = self.h * self.w;
+        let data = &self.data;
+        for_tasks(self.n * self.c / BLOCK, |block| {
+            dispatch_8_lanes(Transpose {
+                // SAFETY: block `block`'s run of the input and its 8 output planes.
+                src: unsafe { data.as_ptr().add(block * BLOCK * plane) },
+                dst: unsafe { out.get().add(block * BLOCK * plane) },
+                plane,
+                to_blocked: false,
+            });
+        });
+        planes
+    }
+
+    /// The 3x3 depthwise convolution (padding 1) with weight (C, 1, 3, 3) and bias (C), then `act`.
+    fn depthwise(&self, (w, b): (&[f32], &[f32]), stride: usize, act: Activation) -> Self {
+        let (oh, ow) = ((self.h - 1) / stride + 1, (self.w - 1) / stride + 1);
+        let mut data = output_buffer(self.n * self.c * oh * ow);
+        let out = SendPtr(data.as_mut_ptr());
+        // Rows above and below the plane read this instead (zeros times the taps add nothing).
+        let zeros = vec![0f32; self.w * BLOCK];
+        for_tasks(self.n * self.c / BLOCK, |block| {
+            dispatch_8_lanes(DepthwiseBlock {
+                x: &self.data[block * BLOCK * self.h * self.w..][..BLOCK * self.h * self.w],
+                taps: (w, b, block % (self.c / BLOCK) * BLOCK),
+                // SAFETY: block `block`'s run of the output.
+                out: unsafe { out.get().add(block * BLOCK * oh * ow) },
+                size: (self.h, self.w, oh, ow),
+                stride,
+                act,
+                zeros: &zeros,
+            });
+        });
+        Self {
+            data,
+            n: self.n,
+            c: self.c,
+            h: oh,
+            w: ow,
+        }
+    }
+
+    /// The 1x1 convolution with weights packed by [`PackedPointwise`] and bias (C_out), then `act`.
+    fn pointwise(&self, (packed, b): (&[f32], &[f32]), c_out: usize, act: Activation) -> Self {
+        let positions = self.h * self.w;
+        let mut data = output_buffer(self.n * c_out * positions);
+        let out = SendPtr(data.as_mut_ptr());
+        // Pairs of output blocks per image (the last one alone where C_out / 8 is odd).
+        let pairs = (c_out / BLOCK).div_ceil(2);
+        let image_in = self.c * positions;
+        let pair_block = |image: usize, pair: usize| {
+            let first = 2 * pair;
+            dispatch_8_lanes(PointwiseBlock {
+                x: &self.data[image * image_in..][..image_in],
+                w: &packed[first * BLOCK * self.c..],
+                b: &b[first * BLOCK..],
+                // SAFETY: this pair's blocks of the image's output.
+                out: unsafe { out.get().add((image * c_out + first * BLOCK) * positions) },
+                c_in: self.c,
+                positions,
+                blocks: (c_out / BLOCK - first).min(2),
+                act,
+            });
+        };
+        for_tasks(self.n * pairs, |task| {
+            pair_block(task / pairs, task % pairs)
+        });
+        Self {
+            data,
+            n: self.n,
+            c: c_out,
+            h: self.h,
+            w: self.w,
+        }
+    }
+}
+
+/// 8 planes of `plane` values at `src` into one run of `plane` vectors at `dst` (8 positions at a
+/// time through an 8 × 8 transpose), or back when not `to_blocked`.
+struct Transpose {
+    src: *const f32,
+    dst: *mut f32,
+    plane: usize,
+    to_blocked: bool,
+}
+
+impl WithSimd for Transpose {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        debug_assert!(S::F32_LANES == BLOCK);
+        let (src, dst, plane) = (self.src, self.dst, self.plane);
+        let zero = simd.splat_f32s(0.0);
+        for q in (0..plane).step_by(BLOCK) {
+            let count = (plane - q).min(BLOCK);
+            // SAFETY: positions q .. q + count of the 8 planes and of the run.
+            unsafe {
+                if self.to_blocked {
+                    let mask = lanes_in(simd, 0, count as isize);
+                    let rows: [S::f32s; BLOCK] = std::array::from_fn(|i| {
+                        let p = src.add(i * plane + q);
+                        if count == BLOCK {
+                            load::<S>(p)
+                        } else {
+                            simd.mask_load_ptr_f32s(mask, p)
+                        }
+                    });
+                    let columns = transpose8(simd, rows);
+                    #[allow(clippy::needless_range_loop)]
+                    for j in 0..BLOCK {
+                        if j < count {
+                            (dst.add((q + j) * BLOCK) as *mut S::f32s).write_unaligned(columns[j]);
+                        }
+                    }
+                } else {
+                    let vectors: [S::f32s; BLOCK] = std::array::from_fn(|j| {
+                        if j < count {
+                            load::<S>(src.add((q + j) * BLOCK))
+                        } else {
+                            zero
+                        }
+                    });
+                    let rows = transpose8(simd, vectors);
+                    for (i, row) in rows.into_iter().enumerate() {
+                        store_first(simd, dst.add(i * plane + q), count, row);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One block of 8 channels of a 3x3 depthwise convolution (padding 1): each output vector from its
+/// nine input vectors, rows outside the plane read from `zeros`, columns outside it skipped.
+struct DepthwiseBlock<'a> {
+    /// The block's input, H·W vectors.
+    x: &'a [f32],
+    /// Weight (C, 1, 3, 3), bias (C), and the block's first channel.
+    taps: (&'a [f32], &'a [f32], usize),
+    out: *mut f32,
+    /// (H, W, H', W').
+    size: (usize, usize, usize, usize),
+    stride: usize,
+    act: Activation,
+    /// W vectors of zeros.
+    zeros: &'a [f32],
+}
+
+impl WithSimd for DepthwiseBlock<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        debug_assert!(S::F32_LANES == BLOCK);
+        let (h, w, oh, ow) = self.size;
+        let stride = self.stride;
+        let (weight, bias, c0) = self.taps;
+        let wv = channel_group_taps::<S>(weight, bias, c0);
+        let zero = simd.splat_f32s(0.0);
+        let x = self.x.as_ptr();
+        debug_assert!(self.x.len() == h * w * BLOCK && self.zeros.len() == w * BLOCK);
+        for oy in 0..oh {
+            let iy0 = (oy * stride) as isize - 1;
+            let rows: [*const f32; 3] = std::array::from_fn(|ky| {
+                let iy = iy0 + ky as isize;
+                if iy >= 0 && (iy as usize) < h {
+                    // SAFETY: row iy of the block's input.
+                    unsafe { x.add(iy as usize * w * BLOCK) }
+                } else {
+                    self.zeros.as_ptr()
+                }
+            });
+            // SAFETY: output row oy of the block.
+            let dst = unsafe { self.out.add(oy * ow * BLOCK) };
+            for ox in 0..ow {
+                let ix0 = (ox * stride) as isize - 1;
+                let sum = if ix0 >= 0 && ix0 + 2 < w as isize {
+                    // SAFETY: columns ix0 .. ix0 + 3 of each row lie inside it.
+                    channel_group_output(simd, &wv, |ky, kx| unsafe {
+                        load::<S>(rows[ky].add((ix0 as usize + kx) * BLOCK))
+                    })
+                } else {
+                    channel_group_output(simd, &wv, |ky, kx| {
+                        let ix = ix0 + kx as isize;
+                        if ix >= 0 && (ix as usize) < w {
+                            // SAFETY: column ix of the row.
+                            unsafe { load::<S>(rows[ky].add(ix as usize * BLOCK)) }
+                        } else {
+                            zero
+                        }
+                    })
+                };
+                // SAFETY: output vector ox of the row.
+                unsafe {
+                    (dst.add(ox * BLOCK) as *mut S::f32s)
+                        .write_unaligned(activate_v(simd, sum, self.act));
+                }
+            }
+        }
+    }
+}
+
+/// One or two blocks of 8 output channels of a 1x1 convolution over all positions of one image:
+/// [`POSITIONS`] positions at a time, each input value broadcast against the blocks' weight
+/// vectors.
+struct PointwiseBlock<'a> {
+    /// The image's input, blocked (C_in / 8 runs of `positions` vectors).
+    x: &'a [f32],
+    /// Packed weights from the first output block on ((C_in, 8) per block).
+    w: &'a [f32],
+    /// Bias from the first output channel on.
+    b: &'a [f32],
+    /// The first output block's run.
+    out: *mut f32,
+    c_in: usize,
+    positions: usize,
+    /// Output blocks: 1 or 2.
+    blocks: usize,
+    act: Activation,
+}
+
+impl WithSimd for PointwiseBlock<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        debug_assert!(S::F32_LANES == BLOCK);
+        let full = self.positions / POSITIONS * POSITIONS;
+        macro_rules! run {
+            ($v:literal) => {{
+                for q in (0..full).step_by(POSITIONS) {
+                    self.block::<S, POSITIONS, $v, 1>(simd, q);
+                }
+                // Short blocks sum alternate input channels into separate sets, so that at least
+                // 8 multiply-adds are in flight (a 7x7 plane's 49th position: one position, two
+                // blocks, was two dependency chains).
+                match self.positions - full {
+                    0 => {}
+                    1 => self.block::<S, 1, $v, 4>(simd, full),
+                    2 => self.block::<S, 2, $v, 2>(simd, full),
+                    3 => self.block::<S, 3, $v, 2>(simd, full),
+                    4 => self.block::<S, 4, $v, 1>(simd, full),
+                    _ => self.block::<S, 5, $v, 1>(simd, full),
+                }
+            }};
+        }
+        if self.blocks == 2 {
+            run!(2)
+        } else {
+            run!(1)
+        }
+    }
+}
+
+impl PointwiseBlock<'_> {
+    /// Positions q .. q + P of V output blocks, input channel ci summed into set ci % SETS.
+    // Indexed by constants only: iterators made the compiler keep the sums on the stack.
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    fn block<S: Simd, const P: usize, const V: usize, const SETS: usize>(&self, simd: S, q: usize) {
+        let (c_in, positions) = (self.c_in, self.positions);
+        debug_assert!(self.w.len() >= V * c_in * BLOCK && self.b.len() >= V * BLOCK);
+        let zero = simd.splat_f32s(0.0);
+        // SAFETY: the bias holds V blocks of 8.
+        let mut acc: [[[S::f32s; P]; V]; SETS] = std::array::from_fn(|set| {
+            std::array::from_fn(|v| {
+                [if set == 0 {
+                    unsafe { load::<S>(self.b.as_ptr().add(v * BLOCK)) }
+                } else {
+                    zero
+                }; P]
+            })
+        });
+        let w = self.w.as_ptr();
+        // SAFETY: q + P ≤ positions, so every x read lies in the image's C_in / 8 runs; the weights
+        // hold V blocks of C_in vectors.
+        unsafe {
+            let mut x = self.x.as_ptr().add(q * BLOCK);
+            for cb in 0..c_in / BLOCK {
+                for c in 0..BLOCK {
+                    let ci = cb * BLOCK + c;
+                    let acc = &mut acc[c % SETS];
+                    let wv: [S::f32s; V] =
+                        std::array::from_fn(|v| load::<S>(w.add((v * c_in + ci) * BLOCK)));
+                    for j in 0..P {
+                        let xb = simd.splat_f32s(*x.add(j * BLOCK + c));
+                        for v in 0..V {
+                            acc[v][j] = simd.mul_add_f32s(xb, wv[v], acc[v][j]);
+                        }
+                    }
+                }
+                x = x.add(positions * BLOCK);
+            }
+            for set in 1..SETS {
+                for v in 0..V {
+                    for j in 0..P {
+                        acc[0][v][j] = simd.add_f32s(acc[0][v][j], acc[set][v][j]);
+                    }
+                }
+            }
+            let acc = &acc[0];
+            for v in 0..V {
+                for j in 0..P {
+                    let dst = self.out.add((v * positions + q + j) * BLOCK);
+                    (dst as *mut S::f32s).write_unaligned(activate_v(simd, acc[v][j], self.act));
+                }
+            }
+        }
+    }
+}

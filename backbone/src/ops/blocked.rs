@@ -38,8 +38,9 @@ pub(crate) enum BlockedLayer<'a> {
     },
 }
 
-/// The weights of a 1x1 layer packed for the blocked kernel, (C_out / 8, C_in, 8): for each input
-/// channel a vector of 8 output channels' weights. Kept for the weight tensor it was packed from
+/// The weights of a 1x1 layer packed for the blocked kernel: per pair of output blocks (the odd
+/// last block alone), for each input channel the pair's two vectors of 8 output channels' weights,
+/// (C_out / 16, C_in, 16), so that a pair's weights are one contiguous run read in order. Kept for the weight tensor it was packed from
 /// (by id): packing per call would cost about as much as the layer at batch 1.
 #[derive(Default)]
 pub struct PackedPointwise(Mutex<Option<(TensorId, Arc<Vec<f32>>)>>);
@@ -70,10 +71,14 @@ impl PackedPointwise {
         let packed = with_cpu_slices(&[weight], "blocked pointwise", |s| {
             let w = s[0];
             let mut packed = vec![0f32; c_out * c_in];
+            let blocks = c_out / BLOCK;
             for (o, row) in w.chunks_exact(c_in).enumerate() {
                 let (block, lane) = (o / BLOCK, o % BLOCK);
+                // The pair's first block, its blocks (2, or the odd last 1) and this one's place.
+                let (first, v) = (block / 2 * 2, block % 2);
+                let pair_blocks = (blocks - first).min(2);
                 for (ci, &value) in row.iter().enumerate() {
-                    packed[(block * c_in + ci) * BLOCK + lane] = value;
+                    packed[(first * c_in + ci * pair_blocks + v) * BLOCK + lane] = value;
                 }
             }
             Ok(Arc::new(packed))
@@ -421,7 +426,7 @@ impl WithSimd for DepthwiseBlock<'_> {
 struct PointwiseBlock<'a> {
     /// The image's input, blocked (C_in / 8 runs of `positions` vectors).
     x: &'a [f32],
-    /// Packed weights from the first output block on ((C_in, 8) per block).
+    /// Packed weights from the first output block on ((C_in, 8·blocks) for the pair).
     w: &'a [f32],
     /// Bias from the first output channel on.
     b: &'a [f32],
@@ -496,7 +501,7 @@ impl PointwiseBlock<'_> {
                     let ci = cb * BLOCK + c;
                     let acc = &mut acc[c % SETS];
                     let wv: [S::f32s; V] =
-                        std::array::from_fn(|v| load::<S>(w.add((v * c_in + ci) * BLOCK)));
+                        std::array::from_fn(|v| load::<S>(w.add((ci * V + v) * BLOCK)));
                     for j in 0..P {
                         let xb = simd.splat_f32s(*x.add(j * BLOCK + c));
                         for v in 0..V {

@@ -613,17 +613,15 @@ fn fused_pair<'a>(
     ))
 }
 
-/// A stage's reparameterised blocks (two or more, none with squeeze-excitation) as the layers of a
-/// blocked run ([`crate::ops::blocked`]): 3x3 depthwise (padding 1, no dilation) and 1x1 (stride 1)
+/// The leading reparameterised blocks of a stage, up to the first that cannot (one with
+/// squeeze-excitation, a dilated or other geometry), as the layers of a blocked run
+/// ([`crate::ops::blocked`]): 3x3 depthwise (padding 1, no dilation) and 1x1 (stride 1)
 /// convolutions, each with its bias.
-fn blocked_layers(blocks: &[MobileOneBlock]) -> Option<Vec<crate::ops::blocked::BlockedLayer<'_>>> {
+fn blocked_layers(blocks: &[MobileOneBlock]) -> Vec<crate::ops::blocked::BlockedLayer<'_>> {
     use crate::ops::blocked::BlockedLayer;
-    if blocks.len() < 2 {
-        return None;
-    }
     blocks
         .iter()
-        .map(|block| {
+        .map_while(|block| {
             let conv = block
                 .reparam_conv
                 .as_ref()
@@ -948,23 +946,26 @@ impl MobileOne {
             let first = if s == 0 { skip } else { 0 };
             let blocks = &stage[first..];
             // Stages that can run blocked join one run, converted from and back to planes once, up
-            // to a stage whose features are asked for.
+            // to a stage whose features are asked for or that cannot run blocked to its end (its
+            // leading blocks that can, two at least, end the run).
             let layers = blocked_channels
-                .and_then(|c| blocked_layers(blocks).map(|layers| (c, layers)))
+                .map(|c| (c, blocked_layers(blocks)))
+                .filter(|(_, layers)| {
+                    layers.len() >= 2 || (!pending.is_empty() && !layers.is_empty())
+                })
                 .and_then(|(c, layers)| Some((blocked::channels_after(c, &layers)?, layers)));
+            let mut i = 0;
             if let Some((c_out, layers)) = layers {
+                i = layers.len();
                 pending.extend(layers);
                 blocked_channels = Some(c_out);
-                if out_indices.contains(&(s + 1)) {
-                    x = blocked::run(&x, &std::mem::take(&mut pending), Activation::Relu)?;
-                    features.push(x.clone());
+                if i == blocks.len() && !out_indices.contains(&(s + 1)) {
+                    continue;
                 }
-                continue;
             }
             if !pending.is_empty() {
                 x = blocked::run(&x, &std::mem::take(&mut pending), Activation::Relu)?;
             }
-            let mut i = 0;
             while i < blocks.len() {
                 let pair = match (train, blocks.get(i + 1)) {
                     (false, Some(next)) => fused_pair(&blocks[i], next),

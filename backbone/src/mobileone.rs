@@ -920,10 +920,35 @@ impl MobileOne {
         } else {
             None
         };
+        use crate::ops::blocked;
+        use crate::ops::stem::{dense_then_depthwise_blocked, Output};
+        // The stem's output, blocked, when the first stage's blocks start a blocked run: the first
+        // run's input instead of `x`, which stays the image until that run ends.
+        let mut start = None;
         let (mut x, skip) = match fused {
             Some((stem, first)) => {
-                let x = crate::ops::stem::dense_then_depthwise(x, stem, first, Activation::Relu)?;
-                (x, 1)
+                let c = stem.0.dim(0)?;
+                let stage = self.stages.first().map_or(&[][..], |stage| &stage[1..]);
+                let layers = blocked_layers(stage);
+                let starts_run = blocked::enabled(x)
+                    && layers.len() >= 2
+                    && blocked::channels_after(c, &layers).is_some();
+                let y = match starts_run {
+                    true => dense_then_depthwise_blocked(x, stem, first, Activation::Relu)?,
+                    false => Output::Planes(crate::ops::stem::dense_then_depthwise(
+                        x,
+                        stem,
+                        first,
+                        Activation::Relu,
+                    )?),
+                };
+                match y {
+                    Output::Planes(y) => (y, 1),
+                    Output::Blocked(y) => {
+                        start = Some(y);
+                        (x.clone(), 1)
+                    }
+                }
             }
             None => {
                 let x = self.stem.forward_t(x, train)?;
@@ -933,15 +958,26 @@ impl MobileOne {
                 (x, 0)
             }
         };
-        use crate::ops::blocked;
         // The channels entering a pending blocked run (None once a stage could not join one).
         let blocked_entry = |x: &Tensor| {
             (!train && blocked::enabled(x))
                 .then(|| x.dim(1))
                 .transpose()
         };
-        let mut blocked_channels = blocked_entry(&x)?;
+        let mut blocked_channels = match &start {
+            Some(y) => Some(y.channels()),
+            None => blocked_entry(&x)?,
+        };
         let mut pending = Vec::new();
+        let device = x.device().clone();
+        // Ends the pending run: its input is the blocked stem output if there is one, else `x`.
+        let mut flush = |x: &Tensor, pending: &mut Vec<_>| -> Result<Tensor> {
+            let input = match start.take() {
+                Some(y) => blocked::Input::Blocked(y),
+                None => blocked::Input::Planes(x),
+            };
+            blocked::run(input, &std::mem::take(pending), Activation::Relu, &device)
+        };
         for (s, stage) in self.stages.iter().enumerate().take(last) {
             let first = if s == 0 { skip } else { 0 };
             let blocks = &stage[first..];
@@ -964,7 +1000,7 @@ impl MobileOne {
                 }
             }
             if !pending.is_empty() {
-                x = blocked::run(&x, &std::mem::take(&mut pending), Activation::Relu)?;
+                x = flush(&x, &mut pending)?;
             }
             while i < blocks.len() {
                 let pair = match (train, blocks.get(i + 1)) {

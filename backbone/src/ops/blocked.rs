@@ -139,17 +139,34 @@ fn bias_of<'a>(layer: &BlockedLayer<'a>) -> &'a Tensor {
     }
 }
 
+/// The input of a blocked [`run`]: planes, or values already blocked (the stem's).
+pub(crate) enum Input<'a> {
+    Planes(&'a Tensor),
+    Blocked(Blocked),
+}
+
 /// `layers` one after the other on x (N, C, H, W), each followed by `act`, in the blocked layout
-/// (x [`enabled`], the layers checked by [`channels_after`]); the result (N, C', H', W') in planes.
+/// (a planes input [`enabled`], the layers checked by [`channels_after`]); the result (N, C', H',
+/// W') in planes on `device`.
 ///
 /// # Errors
 /// When a tensor is not on the CPU or not contiguous f32 (named in the message).
-pub(crate) fn run(x: &Tensor, layers: &[BlockedLayer], act: Activation) -> Result<Tensor> {
-    debug_assert!(enabled(x) && channels_after(x.dim(1)?, layers).is_some());
-    let (n, c, h, w) = x.dims4()?;
-    let mut y = with_cpu_slices(&[x], "blocked run", |s| {
-        Ok(Blocked::from_planes(s[0], (n, c, h, w)))
-    })?;
+pub(crate) fn run(
+    x: Input,
+    layers: &[BlockedLayer],
+    act: Activation,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let mut y = match x {
+        Input::Blocked(y) => y,
+        Input::Planes(x) => {
+            debug_assert!(enabled(x) && channels_after(x.dim(1)?, layers).is_some());
+            let (n, c, h, w) = x.dims4()?;
+            with_cpu_slices(&[x], "blocked run", |s| {
+                Ok(Blocked::from_planes(s[0], (n, c, h, w)))
+            })?
+        }
+    };
     for layer in layers {
         y = match *layer {
             BlockedLayer::Depthwise {
@@ -173,11 +190,11 @@ pub(crate) fn run(x: &Tensor, layers: &[BlockedLayer], act: Activation) -> Resul
         };
     }
     let (n, c, h, w) = (y.n, y.c, y.h, y.w);
-    Tensor::from_vec(y.into_planes(), (n, c, h, w), x.device())
+    Tensor::from_vec(y.into_planes(), (n, c, h, w), device)
 }
 
 /// N images' activations in the blocked layout (module docs).
-struct Blocked {
+pub(crate) struct Blocked {
     data: Vec<f32>,
     n: usize,
     c: usize,
@@ -196,6 +213,17 @@ fn for_tasks(count: usize, task: impl Fn(usize) + Sync + Send) {
 }
 
 impl Blocked {
+    /// Values already in the blocked layout of (N, C, H, W), C a multiple of [`BLOCK`].
+    pub(crate) fn from_parts(data: Vec<f32>, (n, c, h, w): (usize, usize, usize, usize)) -> Self {
+        debug_assert!(data.len() == n * c * h * w && c.is_multiple_of(BLOCK));
+        Self { data, n, c, h, w }
+    }
+
+    /// C.
+    pub(crate) fn channels(&self) -> usize {
+        self.c
+    }
+
     /// x (N, C, H, W) in planes, C a multiple of [`BLOCK`].
     fn from_planes(x: &[f32], (n, c, h, w): (usize, usize, usize, usize)) -> Self {
         let mut data = output_buffer(x.len());

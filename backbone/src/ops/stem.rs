@@ -2,6 +2,7 @@
 //! inference: the stem's output is the largest activation of the network (48 × 112² per 224² image,
 //! 19 MB at batch 8) and is otherwise written to memory only to be read back by the next layer.
 
+use super::blocked::Blocked;
 use super::depthwise::{
     channel_group_output, channel_group_taps, store_channel_runs, CHANNEL_GROUP as GROUP,
 };
@@ -41,10 +42,43 @@ thread_local! {
 /// When the shapes do not fit (named in the message).
 pub fn dense_then_depthwise(
     x: &Tensor,
+    stem: (&Tensor, &Tensor, &ConvConfig),
+    depthwise: (&Tensor, &Tensor, &ConvConfig),
+    act: Activation,
+) -> Result<Tensor> {
+    match stem_depthwise(x, stem, depthwise, act, false)? {
+        Output::Planes(y) => Ok(y),
+        Output::Blocked(..) => unreachable!("blocked output only when asked for"),
+    }
+}
+
+/// [`dense_then_depthwise`] with its output in the blocked NCHW8c layout ([`super::blocked`]) where
+/// it runs channels last (8-lane levels, C a multiple of 8); else in planes.
+///
+/// # Errors
+/// As [`dense_then_depthwise`].
+pub(crate) fn dense_then_depthwise_blocked(
+    x: &Tensor,
+    stem: (&Tensor, &Tensor, &ConvConfig),
+    depthwise: (&Tensor, &Tensor, &ConvConfig),
+    act: Activation,
+) -> Result<Output> {
+    stem_depthwise(x, stem, depthwise, act, true)
+}
+
+/// The result of [`dense_then_depthwise_blocked`].
+pub(crate) enum Output {
+    Planes(Tensor),
+    Blocked(Blocked),
+}
+
+fn stem_depthwise(
+    x: &Tensor,
     (w1, b1, stem): (&Tensor, &Tensor, &ConvConfig),
     (w2, b2, depthwise_cfg): (&Tensor, &Tensor, &ConvConfig),
     act: Activation,
-) -> Result<Tensor> {
+    blocked: bool,
+) -> Result<Output> {
     let (c, c_in_w, k, _) = w1.dims4()?;
     let g1 = Geometry {
         stride: stem.stride,
@@ -79,7 +113,13 @@ pub fn dense_then_depthwise(
         && output_size(x.dim(3)?, k, &g1).is_ok_and(|width| width <= depthwise::MAX_DIRECT_WIDTH);
     if !native {
         let y = super::conv2d(x, w1, Some(b1), stem, act)?;
-        return super::conv2d(&y, w2, Some(b2), depthwise_cfg, act);
+        return Ok(Output::Planes(super::conv2d(
+            &y,
+            w2,
+            Some(b2),
+            depthwise_cfg,
+            act,
+        )?));
     }
     let (n, c_in, h, w) = x.dims4()?;
     let (h1, w1o) = (output_size(h, k, &g1)?, output_size(w, k, &g1)?);
@@ -91,6 +131,7 @@ pub fn dense_then_depthwise(
     let mut out = super::output_buffer(n * c * h2 * w2o);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let channels_last = eight_lanes() && c.is_multiple_of(GROUP);
+    let blocked = blocked && channels_last;
     with_cpu_slices(&[x, w1, b1, w2, b2], "stem-depthwise", |s| {
         let (x, w1, b1, w2, b2) = (s[0], s[1], s[2], s[3], s[4]);
         // The stem's weights as (C_in·K·K, C): a vector of 8 channels per tap.
@@ -107,12 +148,18 @@ pub fn dense_then_depthwise(
             let valid = r0.max(0) as usize..((r0 + count as isize) as usize).min(h1);
             let plane = count * w1o;
             let image_x = &x[image * c_in * h * w..][..c_in * h * w];
-            // SAFETY: rows oy0 .. oy0 + band_rows of this image's output planes belong to this
-            // task.
-            let out = (
-                unsafe { out_ptr.get().add((image * c * h2 + oy0) * w2o) },
-                h2 * w2o,
-            );
+            // SAFETY: rows oy0 .. oy0 + band_rows of this image's output planes (or blocks)
+            // belong to this task.
+            let out = match blocked {
+                true => (
+                    unsafe { out_ptr.get().add((image * c * h2 + oy0 * GROUP) * w2o) },
+                    h2 * w2o * GROUP,
+                ),
+                false => (
+                    unsafe { out_ptr.get().add((image * c * h2 + oy0) * w2o) },
+                    h2 * w2o,
+                ),
+            };
             if channels_last {
                 return BUFFERS.with_borrow_mut(|(columns, tile, outputs)| {
                     band_columns(image_x, (c_in, h, w), k, w1o, &g1, valid.clone(), columns);
@@ -125,6 +172,7 @@ pub fn dense_then_depthwise(
                         band: (count, first..first + valid.len(), w1o),
                         rows: (band_rows, w2o),
                         out,
+                        blocked,
                         tile,
                         outputs,
                     })
@@ -166,7 +214,10 @@ pub fn dense_then_depthwise(
             })
         })
     })?;
-    Tensor::from_vec(out, (n, c, h2, w2o), x.device())
+    Ok(match blocked {
+        true => Output::Blocked(Blocked::from_parts(out, (n, c, h2, w2o))),
+        false => Output::Planes(Tensor::from_vec(out, (n, c, h2, w2o), x.device())?),
+    })
 }
 
 /// One band on AVX2 and AVX-512 with the stem's output kept channels last, the layout ONNX
@@ -192,8 +243,10 @@ struct ChannelsLastBand<'a> {
     band: (usize, std::ops::Range<usize>, usize),
     /// Depthwise output rows of the band, and their width.
     rows: (usize, usize),
-    /// Channel c's output rows at `out.0 + c·out.1`.
+    /// Channel c's output rows at `out.0 + c·out.1`, or with `blocked` group g's output vectors
+    /// (the blocked NCHW8c layout, [`super::blocked`]) at `out.0 + g·out.1`.
     out: (*mut f32, usize),
+    blocked: bool,
     tile: &'a mut Vec<f32>,
     outputs: &'a mut Vec<f32>,
 }
@@ -274,15 +327,22 @@ impl WithSimd for ChannelsLastBand<'_> {
                 run!(1)
             }
         }
-        // The depthwise outputs of a group, padded to whole transposes.
-        self.outputs.resize((rows * out_width + G) * G, 0.0);
+        // The depthwise outputs of a group, padded to whole transposes (blocked: written in
+        // place).
+        if !self.blocked {
+            self.outputs.resize((rows * out_width + G) * G, 0.0);
+        }
         for g in 0..c / G {
             let wv = channel_group_taps::<S>(w2, b2, g * G);
             // SAFETY: group g's rows lie inside the tile.
             let group = unsafe { tile.add(g * group_len) as *const f32 };
             macro_rules! outputs {
                 ($act:expr) => {{
-                    let mut dst = self.outputs.as_mut_ptr();
+                    let mut dst = match self.blocked {
+                        // SAFETY: group g's rows of the caller's blocked output.
+                        true => unsafe { self.out.0.add(g * self.out.1) },
+                        false => self.outputs.as_mut_ptr(),
+                    };
                     for oy in 0..rows {
                         for ox in 0..out_width {
                             // SAFETY: band rows 2·oy .. 2·oy + 2 < count, tile columns 2·ox ..
@@ -303,6 +363,9 @@ impl WithSimd for ChannelsLastBand<'_> {
                 Activation::None => outputs!(Activation::None),
                 Activation::Relu => outputs!(Activation::Relu),
                 Activation::Relu6 => outputs!(Activation::Relu6),
+            }
+            if self.blocked {
+                continue;
             }
             // Back into the group's planes, 8 positions of a row at a time.
             for oy in 0..rows {

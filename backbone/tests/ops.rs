@@ -225,9 +225,9 @@ fn depthwise_cases() -> f32 {
         }
     }
     // Whole groups of 8 channels, 3x3, padding 1, planes up to 20 wide at stride 1 and 56 at
-    // stride 2: the channel-group kernel on AVX2 (two images of two groups, odd sizes whose rows
-    // end in a partial group of columns, planes of one and four values, the widest planes, and
-    // wider ones that stay on the plane kernels).
+    // stride 2: the channel-group kernel on AVX2, and on AVX-512 at stride 2 up to 28 wide (two
+    // images of two groups, odd sizes whose rows end in a partial group of columns, planes of one
+    // and four values, the widest planes, and wider ones that stay on the plane kernels).
     for (input, stride) in [
         ([2, 16, 14, 14], 1),
         ([2, 16, 14, 14], 2),
@@ -238,6 +238,8 @@ fn depthwise_cases() -> f32 {
         ([1, 8, 2, 2], 2),
         ([1, 8, 20, 20], 1),
         ([1, 8, 21, 21], 1),
+        ([1, 8, 28, 28], 2),
+        ([1, 8, 29, 29], 2),
         ([1, 8, 56, 56], 2),
         ([1, 8, 58, 58], 2),
     ] {

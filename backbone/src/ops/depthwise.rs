@@ -14,8 +14,8 @@
 
 use super::pointwise::{panel_offset, panel_stride, panels_len, PANEL};
 use super::simd::{
-    activate_v, deinterleave, dispatch, lanes_in, load, neighbours, simd_level, store_first,
-    transpose8, vectorized, SimdLevel,
+    activate_v, deinterleave, dispatch, dispatch_8_lanes, lanes_in, load, neighbours, simd_level,
+    store_first, transpose8, vectorized, SimdLevel,
 };
 use super::{
     activate, cpu_slice, output_size, pre_activation_grad, with_cpu_slices, Activation, Geometry,
@@ -111,7 +111,7 @@ pub(super) fn forward(
             let first = task * group;
             let count = group.min(planes - first);
             if by_groups {
-                dispatch(ChannelGroups {
+                dispatch_8_lanes(ChannelGroups {
                     l: layout,
                     x,
                     w,
@@ -121,7 +121,8 @@ pub(super) fn forward(
                     first,
                     count,
                     out,
-                });
+                })
+                .expect("an AVX2 or AVX-512 level");
             } else {
                 let channels = (c, multiplier);
                 forward_planes(layout, (x, w, b), act, channels, (first, count), out);
@@ -927,6 +928,11 @@ pub(super) fn channel_group_output<S: Simd>(
 /// the plane kernels win: stride 1 at 28x28 (192 channels, two threads, 0.28 against 0.32 ms)
 /// and 56x56, stride 2 at 112x112 (48 channels 0.57 against 0.73).
 const CHANNEL_GROUP_MAX_WIDTH: [usize; 2] = [20, 56];
+/// Widest input plane [`ChannelGroups`] takes at stride 2 on the AVX-512 level, against its 16-lane
+/// plane kernel: S0 and S1 on one thread (4 alternating rounds, per layer) 256 at 14x14 0.022 ->
+/// 0.011 ms, 512 at 14x14 0.044 -> 0.035, 128 at 28x28 0.022 -> 0.019, 192 at 28x28 0.034 -> 0.029;
+/// 96 at 56x56 0.057 -> 0.062 (48 level).
+const CHANNEL_GROUP_MAX_WIDTH_AVX512: usize = 28;
 
 /// 3x3 depthwise convolution (padding 1, stride 1 or 2, no dilation) of 8 channels at a time on
 /// AVX2, for narrow planes: the group's input planes are transposed, 8 columns of a row at a
@@ -954,19 +960,24 @@ struct ChannelGroups<'a> {
 }
 
 impl ChannelGroups<'_> {
-    /// Whether the layer runs on this kernel: AVX2, one output channel per input channel, whole
-    /// groups of channels, a 3x3 kernel with padding 1 and no dilation, stride 1 or 2, planes at
-    /// most [`CHANNEL_GROUP_MAX_WIDTH`] wide.
+    /// Whether the layer runs on this kernel: one output channel per input channel, whole groups
+    /// of channels, a 3x3 kernel with padding 1 and no dilation; on AVX2 stride 1 or 2 with planes
+    /// at most [`CHANNEL_GROUP_MAX_WIDTH`] wide, on AVX-512 (in 8-lane vectors) stride 2 from
+    /// planes at most [`CHANNEL_GROUP_MAX_WIDTH_AVX512`] wide.
     fn applies(l: &PlaneLayout, multiplier: usize, channels: usize) -> bool {
-        simd_level() == SimdLevel::Avx2
-            && multiplier == 1
+        let widest = match simd_level() {
+            SimdLevel::Avx2 => CHANNEL_GROUP_MAX_WIDTH[l.stride.clamp(1, 2) - 1],
+            SimdLevel::Avx512 if l.stride == 2 => CHANNEL_GROUP_MAX_WIDTH_AVX512,
+            _ => 0,
+        };
+        multiplier == 1
             && channels.is_multiple_of(CHANNEL_GROUP)
             && l.kernel == 3
             && l.padding == 1
             && l.top == 1
             && l.dilation == 1
             && (l.stride == 1 || l.stride == 2)
-            && l.width <= CHANNEL_GROUP_MAX_WIDTH[l.stride - 1]
+            && l.width <= widest
     }
 }
 

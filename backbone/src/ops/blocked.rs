@@ -295,7 +295,7 @@ impl Blocked {
         // Pairs of output blocks per image (the last one alone where C_out / 8 is odd).
         let pairs = (c_out / BLOCK).div_ceil(2);
         let image_in = self.c * positions;
-        let pair_block = |image: usize, pair: usize| {
+        let pair_block = |image: usize, pair: usize, range: (usize, usize)| {
             let first = 2 * pair;
             dispatch_8_lanes(PointwiseBlock {
                 x: &self.data[image * image_in..][..image_in],
@@ -305,12 +305,31 @@ impl Blocked {
                 out: unsafe { out.get().add((image * c_out + first * BLOCK) * positions) },
                 c_in: self.c,
                 positions,
+                range,
                 blocks: (c_out / BLOCK - first).min(2),
                 act,
             });
         };
-        for_tasks(self.n * pairs, |task| {
-            pair_block(task / pairs, task % pairs)
+        // Tasks of one pair over a range of positions: the whole plane, or as many ranges as
+        // threads where the pairs do not divide evenly between the threads (S0's 48 channels, 3
+        // pairs on 2 threads: one thread had two, the other one).
+        let threads = match one_tile_per_image_set() {
+            true => 1,
+            false => rayon::current_num_threads(),
+        };
+        let ranges = match (self.n * pairs).is_multiple_of(threads) {
+            true => 1,
+            false => threads.min(positions.div_ceil(POSITIONS)),
+        };
+        let chunk = positions.div_ceil(ranges).next_multiple_of(POSITIONS);
+        let ranges = positions.div_ceil(chunk);
+        for_tasks(self.n * pairs * ranges, |task| {
+            let (image, pair, k) = (
+                task / (pairs * ranges),
+                task / ranges % pairs,
+                task % ranges,
+            );
+            pair_block(image, pair, (k * chunk, ((k + 1) * chunk).min(positions)));
         });
         Self {
             data,
@@ -462,6 +481,8 @@ struct PointwiseBlock<'a> {
     out: *mut f32,
     c_in: usize,
     positions: usize,
+    /// The positions computed, start .. end.
+    range: (usize, usize),
     /// Output blocks: 1 or 2.
     blocks: usize,
     act: Activation,
@@ -473,16 +494,17 @@ impl WithSimd for PointwiseBlock<'_> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         debug_assert!(S::F32_LANES == BLOCK);
-        let full = self.positions / POSITIONS * POSITIONS;
+        let (start, end) = self.range;
+        let full = start + (end - start) / POSITIONS * POSITIONS;
         macro_rules! run {
             ($v:literal) => {{
-                for q in (0..full).step_by(POSITIONS) {
+                for q in (start..full).step_by(POSITIONS) {
                     self.block::<S, POSITIONS, $v, 1>(simd, q);
                 }
                 // Short blocks sum alternate input channels into separate sets, so that at least
                 // 8 multiply-adds are in flight (a 7x7 plane's 49th position: one position, two
                 // blocks, was two dependency chains).
-                match self.positions - full {
+                match end - full {
                     0 => {}
                     1 => self.block::<S, 1, $v, 4>(simd, full),
                     2 => self.block::<S, 2, $v, 2>(simd, full),

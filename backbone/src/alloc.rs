@@ -40,11 +40,10 @@ fn wrapped(layout: Layout) -> bool {
     layout.size() >= MIN_SIZE && layout.align() < ALIGN
 }
 
-/// The system allocator's layout for a wrapped block of `size` bytes.
-fn outer(size: usize) -> Layout {
-    // SAFETY: size + ALIGN does not overflow for any layout the caller could hold (sizes are at
-    // most isize::MAX), and 16 is a power of two.
-    unsafe { Layout::from_size_align_unchecked(size + ALIGN, 16) }
+/// The system allocator's layout for a wrapped block of `size` bytes; `None` past the largest
+/// layout (the allocation then fails with a null pointer, as it would have).
+fn outer(size: usize) -> Option<Layout> {
+    Layout::from_size_align(size.checked_add(ALIGN)?, 16).ok()
 }
 
 /// Places a wrapped block in the system's block `raw` (null passes through).
@@ -67,7 +66,7 @@ unsafe fn place(raw: *mut u8) -> *mut u8 {
 unsafe impl GlobalAlloc for CacheLineAligned {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if wrapped(layout) {
-            place(System.alloc(outer(layout.size())))
+            outer(layout.size()).map_or(std::ptr::null_mut(), |outer| place(System.alloc(outer)))
         } else {
             System.alloc(layout)
         }
@@ -76,7 +75,9 @@ unsafe impl GlobalAlloc for CacheLineAligned {
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // calloc: fresh pages are not written, only mapped.
         if wrapped(layout) {
-            place(System.alloc_zeroed(outer(layout.size())))
+            outer(layout.size()).map_or(std::ptr::null_mut(), |outer| {
+                place(System.alloc_zeroed(outer))
+            })
         } else {
             System.alloc_zeroed(layout)
         }
@@ -84,7 +85,9 @@ unsafe impl GlobalAlloc for CacheLineAligned {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if wrapped(layout) {
-            System.dealloc((ptr as *mut *mut u8).sub(1).read(), outer(layout.size()));
+            // A wrapped block was allocated, so its outer layout exists.
+            let outer = outer(layout.size()).expect("the layout of an allocated block");
+            System.dealloc((ptr as *mut *mut u8).sub(1).read(), outer);
         } else {
             System.dealloc(ptr, layout);
         }
@@ -140,5 +143,9 @@ mod tests {
                 a.dealloc(p, layout);
             }
         }
+        // A block whose outer layout would pass the largest one fails (null), as the system's.
+        let huge = Layout::from_size_align(isize::MAX as usize - 8, 4).unwrap();
+        // SAFETY: a layout of non-zero size; nothing is allocated.
+        assert!(unsafe { a.alloc(huge) }.is_null());
     }
 }

@@ -15,6 +15,9 @@ use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
+/// A run is entered on the AVX2 level only ([`enabled`]); a level lowered meanwhile by another
+/// thread would leave the output unwritten, so the kernels insist.
+const LEVEL: &str = "a blocked run's kernels need the AVX2 level";
 /// Channels per block: the lanes of an AVX2 vector.
 pub(crate) const BLOCK: usize = 8;
 /// Positions per 1x1 register block (6 × 2 vectors of 8 output channels: 12 sums, 2 weight vectors
@@ -59,11 +62,13 @@ impl std::fmt::Debug for PackedPointwise {
 }
 
 impl PackedPointwise {
-    /// The packing of `weight` (C_out, C_in, 1, 1), C_out a multiple of [`BLOCK`].
+    /// The packing of `weight` (C_out, C_in, 1, 1), C_out a multiple of [`BLOCK`]. A variable's
+    /// values can change under the same id (an optimiser step, `Var::set`), so its packing is
+    /// made afresh on every call and not kept.
     fn get(&self, weight: &Tensor) -> Result<Arc<Vec<f32>>> {
         let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((id, packed)) = &*slot {
-            if *id == weight.id() {
+            if *id == weight.id() && !weight.is_variable() {
                 return Ok(packed.clone());
             }
         }
@@ -83,7 +88,9 @@ impl PackedPointwise {
             }
             Ok(Arc::new(packed))
         })?;
-        *slot = Some((weight.id(), packed.clone()));
+        if !weight.is_variable() {
+            *slot = Some((weight.id(), packed.clone()));
+        }
         Ok(packed)
     }
 }
@@ -236,7 +243,8 @@ impl Blocked {
                 dst: unsafe { out.get().add(block * BLOCK * plane) },
                 plane,
                 to_blocked: true,
-            });
+            })
+            .expect(LEVEL);
         });
         Self { data, n, c, h, w }
     }
@@ -254,7 +262,8 @@ impl Blocked {
                 dst: unsafe { out.get().add(block * BLOCK * plane) },
                 plane,
                 to_blocked: false,
-            });
+            })
+            .expect(LEVEL);
         });
         planes
     }
@@ -276,7 +285,8 @@ impl Blocked {
                 stride,
                 act,
                 zeros: &zeros,
-            });
+            })
+            .expect(LEVEL);
         });
         Self {
             data,
@@ -308,7 +318,8 @@ impl Blocked {
                 range,
                 blocks: (c_out / BLOCK - first).min(2),
                 act,
-            });
+            })
+            .expect(LEVEL);
         };
         // Tasks of one pair over a range of positions: the whole plane, or as many ranges as
         // threads where the pairs do not divide evenly between the threads (S0's 48 channels, 3
@@ -576,5 +587,34 @@ impl PointwiseBlock<'_> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The packing of a constant is kept; a variable's is made again on every call, so a value set
+    /// under the same id is never read stale.
+    #[test]
+    fn packed_weights_follow_a_variable() {
+        let values = |v: f32| Tensor::full(v, (16, 8, 1, 1), &Device::Cpu).unwrap();
+        let cache = PackedPointwise::default();
+        let constant = values(1.0);
+        let first = cache.get(&constant).unwrap();
+        assert!(Arc::ptr_eq(&first, &cache.get(&constant).unwrap()));
+        let var = Var::from_tensor(&values(1.0)).unwrap();
+        assert!(cache
+            .get(var.as_tensor())
+            .unwrap()
+            .iter()
+            .all(|&w| w == 1.0));
+        var.set(&values(2.0)).unwrap();
+        assert!(cache
+            .get(var.as_tensor())
+            .unwrap()
+            .iter()
+            .all(|&w| w == 2.0));
     }
 }

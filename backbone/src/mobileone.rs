@@ -278,10 +278,16 @@ fn se_reduced_channels(channels: usize) -> usize {
 impl SqueezeExcite {
     /// `act(x · gate(x))` for x (N, C, H, W): the block's activation fused into the scaling pass.
     pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
-        let s = crate::ops::excite::plane_mean(x)?;
-        let s = self.fc1.forward_act(&s, Activation::Relu)?;
-        let gate = candle_nn::ops::sigmoid(&self.fc2.forward(&s)?)?;
+        use crate::ops::blocked::Excite;
+        let gate = self.gate(&crate::ops::excite::plane_mean(x)?)?;
         crate::ops::excite::scale_planes(x, &gate, act)
+    }
+}
+
+impl crate::ops::blocked::Excite for SqueezeExcite {
+    fn gate(&self, means: &Tensor) -> Result<Tensor> {
+        let s = self.fc1.forward_act(means, Activation::Relu)?;
+        candle_nn::ops::sigmoid(&self.fc2.forward(&s)?)
     }
 }
 
@@ -613,19 +619,19 @@ fn fused_pair<'a>(
     ))
 }
 
-/// The leading reparameterised blocks of a stage, up to the first that cannot (one with
-/// squeeze-excitation, a dilated or other geometry), as the layers of a blocked run
-/// ([`crate::ops::blocked`]): 3x3 depthwise (padding 1, no dilation) and 1x1 (stride 1)
-/// convolutions, each with its bias.
+/// The leading reparameterised blocks of a stage, up to the first that cannot (a dilated or other
+/// geometry), as the layers of a blocked run ([`crate::ops::blocked`]): 3x3 depthwise (padding 1,
+/// no dilation) and 1x1 (stride 1) convolutions, each with its bias and squeeze-excitation.
 fn blocked_layers(blocks: &[MobileOneBlock]) -> Vec<crate::ops::blocked::BlockedLayer<'_>> {
     use crate::ops::blocked::BlockedLayer;
     blocks
         .iter()
         .map_while(|block| {
-            let conv = block
-                .reparam_conv
+            let conv = block.reparam_conv.as_ref()?;
+            let excite = block
+                .attn
                 .as_ref()
-                .filter(|_| block.attn.is_none())?;
+                .map(|se| se as &dyn crate::ops::blocked::Excite);
             let (weight, bias, cfg) = (&conv.weight, conv.bias.as_ref()?, &conv.config);
             let kernel = weight.dims().get(2).copied()?;
             match (cfg.groups > 1, kernel) {
@@ -634,6 +640,7 @@ fn blocked_layers(blocks: &[MobileOneBlock]) -> Vec<crate::ops::blocked::Blocked
                         weight,
                         bias,
                         stride: cfg.stride,
+                        excite,
                     })
                 }
                 (false, 1) if cfg.stride == 1 && cfg.padding == 0 => {
@@ -641,6 +648,7 @@ fn blocked_layers(blocks: &[MobileOneBlock]) -> Vec<crate::ops::blocked::Blocked
                         weight,
                         bias,
                         packed: &block.packed,
+                        excite,
                     })
                 }
                 _ => None,

@@ -24,20 +24,28 @@ pub(crate) const BLOCK: usize = 8;
 /// and a broadcast in AVX2's 16 registers).
 const POSITIONS: usize = 6;
 
+/// Squeeze-and-excitation's gate from the channel means: (N, C, 1, 1) → (N, C, 1, 1).
+pub(crate) trait Excite: Sync {
+    fn gate(&self, means: &Tensor) -> Result<Tensor>;
+}
+
 /// One layer of a blocked run: a 3x3 depthwise convolution (padding 1, stride 1 or 2) or a 1x1
-/// convolution (stride 1), each with its bias and followed by the run's activation.
+/// convolution (stride 1), each with its bias, then where `excite` is given its output times the
+/// gate of its channel means, then the run's activation.
 pub(crate) enum BlockedLayer<'a> {
     /// Weight (C, 1, 3, 3), bias (C).
     Depthwise {
         weight: &'a Tensor,
         bias: &'a Tensor,
         stride: usize,
+        excite: Option<&'a dyn Excite>,
     },
     /// Weight (C_out, C_in, 1, 1), bias (C_out), and the cache of its packed weights.
     Pointwise {
         weight: &'a Tensor,
         bias: &'a Tensor,
         packed: &'a PackedPointwise,
+        excite: Option<&'a dyn Excite>,
     },
 }
 
@@ -114,6 +122,7 @@ pub(crate) fn channels_after(c_in: usize, layers: &[BlockedLayer]) -> Option<usi
                 weight,
                 bias,
                 stride,
+                ..
             } => {
                 weight.dims() == [c, 1, 3, 3] && bias.dims() == [c] && (stride == 1 || stride == 2)
             }
@@ -175,26 +184,43 @@ pub(crate) fn run(
         }
     };
     for layer in layers {
+        let excite = match *layer {
+            BlockedLayer::Depthwise { excite, .. } | BlockedLayer::Pointwise { excite, .. } => {
+                excite
+            }
+        };
+        // With squeeze-and-excitation the activation follows the gate.
+        let conv_act = match excite {
+            Some(_) => Activation::None,
+            None => act,
+        };
         y = match *layer {
             BlockedLayer::Depthwise {
                 weight,
                 bias,
                 stride,
+                ..
             } => with_cpu_slices(&[weight, bias], "blocked depthwise", |s| {
-                Ok(y.depthwise((s[0], s[1]), stride, act))
+                Ok(y.depthwise((s[0], s[1]), stride, conv_act))
             })?,
             BlockedLayer::Pointwise {
                 weight,
                 bias,
                 packed,
+                ..
             } => {
                 let packed = packed.get(weight)?;
                 let c_out = weight.dim(0)?;
                 with_cpu_slices(&[bias], "blocked pointwise", |s| {
-                    Ok(y.pointwise((&packed, s[0]), c_out, act))
+                    Ok(y.pointwise((&packed, s[0]), c_out, conv_act))
                 })?
             }
         };
+        if let Some(excite) = excite {
+            let means = Tensor::from_vec(y.means(), (y.n, y.c, 1, 1), device)?;
+            let gate = excite.gate(&means)?.flatten_all()?.to_vec1::<f32>()?;
+            y.scale(&gate, act);
+        }
     }
     let (n, c, h, w) = (y.n, y.c, y.h, y.w);
     Tensor::from_vec(y.into_planes(), (n, c, h, w), device)
@@ -266,6 +292,44 @@ impl Blocked {
             .expect(LEVEL);
         });
         planes
+    }
+
+    /// Each image's channel means, (N, C).
+    fn means(&self) -> Vec<f32> {
+        let positions = self.h * self.w;
+        let mut means = vec![0f32; self.n * self.c];
+        for (run, block) in self
+            .data
+            .chunks_exact(positions * BLOCK)
+            .zip(means.chunks_exact_mut(BLOCK))
+        {
+            let mut sum = [0f32; BLOCK];
+            for vector in run.chunks_exact(BLOCK) {
+                for (s, &v) in sum.iter_mut().zip(vector) {
+                    *s += v;
+                }
+            }
+            for (m, s) in block.iter_mut().zip(sum) {
+                *m = s / positions as f32;
+            }
+        }
+        means
+    }
+
+    /// Every value times its image's channel gate (N, C), then `act`.
+    fn scale(&mut self, gate: &[f32], act: Activation) {
+        let run = self.h * self.w * BLOCK;
+        let data = SendPtr(self.data.as_mut_ptr());
+        for_tasks(self.n * self.c / BLOCK, |block| {
+            // SAFETY: block `block`'s run is this task's alone.
+            let run = unsafe { std::slice::from_raw_parts_mut(data.get().add(block * run), run) };
+            let gate = &gate[block * BLOCK..][..BLOCK];
+            for vector in run.chunks_exact_mut(BLOCK) {
+                for (v, &g) in vector.iter_mut().zip(gate) {
+                    *v = super::activate(*v * g, act);
+                }
+            }
+        });
     }
 
     /// The 3x3 depthwise convolution (padding 1) with weight (C, 1, 3, 3) and bias (C), then `act`.

@@ -657,6 +657,21 @@ fn blocked_layers(blocks: &[MobileOneBlock]) -> Vec<crate::ops::blocked::Blocked
         .collect()
 }
 
+/// The channels after and the layers of `blocks`' part of a blocked run entered with `c` channels:
+/// their [`blocked_layers`], two at least to start a run, one at least to join a run already
+/// `pending`; `None` where they cannot.
+fn run_layers(
+    c: usize,
+    blocks: &[MobileOneBlock],
+    pending: bool,
+) -> Option<(usize, Vec<crate::ops::blocked::BlockedLayer<'_>>)> {
+    let layers = blocked_layers(blocks);
+    let least = if pending { 1 } else { 2 };
+    (layers.len() >= least)
+        .then(|| Some((crate::ops::blocked::channels_after(c, &layers)?, layers)))
+        .flatten()
+}
+
 impl ModuleT for MobileOneBlock {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if let Some(conv) = &self.reparam_conv {
@@ -935,12 +950,9 @@ impl MobileOne {
         let mut start = None;
         let (mut x, skip) = match fused {
             Some((stem, first)) => {
-                let c = stem.0.dim(0)?;
                 let stage = self.stages.first().map_or(&[][..], |stage| &stage[1..]);
-                let layers = blocked_layers(stage);
-                let starts_run = blocked::enabled(x)
-                    && layers.len() >= 2
-                    && blocked::channels_after(c, &layers).is_some();
+                let starts_run =
+                    blocked::enabled(x) && run_layers(stem.0.dim(0)?, stage, false).is_some();
                 let y = match starts_run {
                     true => dense_then_depthwise_blocked(x, stem, first, Activation::Relu)?,
                     false => Output::Planes(crate::ops::stem::dense_then_depthwise(
@@ -990,14 +1002,8 @@ impl MobileOne {
             let first = if s == 0 { skip } else { 0 };
             let blocks = &stage[first..];
             // Stages that can run blocked join one run, converted from and back to planes once, up
-            // to a stage whose features are asked for or that cannot run blocked to its end (its
-            // leading blocks that can, two at least, end the run).
-            let layers = blocked_channels
-                .map(|c| (c, blocked_layers(blocks)))
-                .filter(|(_, layers)| {
-                    layers.len() >= 2 || (!pending.is_empty() && !layers.is_empty())
-                })
-                .and_then(|(c, layers)| Some((blocked::channels_after(c, &layers)?, layers)));
+            // to a stage whose features are asked for or that cannot run blocked to its end.
+            let layers = blocked_channels.and_then(|c| run_layers(c, blocks, !pending.is_empty()));
             let mut i = 0;
             if let Some((c_out, layers)) = layers {
                 i = layers.len();

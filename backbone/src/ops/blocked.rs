@@ -259,39 +259,13 @@ impl Blocked {
 
     /// x (N, C, H, W) in planes, C a multiple of [`BLOCK`].
     fn from_planes(x: &[f32], (n, c, h, w): (usize, usize, usize, usize)) -> Self {
-        let mut data = output_buffer(x.len());
-        let out = SendPtr(data.as_mut_ptr());
-        let plane = h * w;
-        for_tasks(n * c / BLOCK, |block| {
-            dispatch_8_lanes(Transpose {
-                // SAFETY: block `block`'s 8 planes and its run of the output.
-                src: unsafe { x.as_ptr().add(block * BLOCK * plane) },
-                dst: unsafe { out.get().add(block * BLOCK * plane) },
-                plane,
-                to_blocked: true,
-            })
-            .expect(LEVEL);
-        });
+        let data = transposed(x, h * w, true);
         Self { data, n, c, h, w }
     }
 
     /// The activations back in planes, (N, C, H, W).
     fn into_planes(self) -> Vec<f32> {
-        let mut planes = output_buffer(self.data.len());
-        let out = SendPtr(planes.as_mut_ptr());
-        let plane = self.h * self.w;
-        let data = &self.data;
-        for_tasks(self.n * self.c / BLOCK, |block| {
-            dispatch_8_lanes(Transpose {
-                // SAFETY: block `block`'s run of the input and its 8 output planes.
-                src: unsafe { data.as_ptr().add(block * BLOCK * plane) },
-                dst: unsafe { out.get().add(block * BLOCK * plane) },
-                plane,
-                to_blocked: false,
-            })
-            .expect(LEVEL);
-        });
-        planes
+        transposed(&self.data, self.h * self.w, false)
     }
 
     /// Each image's channel means, (N, C).
@@ -414,6 +388,25 @@ impl Blocked {
             w: self.w,
         }
     }
+}
+
+/// Every group of 8 planes of `plane` values in `src` as one run of `plane` vectors (to the blocked
+/// layout), or back when not `to_blocked`: a task per group.
+fn transposed(src: &[f32], plane: usize, to_blocked: bool) -> Vec<f32> {
+    let mut dst = output_buffer(src.len());
+    let out = SendPtr(dst.as_mut_ptr());
+    let run = BLOCK * plane;
+    for_tasks(src.len() / run, |block| {
+        dispatch_8_lanes(Transpose {
+            src: src[block * run..][..run].as_ptr(),
+            // SAFETY: group `block`'s run of the output is this task's alone.
+            dst: unsafe { out.get().add(block * run) },
+            plane,
+            to_blocked,
+        })
+        .expect(LEVEL);
+    });
+    dst
 }
 
 /// 8 planes of `plane` values at `src` into one run of `plane` vectors at `dst` (8 positions at a
